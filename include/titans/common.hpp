@@ -1,0 +1,126 @@
+// titans: Titans neural long-term memory (Behrouz, Zhong, Mirrokni, arXiv:2501.00663) in C++.
+// SPDX-License-Identifier: Apache-2.0
+//
+// \file common.hpp
+// \brief Types, exceptions and argument checks shared by every titans header.
+//
+// Layout (MATH.md §0): a sequence is a matrix with one token per column, `(features, T)`,
+// column-major; weights act from the left, `y = W x` with `W` of shape `(out, in)`.
+#pragma once
+
+#include <Eigen/Dense>
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace titans {
+
+using Index = Eigen::Index;
+
+/// \brief Dense column-major matrix; every tensor in titans is one (vectors are `(n, 1)`).
+template <class Scalar>
+using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+
+/// \brief Dense column vector.
+template <class Scalar>
+using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+// ---------------------------------------------------------------------------------------------
+// Exceptions. Every public entry point checks its arguments in every build type and throws one
+// of these; the message names the function, the argument, what was found and what was expected.
+// ---------------------------------------------------------------------------------------------
+
+/// \brief A configuration field or function argument has an invalid value.
+class InvalidArgument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// \brief A matrix argument has the wrong shape.
+class ShapeError : public InvalidArgument {
+ public:
+  using InvalidArgument::InvalidArgument;
+};
+
+/// \brief An input holds a non-finite value (NaN or infinity) or a value outside its domain.
+class NumericError : public std::domain_error {
+ public:
+  using std::domain_error::domain_error;
+};
+
+/// \brief A file (checkpoint) is malformed, truncated or does not match the model.
+class FormatError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// \brief A file could not be opened, read or written.
+class IoError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+
+template <class... Parts>
+std::string concat(Parts&&... parts) {
+  std::ostringstream os;
+  (os << ... << std::forward<Parts>(parts));
+  return os.str();
+}
+
+template <class Exception, class... Parts>
+[[noreturn]] void raise(const char* where, Parts&&... parts) {
+  throw Exception(concat(where, ": ", std::forward<Parts>(parts)...));
+}
+
+/// Throws ShapeError unless `m` is `(rows, cols)`; a negative expected size matches anything.
+template <class Derived>
+void check_shape(const char* where, const char* what, const Eigen::EigenBase<Derived>& m, Index rows,
+                 Index cols) {
+  if ((rows >= 0 && m.rows() != rows) || (cols >= 0 && m.cols() != cols)) {
+    raise<ShapeError>(where, what, " has shape (", m.rows(), ", ", m.cols(), "), expected (",
+                      rows >= 0 ? std::to_string(rows) : std::string("any"), ", ",
+                      cols >= 0 ? std::to_string(cols) : std::string("any"), ")");
+  }
+}
+
+/// Throws NumericError if `m` holds a NaN or an infinity, naming the first such entry.
+template <class Derived>
+void check_finite(const char* where, const char* what, const Eigen::DenseBase<Derived>& m) {
+  for (Index j = 0; j < m.cols(); ++j) {
+    for (Index i = 0; i < m.rows(); ++i) {
+      if (!std::isfinite(static_cast<double>(m(i, j)))) {
+        raise<NumericError>(where, what, " has a non-finite value ", static_cast<double>(m(i, j)),
+                            " at (", i, ", ", j, ")");
+      }
+    }
+  }
+}
+
+/// Throws NumericError unless every entry of `m` lies in [lo, hi] (and is finite).
+template <class Derived>
+void check_range(const char* where, const char* what, const Eigen::DenseBase<Derived>& m, double lo,
+                 double hi) {
+  for (Index j = 0; j < m.cols(); ++j) {
+    for (Index i = 0; i < m.rows(); ++i) {
+      const double x = static_cast<double>(m(i, j));
+      if (!(x >= lo && x <= hi)) {  // also rejects NaN
+        raise<NumericError>(where, what, " has value ", x, " at (", i, ", ", j, "), expected a value in [",
+                            lo, ", ", hi, "]");
+      }
+    }
+  }
+}
+
+template <class Scalar>
+constexpr void static_check_scalar() {
+  static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be float, double or long double");
+}
+
+}  // namespace detail
+}  // namespace titans

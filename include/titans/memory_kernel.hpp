@@ -1,0 +1,322 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// \file memory_kernel.hpp
+// \brief The test-time update rule of the long-term memory (MATH.md §2–3): surprise with
+// momentum, forgetting, chunked (mini-batch) gradient steps, and the fast dual form that
+// computes every token's output without materialising per-token weights.
+//
+// The kernel is usable on its own: give it keys, values, queries and gates per token plus a
+// state; it returns the per-token outputs and advances the state.
+//
+//     titans::MemoryConfig cfg{.dim = 64, .depth = 2};
+//     auto state = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 1));
+//     titans::Matrix<double> y = titans::memory_forward(cfg, /*chunk_size=*/16, k, v, q,
+//                                                       alpha, eta, theta, state);
+#pragma once
+
+#include "common.hpp"
+#include "memory_model.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace titans {
+
+/// \brief Per-sequence memory state: Θ, the surprise momentum S and the chunk bookkeeping.
+///
+/// Chunks are aligned to the absolute token index since the state was made (MATH.md §2), so a
+/// stream split into calls at any point gives the same result as one call. When a call ends
+/// inside a chunk, the chunk-start weights Θ⁰ (at which the rest of that chunk's gradients are
+/// taken) are kept in `chunk_start`; otherwise `chunk_start` is empty. The state is owned by the
+/// caller; one state per sequence.
+template <class Scalar>
+struct MemoryState {
+  static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be a floating-point type");
+  using scalar_type = Scalar;
+  std::vector<Matrix<Scalar>> weights;      ///< Θ after the last written token; W_l is (n_l, n_{l-1})
+  std::vector<Matrix<Scalar>> momentum;     ///< S after the last written token; shapes of weights
+  std::vector<Matrix<Scalar>> chunk_start;  ///< Θ⁰ of the chunk in progress, empty at a chunk boundary
+  Index position = 0;                       ///< tokens written since the state was made
+
+  /// Enumerates the tensors (for checkpoints of a session): "weights.w1", "momentum.w1", …
+  template <class F>
+  void for_each(F&& f) {
+    for_each_impl(*this, f);
+  }
+  template <class F>
+  void for_each(F&& f) const {
+    for_each_impl(*this, f);
+  }
+
+ private:
+  template <class Self, class F>
+  static void for_each_impl(Self& self, F& f) {
+    for (std::size_t l = 0; l < self.weights.size(); ++l) f("weights.w" + std::to_string(l + 1), self.weights[l]);
+    for (std::size_t l = 0; l < self.momentum.size(); ++l) f("momentum.w" + std::to_string(l + 1), self.momentum[l]);
+    for (std::size_t l = 0; l < self.chunk_start.size(); ++l)
+      f("chunk_start.w" + std::to_string(l + 1), self.chunk_start[l]);
+  }
+};
+
+/// \brief A fresh state: Θ = `initial`, S = 0, position 0.
+template <class Scalar>
+MemoryState<Scalar> make_memory_state(const MemoryConfig& cfg, const MemoryWeights<Scalar>& initial) {
+  constexpr const char* where = "titans::make_memory_state";
+  cfg.validate(where);
+  check_memory_weights(where, "initial", cfg, initial.w);
+  MemoryState<Scalar> s;
+  s.weights = initial.w;
+  for (const auto& w : initial.w) s.momentum.push_back(Matrix<Scalar>::Zero(w.rows(), w.cols()));
+  return s;
+}
+
+/// \brief Throws unless `state` fits `cfg` and chunk size `chunk_size`.
+template <class Scalar>
+void check_memory_state(const char* where, const MemoryConfig& cfg, Index chunk_size,
+                        const MemoryState<Scalar>& state) {
+  check_memory_weights(where, "state.weights", cfg, state.weights);
+  check_memory_weights(where, "state.momentum", cfg, state.momentum);
+  if (state.position < 0) detail::raise<InvalidArgument>(where, "state.position is ", state.position, ", expected >= 0");
+  if (state.position % chunk_size != 0) {
+    check_memory_weights(where, "state.chunk_start", cfg, state.chunk_start);
+  } else if (!state.chunk_start.empty()) {
+    detail::raise<InvalidArgument>(where, "state.chunk_start holds ", state.chunk_start.size(),
+                                   " tensors at a chunk boundary (position ", state.position, ", chunk_size ",
+                                   chunk_size, "): the state was made with another chunk size");
+  }
+}
+
+/// \brief The product-only coefficients of one chunk (MATH.md §3), for n tokens with gates
+/// α_j, η_j, θ_j (j = 1..n). No divisions, so any gate in [0,1] (0 and 1 included) is exact.
+template <class Scalar>
+struct ChunkCoefficients {
+  Vector<Scalar> beta;    ///< β_j = Π_{t≤j} (1−α_t)                 (n)
+  Vector<Scalar> c;       ///< c_j = (1−α_j) c_{j−1} + P_{j0}          (n)
+  Matrix<Scalar> upper;   ///< Ãᵀ: (i, j) = A_{ji} for i ≤ j, else 0    (n, n)
+  Vector<Scalar> a_last;  ///< A_{n,i}                                  (n)
+  Vector<Scalar> s_last;  ///< θ_i P_{n,i}                              (n)
+  Scalar p_n0 = 1;        ///< P_{n0} = Π η_t
+};
+
+/// \brief Computes the chunk coefficients into `out` (reusing its storage). Cost O(n²).
+template <class Scalar, class DA, class DE, class DT>
+void chunk_coefficients(const Eigen::MatrixBase<DA>& alpha, const Eigen::MatrixBase<DE>& eta,
+                        const Eigen::MatrixBase<DT>& theta, ChunkCoefficients<Scalar>& out) {
+  const Index n = alpha.size();
+  out.beta.resize(n);
+  out.c.resize(n);
+  out.upper.setZero(n, n);
+  out.a_last.resize(n);
+  out.s_last.resize(n);
+  // Token by token (column j of `upper` is token j+1), by the recurrences
+  //   P_{ji} = P_{j−1,i} η_j,  A_{ji} = (1−α_j) A_{j−1,i} + θ_i P_{ji}.
+  // `p(i)` carries P_{j,i} for i = 0..j (index 0 is "before the chunk").
+  Vector<Scalar> p = Vector<Scalar>::Zero(n + 1);
+  p(0) = 1;  // P_{00}
+  Scalar beta = 1, c = 0;
+  for (Index j = 0; j < n; ++j) {  // token j+1
+    const Scalar keep = Scalar(1) - Scalar(alpha(j));
+    const Scalar e = Scalar(eta(j));
+    for (Index i = 0; i <= j; ++i) p(i) *= e;  // P_{j+1, i} for i ≤ j (i = 0 is the chunk start)
+    p(j + 1) = 1;                               // P_{j+1, j+1}
+    beta *= keep;
+    c = keep * c + p(0);
+    out.beta(j) = beta;
+    out.c(j) = c;
+    for (Index i = 0; i <= j; ++i) {  // A_{j+1, i+1}
+      const Scalar prev = (j > 0 && i < j) ? out.upper(i, j - 1) : Scalar(0);
+      out.upper(i, j) = keep * prev + Scalar(theta(i)) * p(i + 1);
+    }
+  }
+  for (Index i = 0; i < n; ++i) {
+    out.a_last(i) = out.upper(i, n - 1);
+    out.s_last(i) = Scalar(theta(i)) * p(i + 1);
+  }
+  out.p_n0 = n > 0 ? p(0) : Scalar(1);
+}
+
+namespace detail {
+
+/// Buffers reused across the chunks of one call.
+template <class Scalar>
+struct KernelWorkspace {
+  std::vector<Matrix<Scalar>> ak, zk, delta, aq;  // key activations, key pre-activations, δ_l, query activations
+  Matrix<Scalar> zq, scaled, gram, tmp, dphi;
+  ChunkCoefficients<Scalar> coef;
+  explicit KernelWorkspace(Index depth)
+      : ak(static_cast<std::size_t>(depth)), zk(ak.size()), delta(ak.size()), aq(ak.size()) {}
+};
+
+/// One sub-chunk of n tokens that starts `state.position % b` tokens into its chunk and does
+/// not cross a chunk boundary. Outputs go to `y` (d, n).
+template <class Scalar, class DK, class DV, class DQ, class DA, class DE, class DT, class DY>
+void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<DK>& k,
+                     const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DQ>& q,
+                     const Eigen::MatrixBase<DA>& alpha, const Eigen::MatrixBase<DE>& eta,
+                     const Eigen::MatrixBase<DT>& theta, MemoryState<Scalar>& state, KernelWorkspace<Scalar>& ws,
+                     const Eigen::MatrixBase<DY>& y_out) {
+  auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_out);  // writable block (Eigen's documented idiom)
+  const Index L = cfg.depth;
+  const Index n = k.cols();
+  const Index offset = state.position % b;
+  const bool ends_inside = offset + n < b;
+  const std::vector<Matrix<Scalar>>& w0 = offset == 0 ? state.weights : state.chunk_start;
+
+  // Key path at the chunk-start weights Θ⁰ and the inner-gradient signals δ_l (MATH.md §1).
+  ws.ak[0] = k;
+  for (Index l = 0; l < L; ++l) {
+    ws.zk[l].noalias() = w0[l] * ws.ak[l];
+    if (l + 1 < L) activation_apply(cfg.activation, ws.zk[l], ws.ak[l + 1]);
+  }
+  if (cfg.residual) {
+    ws.delta[L - 1] = Scalar(2) * (ws.zk[L - 1] + k - v);
+  } else {
+    ws.delta[L - 1] = Scalar(2) * (ws.zk[L - 1] - v);
+  }
+  for (Index l = L - 1; l > 0; --l) {
+    ws.tmp.noalias() = w0[l].transpose() * ws.delta[l];
+    activation_derivative(cfg.activation, ws.zk[l - 1], ws.dphi);
+    ws.delta[l - 1] = ws.tmp.cwiseProduct(ws.dphi);
+  }
+
+  chunk_coefficients(alpha, eta, theta, ws.coef);
+  const auto& co = ws.coef;
+
+  // Query path, dual form: Z̄_l = W_l Ā diag(β) + S_l Ā diag(c) − Δ_l ((A_{l−1}ᵀ Ā_{l−1}) ⊙ Ãᵀ).
+  ws.aq[0] = q;
+  for (Index l = 0; l < L; ++l) {
+    ws.scaled = ws.aq[l] * co.beta.asDiagonal();
+    ws.zq.noalias() = state.weights[l] * ws.scaled;
+    ws.scaled = ws.aq[l] * co.c.asDiagonal();
+    ws.zq.noalias() += state.momentum[l] * ws.scaled;
+    ws.gram.noalias() = ws.ak[l].transpose() * ws.aq[l];
+    ws.gram = ws.gram.cwiseProduct(co.upper);
+    ws.zq.noalias() -= ws.delta[l] * ws.gram;
+    if (l + 1 < L) activation_apply(cfg.activation, ws.zq, ws.aq[l + 1]);
+  }
+  if (cfg.residual) {
+    y = ws.zq + q;
+  } else {
+    y = ws.zq;
+  }
+
+  // Advance the state to the end of the sub-chunk.
+  if (offset == 0 && ends_inside) state.chunk_start = state.weights;  // Θ⁰ for the rest of this chunk
+  const Scalar beta_n = co.beta(n - 1), c_n = co.c(n - 1);
+  for (Index l = 0; l < L; ++l) {
+    auto& w = state.weights[l];
+    auto& s = state.momentum[l];
+    w = beta_n * w + c_n * s;
+    ws.tmp = ws.delta[l] * co.a_last.asDiagonal();
+    w.noalias() -= ws.tmp * ws.ak[l].transpose();
+    s *= co.p_n0;
+    ws.tmp = ws.delta[l] * co.s_last.asDiagonal();
+    s.noalias() -= ws.tmp * ws.ak[l].transpose();
+  }
+  state.position += n;
+  if (!ends_inside) state.chunk_start.clear();
+}
+
+/// The kernel without argument checks (callers have checked).
+template <class Scalar, class DK, class DV, class DQ, class DA, class DE, class DT, class DY>
+void memory_forward_unchecked(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<DK>& k,
+                              const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DQ>& q,
+                              const Eigen::MatrixBase<DA>& alpha, const Eigen::MatrixBase<DE>& eta,
+                              const Eigen::MatrixBase<DT>& theta, MemoryState<Scalar>& state,
+                              const Eigen::MatrixBase<DY>& y_out) {
+  auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_out);
+  KernelWorkspace<Scalar> ws(cfg.depth);
+  const Index T = k.cols();
+  Index t = 0;
+  while (t < T) {
+    const Index n = std::min<Index>(T - t, b - state.position % b);
+    memory_subchunk(cfg, b, k.middleCols(t, n), v.middleCols(t, n), q.middleCols(t, n), alpha.segment(t, n),
+                    eta.segment(t, n), theta.segment(t, n), state, ws, y.middleCols(t, n));
+    t += n;
+  }
+}
+
+}  // namespace detail
+
+/// \brief Writes T tokens into the memory and reads T outputs, by the chunked dual form.
+///
+/// For token t (chunk of size b aligned to the absolute index): u_t = ∇ℓ(Θ⁰; k_t, v_t) at the
+/// chunk-start weights, S_t = η_t S_{t−1} − θ_t u_t, Θ_t = (1 − α_t) Θ_{t−1} + S_t, and the output
+/// is y_t = M_{Θ_t}(q_t) — the weights *after* the token's own write (causal). b = 1 is the exact
+/// token-by-token rule. `state` is advanced past the T tokens.
+///
+/// \param cfg        the memory MLP's shape
+/// \param chunk_size b >= 1
+/// \param k, v, q    keys, values, queries: (d, T) each
+/// \param alpha      forget gates in [0, 1]: (T)
+/// \param eta        momentum gates in [0, 1]: (T)
+/// \param theta      step sizes >= 0: (T)
+/// \param state      per-sequence state, advanced in place
+/// \param y          outputs (d, T), written
+template <class Scalar>
+void memory_forward_into(const MemoryConfig& cfg, Index chunk_size, const Eigen::Ref<const Matrix<Scalar>>& k,
+                         const Eigen::Ref<const Matrix<Scalar>>& v, const Eigen::Ref<const Matrix<Scalar>>& q,
+                         const Eigen::Ref<const Vector<Scalar>>& alpha, const Eigen::Ref<const Vector<Scalar>>& eta,
+                         const Eigen::Ref<const Vector<Scalar>>& theta, MemoryState<Scalar>& state,
+                         Eigen::Ref<Matrix<Scalar>> y) {
+  constexpr const char* where = "titans::memory_forward";
+  cfg.validate(where);
+  if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
+  check_memory_state(where, cfg, chunk_size, state);
+  const Index T = k.cols();
+  detail::check_shape(where, "k", k, cfg.dim, -1);
+  detail::check_shape(where, "v", v, cfg.dim, T);
+  detail::check_shape(where, "q", q, cfg.dim, T);
+  detail::check_shape(where, "alpha", alpha, T, 1);
+  detail::check_shape(where, "eta", eta, T, 1);
+  detail::check_shape(where, "theta", theta, T, 1);
+  detail::check_shape(where, "y", y, cfg.dim, T);
+  detail::check_finite(where, "k", k);
+  detail::check_finite(where, "v", v);
+  detail::check_finite(where, "q", q);
+  detail::check_range(where, "alpha", alpha, 0.0, 1.0);
+  detail::check_range(where, "eta", eta, 0.0, 1.0);
+  detail::check_range(where, "theta", theta, 0.0, std::numeric_limits<double>::max());
+  detail::memory_forward_unchecked(cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
+}
+
+/// \brief As memory_forward_into, returning the outputs (d, T).
+template <class Scalar>
+Matrix<Scalar> memory_forward(const MemoryConfig& cfg, Index chunk_size, const Eigen::Ref<const Matrix<Scalar>>& k,
+                              const Eigen::Ref<const Matrix<Scalar>>& v, const Eigen::Ref<const Matrix<Scalar>>& q,
+                              const Eigen::Ref<const Vector<Scalar>>& alpha,
+                              const Eigen::Ref<const Vector<Scalar>>& eta,
+                              const Eigen::Ref<const Vector<Scalar>>& theta, MemoryState<Scalar>& state) {
+  Matrix<Scalar> y(k.rows(), k.cols());
+  memory_forward_into<Scalar>(cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
+  return y;
+}
+
+/// \brief Retrieval without update (M*, Eq 15): reads `q` (d, T) from the state's current
+/// weights and writes nothing. Returns (d, T).
+template <class Scalar>
+Matrix<Scalar> memory_retrieve(const MemoryConfig& cfg, const MemoryState<Scalar>& state,
+                               const Eigen::Ref<const Matrix<Scalar>>& q /* (d, T) */) {
+  detail::check_finite("titans::memory_retrieve", "q", q);
+  return memory_apply<Scalar>(cfg, state.weights, q);
+}
+
+/// \brief Floating-point operations of memory_forward for T tokens with chunk size b, counted as
+/// MATH.md §3 does (GEMMs and the masked b×b products; elementwise work not counted). For L = 2
+/// this is about (22·E·d² + 4·b·(1+E)·d)·T.
+inline double memory_forward_flops(const MemoryConfig& cfg, Index chunk_size, Index tokens) {
+  double per_token = 0;
+  for (Index l = 0; l < cfg.depth; ++l) {
+    const double nout = static_cast<double>(cfg.layer_out(l)), nin = static_cast<double>(cfg.layer_in(l));
+    per_token += 2 * nout * nin;                   // key path forward
+    if (l > 0) per_token += 2 * nout * nin;        // δ back through W_l
+    per_token += 4 * nout * nin;                   // query path: W and S terms
+    per_token += 4 * nout * nin;                   // end of chunk: W and S updates
+    per_token += 2.0 * static_cast<double>(chunk_size) * (nin + nout);  // Gram and masked product
+  }
+  return per_token * static_cast<double>(tokens);
+}
+
+}  // namespace titans

@@ -1,0 +1,348 @@
+// SPDX-License-Identifier: Apache-2.0
+// The chunked dual form (MATH.md §3) against the literal chunk/token loops (tests/support), the
+// chunk coefficients against their definitions, streaming splits, causality, and bad input.
+#include <titans/memory_kernel.hpp>
+
+#include <gtest/gtest.h>
+
+#include "support/reference_memory.hpp"
+
+#include <random>
+#include <tuple>
+
+namespace {
+
+using titans::Activation;
+using titans::Index;
+using titans::MemoryConfig;
+using titans_test::Mat;
+using titans_test::Vec;
+
+template <class S>
+S rel_err(const Mat<S>& a, const Mat<S>& b) {
+  const S scale = std::max<S>(S(1e-30), std::max(a.cwiseAbs().maxCoeff(), b.cwiseAbs().maxCoeff()));
+  return (a - b).cwiseAbs().maxCoeff() / scale;
+}
+
+struct Problem {
+  Mat<double> k, v, q;
+  Vec<double> alpha, eta, theta;
+};
+
+// Unit-norm keys and queries (as the layer makes them), values of order one, gates in range.
+Problem make_problem(Index d, Index T, std::uint64_t seed, int gate_mode = 0) {
+  titans::detail::Rng rng(seed);
+  Problem p;
+  p.k.resize(d, T);
+  p.v.resize(d, T);
+  p.q.resize(d, T);
+  rng.fill_normal(p.k, 1.0);
+  rng.fill_normal(p.v, 1.0);
+  rng.fill_normal(p.q, 1.0);
+  p.k.colwise().normalize();
+  p.q.colwise().normalize();
+  p.alpha.resize(T);
+  p.eta.resize(T);
+  p.theta.resize(T);
+  for (Index t = 0; t < T; ++t) {
+    p.alpha(t) = 0.2 * rng.uniform();
+    p.eta(t) = 0.3 + 0.6 * rng.uniform();
+    p.theta(t) = 0.1 * rng.uniform();
+    if (gate_mode == 1) {  // the extremes, exact 0 and 1 included
+      const std::uint64_t r = rng.below(6);
+      p.alpha(t) = r == 0 ? 1.0 : (r < 3 ? 0.0 : p.alpha(t));
+      p.eta(t) = r == 1 ? 0.0 : (r == 2 || r == 3 ? 1.0 : p.eta(t));
+      p.theta(t) = r == 4 ? 0.0 : 0.5 * p.theta(t);  // η = 1, α = 0 runs must not diverge
+    }
+  }
+  return p;
+}
+
+using Case = std::tuple<Index /*L*/, Index /*b*/, Activation, bool /*residual*/, int /*gates*/>;
+
+class DualForm : public ::testing::TestWithParam<Case> {};
+
+TEST_P(DualForm, EqualsChunkLoopAndStreams) {
+  const auto [L, b, act, residual, gates] = GetParam();
+  MemoryConfig cfg;
+  cfg.dim = 6;
+  cfg.depth = L;
+  cfg.expansion = 2;
+  cfg.activation = act;
+  cfg.residual = residual;
+  const Index T = 37;  // not a multiple of any b tested
+  const Problem p = make_problem(cfg.dim, T, 11 + static_cast<std::uint64_t>(L * 100 + b), gates);
+  const auto init = titans::init_memory_weights<double>(cfg, 5);
+
+  // Start from a state with non-zero momentum: write a prefix first (through the reference).
+  const Problem pre = make_problem(cfg.dim, b, 99);
+  std::vector<Mat<double>> zero_s;
+  for (const auto& w : init.w) zero_s.push_back(Mat<double>::Zero(w.rows(), w.cols()));
+  const auto r0 = titans_test::ref_chunk_loop<double>(cfg, b, pre.k, pre.v, pre.q, pre.alpha, pre.eta, pre.theta,
+                                                      init.w, zero_s);
+  auto state = titans::make_memory_state(cfg, titans::MemoryWeights<double>{r0.w});
+  state.momentum = r0.s;
+  state.position = b;  // a chunk boundary
+
+  const auto ref = titans_test::ref_chunk_loop<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, r0.w, r0.s);
+  auto one = state;
+  const Mat<double> y = titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, one);
+  ASSERT_TRUE(ref.y.allFinite() && ref.w.back().allFinite()) << "test problem diverged";
+  EXPECT_LT(rel_err(y, ref.y), 1e-10);
+  for (Index l = 0; l < L; ++l) {
+    EXPECT_LT(rel_err(one.weights[l], ref.w[l]), 1e-10) << "W" << l + 1;
+    EXPECT_LT(rel_err(one.momentum[l], ref.s[l]), 1e-10) << "S" << l + 1;
+  }
+  EXPECT_EQ(one.position, b + T);
+
+  // Streaming: every split point (inside chunks included), and three-way splits.
+  for (Index cut = 1; cut < T; cut += 3) {
+    auto st = state;
+    Mat<double> ys(cfg.dim, T);
+    const Index cut2 = std::min<Index>(T - 1, cut + 1 + cut % 5);
+    const Index bounds[] = {0, cut, cut2, T};
+    for (int s = 0; s < 3; ++s) {
+      const Index t0 = bounds[s], n = bounds[s + 1] - bounds[s];
+      if (n == 0) continue;
+      ys.middleCols(t0, n) =
+          titans::memory_forward<double>(cfg, b, p.k.middleCols(t0, n), p.v.middleCols(t0, n), p.q.middleCols(t0, n),
+                                         p.alpha.segment(t0, n), p.eta.segment(t0, n), p.theta.segment(t0, n), st);
+    }
+    EXPECT_LT(rel_err(ys, y), 1e-12) << "cut at " << cut << ", " << cut2;
+    for (Index l = 0; l < L; ++l) EXPECT_LT(rel_err(st.weights[l], one.weights[l]), 1e-12);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Memory, DualForm,
+    ::testing::Combine(::testing::Values<Index>(1, 2, 3), ::testing::Values<Index>(1, 4, 8, 16),
+                       ::testing::Values(Activation::silu, Activation::gelu, Activation::identity),
+                       ::testing::Bool(), ::testing::Values(0, 1)));
+
+TEST(DualForm, TokenLoopIsChunkSizeOne) {
+  // b = 1 must be the exact token-by-token rule: Θ_t depends on the gradient at Θ_{t−1}.
+  MemoryConfig cfg;
+  cfg.dim = 5;
+  cfg.depth = 2;
+  cfg.expansion = 3;
+  const Index T = 20;
+  const Problem p = make_problem(cfg.dim, T, 3);
+  const auto init = titans::init_memory_weights<double>(cfg, 8);
+  std::vector<Mat<double>> w = init.w, s;
+  for (const auto& m : w) s.push_back(Mat<double>::Zero(m.rows(), m.cols()));
+  Mat<double> y(cfg.dim, T);
+  for (Index t = 0; t < T; ++t) {  // the token recursion, written out
+    const auto u = titans_test::ref_grad<double>(cfg, w, p.k.col(t), p.v.col(t));
+    for (std::size_t l = 0; l < w.size(); ++l) {
+      s[l] = p.eta(t) * s[l] - p.theta(t) * u[l];
+      w[l] = (1 - p.alpha(t)) * w[l] + s[l];
+    }
+    y.col(t) = titans_test::ref_apply<double>(cfg, w, p.q.col(t));
+  }
+  auto state = titans::make_memory_state(cfg, init);
+  const Mat<double> fast = titans::memory_forward<double>(cfg, 1, p.k, p.v, p.q, p.alpha, p.eta, p.theta, state);
+  EXPECT_LT(rel_err(fast, y), 1e-10);
+  // A chunk of b > 1 is a different rule (gradients at the chunk start): the outputs must differ.
+  auto state4 = titans::make_memory_state(cfg, init);
+  const Mat<double> chunked = titans::memory_forward<double>(cfg, 4, p.k, p.v, p.q, p.alpha, p.eta, p.theta, state4);
+  EXPECT_GT(rel_err(chunked, y), 1e-6);
+}
+
+TEST(ChunkCoefficients, MatchDefinitions) {
+  const Index n = 7;
+  const Problem p = make_problem(2, n, 21, 1);
+  titans::ChunkCoefficients<double> co;
+  titans::chunk_coefficients(p.alpha, p.eta, p.theta, co);
+  auto P = [&](Index j, Index i) {  // η_{i+1} ··· η_j, 1-based tokens
+    double r = 1;
+    for (Index t = i + 1; t <= j; ++t) r *= p.eta(t - 1);
+    return r;
+  };
+  for (Index j = 1; j <= n; ++j) {
+    double beta = 1;
+    for (Index t = 1; t <= j; ++t) beta *= 1 - p.alpha(t - 1);
+    EXPECT_NEAR(co.beta(j - 1), beta, 1e-15);
+    double c = 0;  // Σ_{t≤j} (Π_{s=t+1..j} (1−α_s)) P_{t0}
+    for (Index t = 1; t <= j; ++t) {
+      double keep = 1;
+      for (Index s = t + 1; s <= j; ++s) keep *= 1 - p.alpha(s - 1);
+      c += keep * P(t, 0);
+    }
+    EXPECT_NEAR(co.c(j - 1), c, 1e-15);
+    for (Index i = 1; i <= n; ++i) {
+      double a = 0;  // Σ_{t=i..j} (Π_{s=t+1..j} (1−α_s)) θ_i P_{ti}
+      for (Index t = i; t <= j; ++t) {
+        double keep = 1;
+        for (Index s = t + 1; s <= j; ++s) keep *= 1 - p.alpha(s - 1);
+        a += keep * p.theta(i - 1) * P(t, i);
+      }
+      EXPECT_NEAR(co.upper(i - 1, j - 1), i <= j ? a : 0.0, 1e-15) << i << "," << j;
+    }
+  }
+  for (Index i = 1; i <= n; ++i) EXPECT_NEAR(co.s_last(i - 1), p.theta(i - 1) * P(n, i), 1e-15);
+  EXPECT_NEAR(co.p_n0, P(n, 0), 1e-15);
+}
+
+TEST(MemoryKernel, Causal) {
+  MemoryConfig cfg;
+  cfg.dim = 4;
+  cfg.depth = 2;
+  const Index T = 24, b = 8;
+  const Problem p = make_problem(cfg.dim, T, 4);
+  const auto init = titans::init_memory_weights<double>(cfg, 1);
+  auto s1 = titans::make_memory_state(cfg, init);
+  const Mat<double> y = titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, s1);
+  for (Index t0 : {0, 3, 7, 8, 13, 22}) {
+    Problem m = p;
+    const Index n = T - t0 - 1;
+    m.k.rightCols(n).setRandom();
+    m.v.rightCols(n).setRandom();
+    m.q.rightCols(n).setRandom();
+    m.alpha.tail(n).setConstant(0.9);
+    m.eta.tail(n).setConstant(0.1);
+    m.theta.tail(n).setConstant(2.0);
+    auto s2 = titans::make_memory_state(cfg, init);
+    const Mat<double> y2 = titans::memory_forward<double>(cfg, b, m.k, m.v, m.q, m.alpha, m.eta, m.theta, s2);
+    EXPECT_EQ((y2.leftCols(t0 + 1) - y.leftCols(t0 + 1)).cwiseAbs().maxCoeff(), 0.0) << "t0 = " << t0;
+    if (n > 0) {
+      EXPECT_GT((y2.rightCols(n) - y.rightCols(n)).cwiseAbs().maxCoeff(), 0.0);
+    }
+  }
+}
+
+TEST(MemoryKernel, RetrieveReadsWithoutWriting) {
+  MemoryConfig cfg;
+  cfg.dim = 4;
+  const Problem p = make_problem(cfg.dim, 5, 2);
+  auto state = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 3));
+  titans::memory_forward<double>(cfg, 2, p.k, p.v, p.q, p.alpha, p.eta, p.theta, state);
+  const auto before = state;
+  const Mat<double> y = titans::memory_retrieve<double>(cfg, state, p.q);
+  for (Index t = 0; t < 5; ++t)
+    EXPECT_LT((y.col(t) - titans_test::ref_apply<double>(cfg, state.weights, p.q.col(t))).norm(), 1e-12);
+  for (std::size_t l = 0; l < state.weights.size(); ++l) EXPECT_EQ(state.weights[l], before.weights[l]);
+  EXPECT_EQ(state.position, before.position);
+}
+
+TEST(MemoryKernel, FloatMatchesDouble) {
+  MemoryConfig cfg;
+  cfg.dim = 16;
+  cfg.depth = 2;
+  const Index T = 50, b = 16;
+  const Problem p = make_problem(cfg.dim, T, 6);
+  const auto init = titans::init_memory_weights<double>(cfg, 2);
+  auto sd = titans::make_memory_state(cfg, init);
+  const Mat<double> yd = titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, sd);
+  titans::MemoryWeights<float> initf;
+  for (const auto& w : init.w) initf.w.push_back(w.cast<float>());
+  auto sf = titans::make_memory_state(cfg, initf);
+  const Mat<float> yf = titans::memory_forward<float>(cfg, b, p.k.cast<float>(), p.v.cast<float>(), p.q.cast<float>(),
+                                                      p.alpha.cast<float>(), p.eta.cast<float>(),
+                                                      p.theta.cast<float>(), sf);
+  EXPECT_LT(rel_err<double>(yf.cast<double>(), yd), 1e-4);
+}
+
+TEST(MemoryKernel, LinearMemoryIsExactOnOrthogonalKeys) {
+  // L = 1, identity: with θ = ½, α = η = 0 each write sets W k = v exactly (||k|| = 1), and with
+  // orthonormal keys no write disturbs another: all d pairs are recalled exactly, token by token
+  // and in one chunk (where the gradients at W⁰ = 0 sum to Σ v kᵀ).
+  MemoryConfig cfg;
+  cfg.dim = 8;
+  cfg.depth = 1;
+  cfg.activation = Activation::identity;
+  titans::detail::Rng rng(17);
+  Mat<double> g(cfg.dim, cfg.dim), v(cfg.dim, cfg.dim);
+  rng.fill_normal(g, 1.0);
+  rng.fill_normal(v, 1.0);
+  const Mat<double> keys = Eigen::HouseholderQR<Mat<double>>(g).householderQ();
+  const Vec<double> zero = Vec<double>::Zero(cfg.dim), half = Vec<double>::Constant(cfg.dim, 0.5);
+  for (Index b : {1, 8}) {
+    auto state = titans::make_memory_state(cfg, titans::zero_memory_weights<double>(cfg));
+    titans::memory_forward<double>(cfg, b, keys, v, keys, zero, zero, half, state);
+    const Mat<double> recall = titans::memory_retrieve<double>(cfg, state, keys);
+    EXPECT_LT((recall - v).cwiseAbs().maxCoeff(), 1e-12) << "b = " << b;
+  }
+}
+
+TEST(MemoryModel, InnerGradientMatchesFiniteDifferences) {
+  for (Activation act : {Activation::silu, Activation::gelu, Activation::identity}) {
+    for (bool residual : {false, true}) {
+      MemoryConfig cfg;
+      cfg.dim = 3;
+      cfg.depth = 3;
+      cfg.expansion = 2;
+      cfg.activation = act;
+      cfg.residual = residual;
+      const Problem p = make_problem(cfg.dim, 4, 8);
+      auto w = titans::init_memory_weights<double>(cfg, 4).w;
+      auto grad = titans::zero_memory_weights<double>(cfg).w;
+      for (auto& g : grad) g.setConstant(0.25);  // junk: the gradient must be added
+      titans::inner_loss_gradient<double>(cfg, w, p.k, p.v, grad);
+      for (std::size_t l = 0; l < w.size(); ++l) {
+        for (Index i = 0; i < w[l].size(); ++i) {
+          const double h = 1e-6, x = w[l](i);
+          w[l](i) = x + h;
+          const double up = titans::inner_loss<double>(cfg, w, p.k, p.v);
+          w[l](i) = x - h;
+          const double dn = titans::inner_loss<double>(cfg, w, p.k, p.v);
+          w[l](i) = x;
+          EXPECT_NEAR(grad[l](i) - 0.25, (up - dn) / (2 * h), 1e-6) << "layer " << l << " index " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(MemoryKernel, BadInputThrowsNamingTheArgument) {
+  MemoryConfig cfg;
+  cfg.dim = 4;
+  const Problem p = make_problem(cfg.dim, 6, 1);
+  auto state = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 1));
+  auto expect_throw = [&](auto&& fn, const char* needle, auto tag) {
+    using E = decltype(tag);
+    try {
+      fn();
+      ADD_FAILURE() << "no exception, expected one naming " << needle;
+    } catch (const E& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  auto run = [&](const Problem& q, Index b, MemoryConfig c) {
+    auto st = state;
+    titans::memory_forward<double>(c, b, q.k, q.v, q.q, q.alpha, q.eta, q.theta, st);
+  };
+  expect_throw([&] { run(p, 0, cfg); }, "chunk_size", titans::InvalidArgument(""));
+  MemoryConfig bad = cfg;
+  bad.depth = 0;
+  expect_throw([&] { run(p, 2, bad); }, "depth", titans::InvalidArgument(""));
+  bad = cfg;
+  bad.dim = 5;  // state no longer fits
+  expect_throw([&] { run(p, 2, bad); }, "state.weights", titans::ShapeError(""));
+  Problem q = p;
+  q.v.conservativeResize(4, 5);
+  expect_throw([&] { run(q, 2, cfg); }, "v has shape (4, 5)", titans::ShapeError(""));
+  q = p;
+  q.alpha(2) = 1.5;
+  expect_throw([&] { run(q, 2, cfg); }, "alpha", titans::NumericError(""));
+  q = p;
+  q.eta(0) = -0.1;
+  expect_throw([&] { run(q, 2, cfg); }, "eta", titans::NumericError(""));
+  q = p;
+  q.theta(1) = -1;
+  expect_throw([&] { run(q, 2, cfg); }, "theta", titans::NumericError(""));
+  q = p;
+  q.k(1, 1) = std::numeric_limits<double>::quiet_NaN();
+  expect_throw([&] { run(q, 2, cfg); }, "k has a non-finite", titans::NumericError(""));
+  q = p;
+  q.q(0, 3) = std::numeric_limits<double>::infinity();
+  expect_throw([&] { run(q, 2, cfg); }, "q has a non-finite", titans::NumericError(""));
+  // A state left inside a chunk by chunk size 4 is not valid at chunk size 3.
+  auto st = state;
+  titans::memory_forward<double>(cfg, 4, p.k.leftCols(2), p.v.leftCols(2), p.q.leftCols(2), p.alpha.head(2),
+                                 p.eta.head(2), p.theta.head(2), st);
+  EXPECT_THROW(titans::memory_forward<double>(cfg, 2, p.k.leftCols(2), p.v.leftCols(2), p.q.leftCols(2),
+                                              p.alpha.head(2), p.eta.head(2), p.theta.head(2), st),
+               titans::InvalidArgument);
+}
+
+}  // namespace
