@@ -1,0 +1,431 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// \file neural_memory.hpp
+// \brief The neural long-term memory layer (MATH.md §4): projections, causal depthwise
+// convolutions, ℓ2-normalised keys and queries, data-dependent gates per token and head, H
+// independent memories written and read by the chunked dual form, and the gated output.
+//
+// Four kinds of data, never mixed: NeuralMemoryConfig (validated in the constructor),
+// NeuralMemoryParams (read-only during forward, shared by every sequence and thread),
+// NeuralMemoryState (one per sequence, owned by the caller), and the outputs.
+//
+//     titans::NeuralMemoryConfig cfg;          // D = 256, H = 4, L = 2, b = 16 by default
+//     titans::NeuralMemory<float> layer(cfg);
+//     auto params = layer.init(/*seed=*/42);
+//     auto state = layer.initial_state(params);
+//     titans::Matrix<float> y = layer.forward(params, x /* (D, T) */, state);  // continues `state`
+#pragma once
+
+#include "common.hpp"
+#include "detail/random.hpp"
+#include "memory_kernel.hpp"
+#include "memory_model.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace titans {
+
+/// \brief Everything that fixes the shape and behaviour of a NeuralMemory layer.
+struct NeuralMemoryConfig {
+  Index dim = 256;         ///< D: model width (input and output features)
+  Index heads = 4;         ///< H: independent memories, each of width d = D / H
+  Index depth = 2;         ///< L: memory MLP depth (1 = linear memory)
+  Index expansion = 4;     ///< E: memory hidden width E·d
+  Activation activation = Activation::silu;
+  bool residual = false;   ///< memory MLP in residual form M(k) = k + z_L
+  Index chunk_size = 16;   ///< b: tokens per gradient mini-batch (1 = exact token-by-token rule)
+  Index conv_kernel = 4;   ///< causal depthwise convolution width over time (1 = none)
+  double theta_max = 1.0;  ///< θ = θ_max σ(·)
+  /// [choice] Gates constant within each chunk. The paper's "mean over the chunk" would let a
+  /// token's gate depend on later tokens of its chunk, which breaks causality and streaming; a
+  /// chunk's gates are therefore computed from the pre-activation of its *first* token.
+  bool per_chunk_gates = false;
+  double norm_eps = 1e-6;  ///< ε of the ℓ2 normalisation and of the output RMSNorm
+
+  Index head_dim() const { return heads > 0 ? dim / heads : 0; }
+
+  /// The per-head memory MLP shape.
+  MemoryConfig memory() const {
+    MemoryConfig m;
+    m.dim = head_dim();
+    m.depth = depth;
+    m.expansion = expansion;
+    m.activation = activation;
+    m.residual = residual;
+    return m;
+  }
+
+  /// Throws InvalidArgument naming the field.
+  void validate(const char* where = "titans::NeuralMemoryConfig") const {
+    if (dim < 1) detail::raise<InvalidArgument>(where, "dim is ", dim, ", expected >= 1");
+    if (heads < 1) detail::raise<InvalidArgument>(where, "heads is ", heads, ", expected >= 1");
+    if (dim % heads != 0)
+      detail::raise<InvalidArgument>(where, "heads (", heads, ") does not divide dim (", dim, ")");
+    if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
+    if (conv_kernel < 1) detail::raise<InvalidArgument>(where, "conv_kernel is ", conv_kernel, ", expected >= 1");
+    if (!(theta_max >= 0) || !std::isfinite(theta_max))
+      detail::raise<InvalidArgument>(where, "theta_max is ", theta_max, ", expected a finite value >= 0");
+    if (!(norm_eps > 0) || !std::isfinite(norm_eps))
+      detail::raise<InvalidArgument>(where, "norm_eps is ", norm_eps, ", expected a finite value > 0");
+    memory().validate(where);
+  }
+};
+
+/// \brief The learned outer parameters of a NeuralMemory layer (a parameter set).
+/// Heads are stacked by rows: head h owns rows [h·d, (h+1)·d) of w_k, w_v, w_q and the conv
+/// kernels, row h of the gate projections, and rows [h·n_l, (h+1)·n_l) of memory_init[l].
+template <class Scalar>
+struct NeuralMemoryParams {
+  static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be a floating-point type");
+  using scalar_type = Scalar;
+  Matrix<Scalar> w_k, w_v, w_q;              ///< (D, D) key, value, query projections
+  Matrix<Scalar> conv_k, conv_v, conv_q;     ///< (D, K) depthwise kernels; column K−1 is the current token
+  Matrix<Scalar> w_alpha, w_eta, w_theta;    ///< (H, D) gate projections
+  Matrix<Scalar> b_alpha, b_eta, b_theta;    ///< (H, 1) gate biases
+  std::vector<Matrix<Scalar>> memory_init;   ///< Θ_init, layer l: (H·n_l, n_{l−1})
+  Matrix<Scalar> w_gate;                     ///< (D, D) output gate projection W_G
+  Matrix<Scalar> norm_gain;                  ///< (D, 1) RMSNorm gains
+  Matrix<Scalar> w_out;                      ///< (D, D) output projection W_O
+
+  template <class F>
+  void for_each(F&& f) {
+    for_each_impl(*this, f);
+  }
+  template <class F>
+  void for_each(F&& f) const {
+    for_each_impl(*this, f);
+  }
+
+ private:
+  template <class Self, class F>
+  static void for_each_impl(Self& p, F& f) {
+    f("w_k", p.w_k);
+    f("w_v", p.w_v);
+    f("w_q", p.w_q);
+    f("conv_k", p.conv_k);
+    f("conv_v", p.conv_v);
+    f("conv_q", p.conv_q);
+    f("w_alpha", p.w_alpha);
+    f("b_alpha", p.b_alpha);
+    f("w_eta", p.w_eta);
+    f("b_eta", p.b_eta);
+    f("w_theta", p.w_theta);
+    f("b_theta", p.b_theta);
+    for (std::size_t l = 0; l < p.memory_init.size(); ++l) f("memory_init.w" + std::to_string(l + 1), p.memory_init[l]);
+    f("w_gate", p.w_gate);
+    f("norm_gain", p.norm_gain);
+    f("w_out", p.w_out);
+  }
+};
+
+/// \brief Per-sequence state of a NeuralMemory layer. A batch of sequences is a batch of states.
+template <class Scalar>
+struct NeuralMemoryState {
+  using scalar_type = Scalar;
+  std::vector<MemoryState<Scalar>> heads;  ///< one memory (Θ, S, chunk bookkeeping) per head
+  Matrix<Scalar> conv_tail;                ///< (3D, K−1): projected [k; v; q] of the last K−1 tokens
+  Matrix<Scalar> chunk_gates;              ///< (3H, 1): gate pre-activations of the chunk in progress
+  Index position = 0;                      ///< tokens seen since the state was made
+
+  /// Enumerates the state's tensors ("head0.weights.w1", "conv_tail", …), e.g. to save a session.
+  template <class F>
+  void for_each(F&& f) {
+    for_each_impl(*this, f);
+  }
+  template <class F>
+  void for_each(F&& f) const {
+    for_each_impl(*this, f);
+  }
+
+ private:
+  template <class Self, class F>
+  static void for_each_impl(Self& s, F& f) {
+    for (std::size_t h = 0; h < s.heads.size(); ++h)
+      s.heads[h].for_each([&](const std::string& n, auto& t) { f("head" + std::to_string(h) + "." + n, t); });
+    f("conv_tail", s.conv_tail);
+    f("chunk_gates", s.chunk_gates);
+  }
+};
+
+/// \brief The per-token inputs of the memory kernels, as the layer computes them (for
+/// inspection and for checking the layer against the kernel).
+template <class Scalar>
+struct MemoryInputs {
+  Matrix<Scalar> k, v, q;              ///< (D, T): head h in rows [h·d, (h+1)·d)
+  Matrix<Scalar> alpha, eta, theta;    ///< (H, T)
+};
+
+/// \brief The neural long-term memory layer. Holds only its (validated) config: parameters and
+/// state are passed explicitly, so one layer object serves many sequences and threads.
+template <class Scalar>
+class NeuralMemory {
+  static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be a floating-point type");
+
+ public:
+  using Params = NeuralMemoryParams<Scalar>;
+  using State = NeuralMemoryState<Scalar>;
+  using Mat = Matrix<Scalar>;
+
+  explicit NeuralMemory(const NeuralMemoryConfig& cfg) : cfg_(cfg) {
+    cfg_.validate("titans::NeuralMemory");
+    mem_ = cfg_.memory();
+  }
+
+  const NeuralMemoryConfig& config() const { return cfg_; }
+
+  /// \brief Deterministic initialisation from `seed` (same numbers on every platform).
+  /// Projections N(0, 1/D); conv kernels pass the current token through (last tap 1) plus small
+  /// noise; gate biases start at α ≈ 0.02, η ≈ 0.73, θ ≈ 0.12·θ_max; memory N(0, 1/n_{l−1});
+  /// norm gains 1.
+  Params init(std::uint64_t seed) const {
+    detail::Rng rng(seed);
+    const Index D = cfg_.dim, H = cfg_.heads, K = cfg_.conv_kernel;
+    const double proj = 1.0 / std::sqrt(static_cast<double>(D));
+    Params p;
+    auto normal = [&](Index r, Index c, double sd) {
+      Mat m(r, c);
+      rng.fill_normal(m, sd);
+      return m;
+    };
+    p.w_k = normal(D, D, proj);
+    p.w_v = normal(D, D, proj);
+    p.w_q = normal(D, D, proj);
+    for (Mat* c : {&p.conv_k, &p.conv_v, &p.conv_q}) {
+      *c = normal(D, K, 0.02);
+      c->col(K - 1).array() += Scalar(1);
+    }
+    p.w_alpha = normal(H, D, 0.02);
+    p.w_eta = normal(H, D, 0.02);
+    p.w_theta = normal(H, D, 0.02);
+    p.b_alpha = Mat::Constant(H, 1, Scalar(-4));
+    p.b_eta = Mat::Constant(H, 1, Scalar(1));
+    p.b_theta = Mat::Constant(H, 1, Scalar(-2));
+    for (Index l = 0; l < mem_.depth; ++l)
+      p.memory_init.push_back(normal(H * mem_.layer_out(l), mem_.layer_in(l),
+                                     1.0 / std::sqrt(static_cast<double>(mem_.layer_in(l)))));
+    p.w_gate = normal(D, D, proj);
+    p.norm_gain = Mat::Ones(D, 1);
+    p.w_out = normal(D, D, proj);
+    return p;
+  }
+
+  /// \brief Throws ShapeError naming the tensor if `p` does not fit this layer's config.
+  void check_params(const Params& p, const char* where = "titans::NeuralMemory::check_params") const {
+    const Index D = cfg_.dim, H = cfg_.heads, K = cfg_.conv_kernel;
+    detail::check_shape(where, "params.w_k", p.w_k, D, D);
+    detail::check_shape(where, "params.w_v", p.w_v, D, D);
+    detail::check_shape(where, "params.w_q", p.w_q, D, D);
+    detail::check_shape(where, "params.conv_k", p.conv_k, D, K);
+    detail::check_shape(where, "params.conv_v", p.conv_v, D, K);
+    detail::check_shape(where, "params.conv_q", p.conv_q, D, K);
+    detail::check_shape(where, "params.w_alpha", p.w_alpha, H, D);
+    detail::check_shape(where, "params.w_eta", p.w_eta, H, D);
+    detail::check_shape(where, "params.w_theta", p.w_theta, H, D);
+    detail::check_shape(where, "params.b_alpha", p.b_alpha, H, 1);
+    detail::check_shape(where, "params.b_eta", p.b_eta, H, 1);
+    detail::check_shape(where, "params.b_theta", p.b_theta, H, 1);
+    if (static_cast<Index>(p.memory_init.size()) != mem_.depth)
+      detail::raise<ShapeError>(where, "params.memory_init has ", p.memory_init.size(), " layers, expected depth ",
+                                mem_.depth);
+    for (Index l = 0; l < mem_.depth; ++l) {
+      const std::string name = "params.memory_init[" + std::to_string(l) + "]";
+      detail::check_shape(where, name.c_str(), p.memory_init[l], H * mem_.layer_out(l), mem_.layer_in(l));
+    }
+    detail::check_shape(where, "params.w_gate", p.w_gate, D, D);
+    detail::check_shape(where, "params.norm_gain", p.norm_gain, D, 1);
+    detail::check_shape(where, "params.w_out", p.w_out, D, D);
+  }
+
+  /// \brief A fresh per-sequence state: every head's memory at Θ_init, S = 0, empty history.
+  State initial_state(const Params& p) const {
+    check_params(p, "titans::NeuralMemory::initial_state");
+    State s;
+    const Index H = cfg_.heads;
+    for (Index h = 0; h < H; ++h) {
+      MemoryWeights<Scalar> w;
+      for (Index l = 0; l < mem_.depth; ++l) {
+        const Index rows = mem_.layer_out(l);
+        w.w.push_back(p.memory_init[l].middleRows(h * rows, rows));
+      }
+      s.heads.push_back(make_memory_state(mem_, w));
+    }
+    s.conv_tail = Mat::Zero(3 * cfg_.dim, cfg_.conv_kernel - 1);
+    s.chunk_gates = Mat::Zero(3 * H, 1);
+    return s;
+  }
+
+  /// \brief Throws unless `s` is a state of this layer.
+  void check_state(const State& s, const char* where = "titans::NeuralMemory::check_state") const {
+    if (static_cast<Index>(s.heads.size()) != cfg_.heads)
+      detail::raise<ShapeError>(where, "state.heads has ", s.heads.size(), " memories, expected heads = ", cfg_.heads);
+    for (const auto& h : s.heads) {
+      check_memory_state(where, mem_, cfg_.chunk_size, h);
+      if (h.position != s.position)
+        detail::raise<InvalidArgument>(where, "a head's position (", h.position, ") differs from state.position (",
+                                       s.position, ")");
+    }
+    detail::check_shape(where, "state.conv_tail", s.conv_tail, 3 * cfg_.dim, cfg_.conv_kernel - 1);
+    detail::check_shape(where, "state.chunk_gates", s.chunk_gates, 3 * cfg_.heads, 1);
+  }
+
+  /// \brief Reads and writes T tokens: returns the layer output o (D, T) and advances `state`.
+  /// Any split of a sequence into calls gives the same outputs as one call.
+  Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const {
+    constexpr const char* where = "titans::NeuralMemory::forward";
+    check_call(where, p, x, state);
+    MemoryInputs<Scalar> in = inputs_unchecked(p, x, state, /*advance=*/true);
+    Mat y(cfg_.dim, x.cols());
+    const Index H = cfg_.heads, d = mem_.dim;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (H > 1)
+#endif
+    for (Index h = 0; h < H; ++h) {
+      detail::memory_forward_unchecked(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
+                                       in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
+                                       in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
+                                       y.middleRows(h * d, d));
+    }
+    state.position += x.cols();
+    return output(p, x, y);
+  }
+
+  /// \brief One decode step: x (D) → o (D); identical to forward on a single column.
+  Vector<Scalar> step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const {
+    const Mat out = forward(p, x, state);
+    return out.col(0);
+  }
+
+  /// \brief Forward over a batch: sequence i continues `states[i]`. Sequences never share memory.
+  std::vector<Mat> forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const {
+    constexpr const char* where = "titans::NeuralMemory::forward_batch";
+    if (xs.size() != states.size())
+      detail::raise<InvalidArgument>(where, "got ", xs.size(), " sequences and ", states.size(), " states");
+    std::vector<Mat> ys(xs.size());
+    for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = forward(p, xs[i], states[i]);
+    return ys;
+  }
+
+  /// \brief Retrieval without update (M*, Eq 15) through the full output path: queries are made
+  /// from x (using the state's convolution history, which is not advanced), read from each
+  /// head's current weights, then normalised, gated and projected. Nothing is written.
+  Mat retrieve(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const {
+    return output(p, x, read(p, x, state));
+  }
+
+  /// \brief The raw memory read M*_Θ(q) per head, stacked (D, T), before norm, gate and
+  /// projection. Nothing is written.
+  Mat read(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const {
+    constexpr const char* where = "titans::NeuralMemory::read";
+    check_call(where, p, x, state);
+    State scratch_tail;  // only the conv history is used
+    scratch_tail.conv_tail = state.conv_tail;
+    scratch_tail.chunk_gates = state.chunk_gates;
+    scratch_tail.position = state.position;
+    const MemoryInputs<Scalar> in = inputs_unchecked(p, x, scratch_tail, /*advance=*/false);
+    Mat y(cfg_.dim, x.cols());
+    const Index d = mem_.dim;
+    for (Index h = 0; h < cfg_.heads; ++h)
+      y.middleRows(h * d, d) = memory_apply<Scalar>(mem_, state.heads[h].weights, in.q.middleRows(h * d, d));
+    return y;
+  }
+
+  /// \brief The keys, values, queries and gates the layer would feed its memories for x, given
+  /// the state's history. The state is not changed.
+  MemoryInputs<Scalar> memory_inputs(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */,
+                                     const State& state) const {
+    constexpr const char* where = "titans::NeuralMemory::memory_inputs";
+    check_call(where, p, x, state);
+    State copy;
+    copy.conv_tail = state.conv_tail;
+    copy.chunk_gates = state.chunk_gates;
+    copy.position = state.position;
+    return inputs_unchecked(p, x, copy, /*advance=*/false);
+  }
+
+ private:
+  void check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const State& state) const {
+    check_params(p, where);
+    check_state(state, where);
+    detail::check_shape(where, "x", x, cfg_.dim, -1);
+    detail::check_finite(where, "x", x);
+  }
+
+  /// Projections, causal convolutions (continuing state.conv_tail), SiLU, ℓ2 normalisation per
+  /// head, and the gates. With advance, the conv tail and chunk gates of `state` move on.
+  MemoryInputs<Scalar> inputs_unchecked(const Params& p, const Eigen::Ref<const Mat>& x, State& state,
+                                        bool advance) const {
+    const Index D = cfg_.dim, H = cfg_.heads, T = x.cols(), K = cfg_.conv_kernel, d = mem_.dim;
+    MemoryInputs<Scalar> in;
+    Mat* outs[3] = {&in.k, &in.v, &in.q};
+    const Mat* w[3] = {&p.w_k, &p.w_v, &p.w_q};
+    const Mat* conv[3] = {&p.conv_k, &p.conv_v, &p.conv_q};
+    Mat ext(D, K - 1 + T);
+    for (int s = 0; s < 3; ++s) {
+      // ext = [tail | W x]; out_t = Σ_j conv[:, j] ⊙ ext[:, t + j]  (causal, width K)
+      ext.leftCols(K - 1) = state.conv_tail.middleRows(s * D, D);
+      ext.rightCols(T).noalias() = *w[s] * x;
+      Mat& o = *outs[s];
+      o.noalias() = conv[s]->col(K - 1).asDiagonal() * ext.rightCols(T);
+      for (Index j = 0; j + 1 < K; ++j) o.noalias() += conv[s]->col(j).asDiagonal() * ext.middleCols(j, T);
+      if (advance && K > 1) state.conv_tail.middleRows(s * D, D) = ext.rightCols(K - 1);
+      o = (o.array() / (Scalar(1) + (-o.array()).exp())).matrix();  // SiLU
+    }
+    const Scalar eps = static_cast<Scalar>(cfg_.norm_eps);
+    for (Mat* m : {&in.k, &in.q}) {
+      for (Index t = 0; t < T; ++t)
+        for (Index h = 0; h < H; ++h) {
+          auto seg = m->col(t).segment(h * d, d);
+          seg /= std::sqrt(seg.squaredNorm() + eps);
+        }
+    }
+    // Gates: pre-activations (H, T) per gate, optionally held constant within each chunk.
+    Mat pre[3];
+    pre[0] = (p.w_alpha * x).colwise() + p.b_alpha.col(0);
+    pre[1] = (p.w_eta * x).colwise() + p.b_eta.col(0);
+    pre[2] = (p.w_theta * x).colwise() + p.b_theta.col(0);
+    if (cfg_.per_chunk_gates) {
+      const Index b = cfg_.chunk_size;
+      for (Index t = 0; t < T; ++t) {
+        const Index pos = state.position + t;
+        for (int g = 0; g < 3; ++g) {
+          if (pos % b == 0) {
+            state.chunk_gates.middleRows(g * H, H) = pre[g].col(t);
+          } else {
+            pre[g].col(t) = state.chunk_gates.middleRows(g * H, H);
+          }
+        }
+      }
+    }
+    auto sig = [](const Mat& z) { return Mat((Scalar(1) / (Scalar(1) + (-z.array()).exp())).matrix()); };
+    in.alpha = sig(pre[0]);
+    in.eta = sig(pre[1]);
+    in.theta = static_cast<Scalar>(cfg_.theta_max) * sig(pre[2]);
+    return in;
+  }
+
+  /// o = W_O (RMSNorm_head(y) ⊙ gain ⊙ σ(W_G x)).
+  Mat output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y) const {
+    const Index T = x.cols(), H = cfg_.heads, d = mem_.dim;
+    const Scalar eps = static_cast<Scalar>(cfg_.norm_eps);
+    Mat g = p.w_gate * x;
+    g = (Scalar(1) / (Scalar(1) + (-g.array()).exp())).matrix();
+    Mat n(cfg_.dim, T);
+    for (Index t = 0; t < T; ++t)
+      for (Index h = 0; h < H; ++h) {
+        const auto seg = y.col(t).segment(h * d, d);
+        const Scalar r = Scalar(1) / std::sqrt(seg.squaredNorm() / Scalar(d) + eps);
+        n.col(t).segment(h * d, d) = r * seg;
+      }
+    n = (n.array() * g.array()).matrix();
+    n = p.norm_gain.col(0).asDiagonal() * n;
+    return p.w_out * n;
+  }
+
+  NeuralMemoryConfig cfg_;
+  MemoryConfig mem_;
+};
+
+}  // namespace titans

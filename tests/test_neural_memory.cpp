@@ -1,0 +1,371 @@
+// SPDX-License-Identifier: Apache-2.0
+// The neural memory layer (MATH.md §4) against an independent per-token formulation, plus
+// causality, streaming, decode == prefill, batch isolation, memorization and bad input.
+#include <titans/neural_memory.hpp>
+#include <titans/parameters.hpp>
+
+#include <gtest/gtest.h>
+
+#include "support/reference_memory.hpp"
+
+#include <set>
+
+namespace {
+
+using titans::Index;
+using titans::NeuralMemory;
+using titans::NeuralMemoryConfig;
+using titans_test::Mat;
+using titans_test::Vec;
+
+template <class S>
+double max_rel(const Mat<S>& a, const Mat<S>& b) {
+  const double scale = std::max(1e-30, static_cast<double>(std::max(a.cwiseAbs().maxCoeff(), b.cwiseAbs().maxCoeff())));
+  return static_cast<double>((a - b).cwiseAbs().maxCoeff()) / scale;
+}
+
+NeuralMemoryConfig small_config() {
+  NeuralMemoryConfig c;
+  c.dim = 8;
+  c.heads = 2;
+  c.depth = 2;
+  c.expansion = 2;
+  c.chunk_size = 4;
+  c.conv_kernel = 3;
+  return c;
+}
+
+template <class S>
+Mat<S> random_input(Index D, Index T, std::uint64_t seed) {
+  titans::detail::Rng rng(seed);
+  Mat<S> x(D, T);
+  rng.fill_normal(x, 1.0);
+  return x;
+}
+
+double sigm(double z) { return 1 / (1 + std::exp(-z)); }
+double silu(double z) { return z * sigm(z); }
+
+// The layer written token by token from MATH.md §4, independent of the library's vectorised
+// code: projections, causal conv with zero history, SiLU, ℓ2 norm, gates, the literal chunk loop
+// per head, RMSNorm per head, sigmoid gate, output projection.
+Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMemoryParams<double>& p,
+                            const Mat<double>& x) {
+  const Index D = c.dim, H = c.heads, d = D / H, T = x.cols(), K = c.conv_kernel;
+  Mat<double> pk = p.w_k * x, pv = p.w_v * x, pq = p.w_q * x;
+  auto conv = [&](const Mat<double>& in, const Mat<double>& w) {
+    Mat<double> out = Mat<double>::Zero(D, T);
+    for (Index t = 0; t < T; ++t)
+      for (Index j = 0; j < K; ++j) {
+        const Index src = t - (K - 1) + j;
+        if (src >= 0)
+          for (Index i = 0; i < D; ++i) out(i, t) += w(i, j) * in(i, src);
+      }
+    return out.unaryExpr([](double z) { return silu(z); }).eval();
+  };
+  Mat<double> k = conv(pk, p.conv_k), v = conv(pv, p.conv_v), q = conv(pq, p.conv_q);
+  for (Index t = 0; t < T; ++t)
+    for (Index h = 0; h < H; ++h) {
+      k.col(t).segment(h * d, d) /= std::sqrt(k.col(t).segment(h * d, d).squaredNorm() + c.norm_eps);
+      q.col(t).segment(h * d, d) /= std::sqrt(q.col(t).segment(h * d, d).squaredNorm() + c.norm_eps);
+    }
+  Mat<double> y(D, T);
+  const auto mem = c.memory();
+  for (Index h = 0; h < H; ++h) {
+    Vec<double> a(T), e(T), th(T);
+    for (Index t = 0; t < T; ++t) {
+      const Index src = c.per_chunk_gates ? t - t % c.chunk_size : t;
+      a(t) = sigm(p.w_alpha.row(h).dot(x.col(src)) + p.b_alpha(h, 0));
+      e(t) = sigm(p.w_eta.row(h).dot(x.col(src)) + p.b_eta(h, 0));
+      th(t) = c.theta_max * sigm(p.w_theta.row(h).dot(x.col(src)) + p.b_theta(h, 0));
+    }
+    std::vector<Mat<double>> w0, s0;
+    for (Index l = 0; l < mem.depth; ++l) {
+      w0.push_back(p.memory_init[l].middleRows(h * mem.layer_out(l), mem.layer_out(l)));
+      s0.push_back(Mat<double>::Zero(w0.back().rows(), w0.back().cols()));
+    }
+    const auto r = titans_test::ref_chunk_loop<double>(mem, c.chunk_size, k.middleRows(h * d, d), v.middleRows(h * d, d),
+                                                      q.middleRows(h * d, d), a, e, th, w0, s0);
+    y.middleRows(h * d, d) = r.y;
+  }
+  Mat<double> o(D, T);
+  for (Index t = 0; t < T; ++t) {
+    Vec<double> n(D);
+    for (Index h = 0; h < H; ++h) {
+      const double rms = std::sqrt(y.col(t).segment(h * d, d).squaredNorm() / d + c.norm_eps);
+      n.segment(h * d, d) = y.col(t).segment(h * d, d) / rms;
+    }
+    for (Index i = 0; i < D; ++i) n(i) *= p.norm_gain(i, 0) * sigm(p.w_gate.row(i).dot(x.col(t)));
+    o.col(t) = p.w_out * n;
+  }
+  return o;
+}
+
+TEST(NeuralMemory, MatchesIndependentFormulation) {
+  for (bool per_chunk : {false, true})
+    for (bool residual : {false, true})
+      for (Index depth : {1, 2, 3}) {
+        auto c = small_config();
+        c.per_chunk_gates = per_chunk;
+        c.residual = residual;
+        c.depth = depth;
+        NeuralMemory<double> layer(c);
+        const auto p = layer.init(7);
+        const Mat<double> x = random_input<double>(c.dim, 19, 3);
+        auto state = layer.initial_state(p);
+        const Mat<double> y = layer.forward(p, x, state);
+        EXPECT_LT(max_rel(y, reference_layer(c, p, x)), 1e-10)
+            << "per_chunk " << per_chunk << " residual " << residual << " depth " << depth;
+        EXPECT_EQ(state.position, 19);
+      }
+}
+
+template <class S>
+class NeuralMemoryTyped : public ::testing::Test {};
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(NeuralMemoryTyped, Scalars);
+
+TYPED_TEST(NeuralMemoryTyped, StreamingSplitsAndDecodeEqualPrefill) {
+  using S = TypeParam;
+  const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-12;
+  for (bool per_chunk : {false, true}) {
+    auto c = small_config();
+    c.per_chunk_gates = per_chunk;
+    NeuralMemory<S> layer(c);
+    const auto p = layer.init(11);
+    const Index T = 23;
+    const Mat<S> x = random_input<S>(c.dim, T, 5);
+    auto s1 = layer.initial_state(p);
+    const Mat<S> y = layer.forward(p, x, s1);
+    for (Index cut : {1, 2, 3, 5, 9, 13, 22}) {  // inside chunks and conv windows, and on boundaries
+      auto s2 = layer.initial_state(p);
+      Mat<S> y2(c.dim, T);
+      y2.leftCols(cut) = layer.forward(p, x.leftCols(cut), s2);
+      y2.rightCols(T - cut) = layer.forward(p, x.rightCols(T - cut), s2);
+      EXPECT_LT(max_rel(y2, y), tol) << "cut " << cut;
+      for (std::size_t h = 0; h < s1.heads.size(); ++h)
+        for (std::size_t l = 0; l < s1.heads[h].weights.size(); ++l)
+          EXPECT_LT(max_rel(s2.heads[h].weights[l], s1.heads[h].weights[l]), tol);
+    }
+    auto s3 = layer.initial_state(p);
+    Mat<S> y3(c.dim, T);
+    for (Index t = 0; t < T; ++t) y3.col(t) = layer.step(p, x.col(t), s3);
+    EXPECT_LT(max_rel(y3, y), tol) << "decode vs prefill, per_chunk " << per_chunk;
+  }
+}
+
+TEST(NeuralMemory, Causal) {
+  auto c = small_config();
+  NeuralMemory<double> layer(c);
+  const auto p = layer.init(2);
+  const Index T = 17;
+  const Mat<double> x = random_input<double>(c.dim, T, 9);
+  auto s = layer.initial_state(p);
+  const Mat<double> y = layer.forward(p, x, s);
+  for (Index t0 : {0, 3, 4, 10, 15}) {
+    Mat<double> x2 = x;
+    x2.rightCols(T - t0 - 1) = random_input<double>(c.dim, T - t0 - 1, 100 + t0);
+    auto s2 = layer.initial_state(p);
+    const Mat<double> y2 = layer.forward(p, x2, s2);
+    EXPECT_EQ((y2.leftCols(t0 + 1) - y.leftCols(t0 + 1)).cwiseAbs().maxCoeff(), 0.0) << t0;
+    EXPECT_GT((y2.rightCols(T - t0 - 1) - y.rightCols(T - t0 - 1)).cwiseAbs().maxCoeff(), 0.0) << t0;
+  }
+}
+
+TEST(NeuralMemory, BatchStatesAreIsolated) {
+  auto c = small_config();
+  NeuralMemory<double> layer(c);
+  const auto p = layer.init(3);
+  const std::vector<Mat<double>> xs = {random_input<double>(c.dim, 9, 1), random_input<double>(c.dim, 14, 2),
+                                       random_input<double>(c.dim, 9, 1)};
+  std::vector<titans::NeuralMemoryState<double>> states(3, layer.initial_state(p));
+  const auto ys = layer.forward_batch(p, xs, states);
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    auto alone = layer.initial_state(p);
+    EXPECT_EQ(ys[i], layer.forward(p, xs[i], alone)) << i;  // no other sequence leaks in
+    EXPECT_EQ(states[i].heads[0].weights[0], alone.heads[0].weights[0]);
+  }
+  EXPECT_EQ(ys[0], ys[2]);
+  EXPECT_NE(states[0].heads[1].weights[1], states[1].heads[1].weights[1]);
+  // Heads are independent memories too: each head's state differs from the others'.
+  EXPECT_NE(states[1].heads[0].momentum[0], states[1].heads[1].momentum[0]);
+}
+
+TEST(NeuralMemory, ReadAndRetrieveWriteNothing) {
+  auto c = small_config();
+  NeuralMemory<double> layer(c);
+  const auto p = layer.init(4);
+  auto s = layer.initial_state(p);
+  layer.forward(p, random_input<double>(c.dim, 6, 1), s);
+  const auto before = s;
+  const Mat<double> q = random_input<double>(c.dim, 5, 2);
+  const Mat<double> r = layer.read(p, q, s);
+  layer.retrieve(p, q, s);
+  EXPECT_EQ(s.position, before.position);
+  EXPECT_EQ(s.conv_tail, before.conv_tail);
+  EXPECT_EQ(s.heads[1].weights[0], before.heads[1].weights[0]);
+  // read == M*(q) per head with the queries the layer makes.
+  const auto in = layer.memory_inputs(p, q, s);
+  const Index d = c.dim / c.heads;
+  for (Index h = 0; h < c.heads; ++h)
+    EXPECT_LT(max_rel<double>(r.middleRows(h * d, d),
+                              titans::memory_apply<double>(c.memory(), s.heads[h].weights, in.q.middleRows(h * d, d))),
+              1e-14);
+}
+
+// Parameters for a memorization test: one head, q = k (same projection and conv), plain
+// current-token conv, no forgetting or momentum, θ = `theta`.
+titans::NeuralMemoryParams<double> recall_params(const NeuralMemory<double>& layer, double theta, std::uint64_t seed) {
+  auto p = layer.init(seed);
+  const Index K = layer.config().conv_kernel;
+  p.w_q = p.w_k;
+  for (auto* cv : {&p.conv_k, &p.conv_v, &p.conv_q}) {
+    cv->setZero();
+    cv->col(K - 1).setOnes();
+  }
+  p.w_alpha.setZero();
+  p.w_eta.setZero();
+  p.w_theta.setZero();
+  p.b_alpha.setConstant(-40);  // α ≈ 4e-18
+  p.b_eta.setConstant(-40);
+  p.b_theta.setConstant(std::log(theta / (1 - theta)));  // θ_max = 1
+  return p;
+}
+
+TEST(NeuralMemory, LinearMemoryRecallsOrthogonalKeysExactly) {
+  NeuralMemoryConfig c;
+  c.dim = 6;
+  c.heads = 1;
+  c.depth = 1;
+  c.activation = titans::Activation::identity;
+  c.chunk_size = 1;
+  NeuralMemory<double> layer(c);
+  auto p = recall_params(layer, 0.5, 1);
+  p.w_k.setIdentity();
+  p.w_q.setIdentity();
+  p.memory_init[0].setZero();
+  // x_i = 20·e_i: keys SiLU(20 e_i)/‖·‖ = e_i to 1e-8, orthonormal.
+  Mat<double> x = 20 * Mat<double>::Identity(c.dim, c.dim);
+  auto s = layer.initial_state(p);
+  layer.forward(p, x, s);
+  const auto in = layer.memory_inputs(p, x, layer.initial_state(p));
+  const Mat<double> r = layer.read(p, x, s);
+  EXPECT_LT((r - in.v).cwiseAbs().maxCoeff(), 1e-6 * in.v.cwiseAbs().maxCoeff());
+}
+
+TEST(NeuralMemory, RecallErrorFallsWithWrites) {
+  NeuralMemoryConfig c;
+  c.dim = 16;
+  c.heads = 1;
+  c.depth = 2;
+  c.chunk_size = 1;
+  NeuralMemory<double> layer(c);
+  const auto p = recall_params(layer, 0.3, 2);
+  const Mat<double> x = random_input<double>(c.dim, 6, 8);  // 6 pairs in d = 16
+  auto s = layer.initial_state(p);
+  const auto in = layer.memory_inputs(p, x, s);
+  double prev = (layer.read(p, x, s) - in.v).squaredNorm();
+  const double first = prev;
+  for (int pass = 0; pass < 8; ++pass) {
+    layer.forward(p, x, s);
+    const double err = (layer.read(p, x, s) - in.v).squaredNorm();
+    EXPECT_LT(err, prev) << "pass " << pass;
+    prev = err;
+  }
+  EXPECT_LT(prev, 0.05 * first);
+}
+
+TEST(NeuralMemory, DeepMemoryStoresMorePairsThanLinear) {
+  // Same d, N > d pairs with random unit keys, written repeatedly (test-time training): a linear
+  // memory cannot store more than d independent pairs; a 2-layer MLP memory keeps going.
+  const Index d = 8, N = 4 * d, passes = 300;
+  titans::detail::Rng rng(5);
+  Mat<double> k(d, N), v(d, N);
+  rng.fill_normal(k, 1.0);
+  rng.fill_normal(v, 1.0);
+  k.colwise().normalize();
+  auto recall_error = [&](titans::MemoryConfig cfg, double theta) {
+    auto st = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 3, 0.5));
+    const Vec<double> zero = Vec<double>::Zero(N), th = Vec<double>::Constant(N, theta);
+    for (Index e = 0; e < passes; ++e) titans::memory_forward<double>(cfg, 1, k, v, k, zero, zero, th, st);
+    return (titans::memory_retrieve<double>(cfg, st, k) - v).squaredNorm() / v.squaredNorm();
+  };
+  titans::MemoryConfig lin;
+  lin.dim = d;
+  lin.depth = 1;
+  lin.activation = titans::Activation::identity;
+  titans::MemoryConfig deep = lin;
+  deep.depth = 2;
+  deep.expansion = 8;
+  deep.activation = titans::Activation::silu;
+  const double e_lin = recall_error(lin, 0.2), e_deep = recall_error(deep, 0.02);
+  RecordProperty("linear_recall_error", std::to_string(e_lin));
+  RecordProperty("deep_recall_error", std::to_string(e_deep));
+  EXPECT_GT(e_lin, 0.3);           // the least-squares floor of a linear map on 4d pairs
+  EXPECT_LT(e_deep, 0.5 * e_lin);  // the deep memory stores far more of them
+}
+
+TEST(NeuralMemory, InitIsDeterministicAndNamed) {
+  NeuralMemory<double> layer(small_config());
+  const auto a = layer.init(1), b = layer.init(1), c = layer.init(2);
+  EXPECT_EQ(a.w_k, b.w_k);
+  EXPECT_EQ(a.memory_init[1], b.memory_init[1]);
+  EXPECT_NE(a.w_k, c.w_k);
+  titans::check_unique_names("test", a);
+  const auto names = titans::parameter_names(a);
+  EXPECT_EQ(names.size(), 12u + 2u + 3u);
+  EXPECT_EQ(names.front(), "w_k");
+  EXPECT_NE(std::find(names.begin(), names.end(), "memory_init.w2"), names.end());
+  const Index D = 8, H = 2, K = 3, d = 4, E = 2;
+  EXPECT_EQ(titans::parameter_count(a), 5 * D * D + 3 * D * K + 3 * H * D + 3 * H + H * (E * d * d + d * E * d) + D);
+}
+
+template <class Fn>
+void expect_throw_naming(Fn&& fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no exception; expected one naming '" << needle << "'";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(NeuralMemory, BadConfigAndInputThrow) {
+  auto c = small_config();
+  c.heads = 3;
+  EXPECT_THROW(NeuralMemory<double>{c}, titans::InvalidArgument);
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "heads (3) does not divide dim (8)");
+  c = small_config();
+  c.chunk_size = 0;
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "chunk_size");
+  c = small_config();
+  c.depth = 0;
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "depth");
+  c = small_config();
+  c.conv_kernel = 0;
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "conv_kernel");
+  c = small_config();
+  c.theta_max = -1;
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "theta_max");
+
+  NeuralMemory<double> layer(small_config());
+  auto p = layer.init(1);
+  auto s = layer.initial_state(p);
+  EXPECT_THROW(layer.forward(p, Mat<double>::Zero(7, 3), s), titans::ShapeError);
+  expect_throw_naming([&] { layer.forward(p, Mat<double>::Zero(7, 3), s); }, "x has shape (7, 3), expected (8, any)");
+  Mat<double> x = Mat<double>::Zero(8, 3);
+  x(2, 1) = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_THROW(layer.forward(p, x, s), titans::NumericError);
+  expect_throw_naming([&] { layer.forward(p, x, s); }, "x has a non-finite value");
+  auto bad = p;
+  bad.w_gate.resize(8, 7);
+  expect_throw_naming([&] { layer.forward(bad, Mat<double>::Zero(8, 2), s); }, "params.w_gate");
+  auto c2 = small_config();
+  c2.heads = 4;
+  NeuralMemory<double> other(c2);
+  auto s_other = other.initial_state(other.init(1));
+  expect_throw_naming([&] { layer.forward(p, Mat<double>::Zero(8, 2), s_other); }, "state.heads has 4");
+  EXPECT_EQ(s.position, 0);  // a failed call leaves the state alone
+}
+
+}  // namespace
