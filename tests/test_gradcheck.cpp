@@ -1,0 +1,114 @@
+// SPDX-License-Identifier: Apache-2.0
+// The gradient checker must pass a correct backward and catch each kind of wrong one.
+#include <titans/gradcheck.hpp>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using titans::Matrix;
+
+// y = W tanh(x) + b 1ᵀ: a tiny module with a matrix and a vector parameter.
+struct Affine {
+  using scalar_type = double;
+  Matrix<double> w, b;
+  template <class F>
+  void for_each(F&& f) {
+    f("w", w);
+    f("b", b);
+  }
+  template <class F>
+  void for_each(F&& f) const {
+    f("w", w);
+    f("b", b);
+  }
+};
+
+Matrix<double> fwd(const Affine& p, const Matrix<double>& x) {
+  return (p.w * x.array().tanh().matrix()).colwise() + p.b.col(0);
+}
+
+enum class Bug { none, scale_w, overwrite_b, forget_dx };
+
+void bwd(const Affine& p, const Matrix<double>& x, const Matrix<double>& dy, Affine& g, Matrix<double>& dx, Bug bug) {
+  const Matrix<double> t = x.array().tanh().matrix();
+  g.w += (bug == Bug::scale_w ? 1.01 : 1.0) * dy * t.transpose();
+  if (bug == Bug::overwrite_b) {
+    g.b = dy.rowwise().sum();
+  } else {
+    g.b += dy.rowwise().sum();
+  }
+  if (bug != Bug::forget_dx) dx += ((p.w.transpose() * dy).array() * (1 - t.array().square())).matrix();
+}
+
+struct Problem {
+  Affine p;
+  Matrix<double> x;
+  Problem() {
+    titans::detail::Rng rng(3);
+    p.w.resize(3, 4);
+    p.b.resize(3, 1);
+    x.resize(4, 5);
+    rng.fill_normal(p.w, 1.0);
+    rng.fill_normal(p.b, 1.0);
+    rng.fill_normal(x, 1.0);
+  }
+  titans::GradCheckResult run(Bug bug, titans::GradCheckOptions opt = {}) {
+    return titans::gradient_check(
+        p, x, fwd,
+        [&](const Affine& pp, const Matrix<double>& xx, const Matrix<double>& dy, Affine& g, Matrix<double>& dx) {
+          bwd(pp, xx, dy, g, dx, bug);
+        },
+        opt);
+  }
+};
+
+TEST(GradCheck, PassesACorrectBackward) {
+  Problem s;
+  const Matrix<double> w = s.p.w, x = s.x;
+  const auto r = s.run(Bug::none);
+  EXPECT_TRUE(r.ok) << r.report();
+  EXPECT_EQ(r.checked, 12 + 3 + 20);
+  EXPECT_LT(r.max_error, 1e-7);
+  EXPECT_EQ(s.p.w, w);  // perturbations are undone
+  EXPECT_EQ(s.x, x);
+}
+
+TEST(GradCheck, NamesTheWrongTensor) {
+  Problem s;
+  const auto r = s.run(Bug::scale_w);
+  ASSERT_FALSE(r.ok);
+  ASSERT_FALSE(r.failures.empty());
+  for (const auto& f : r.failures) EXPECT_EQ(f.tensor, "w");
+  EXPECT_NE(r.report().find("FAILED"), std::string::npos);
+}
+
+TEST(GradCheck, CatchesOverwriteInsteadOfAccumulate) {
+  Problem s;
+  const auto r = s.run(Bug::overwrite_b);
+  ASSERT_FALSE(r.ok);
+  EXPECT_EQ(r.failures.front().tensor, "b");
+}
+
+TEST(GradCheck, ChecksTheInputGradient) {
+  Problem s;
+  const auto r = s.run(Bug::forget_dx);
+  ASSERT_FALSE(r.ok);
+  EXPECT_EQ(r.failures.front().tensor, "input");
+  titans::GradCheckOptions opt;
+  opt.check_input = false;
+  EXPECT_TRUE(s.run(Bug::forget_dx, opt).ok);
+}
+
+TEST(GradCheck, SamplesEntries) {
+  Problem s;
+  titans::GradCheckOptions opt;
+  opt.max_entries = 2;
+  const auto r = s.run(Bug::none, opt);
+  EXPECT_TRUE(r.ok);
+  EXPECT_EQ(r.checked, 2 + 2 + 2);
+  opt.step = 0;
+  EXPECT_THROW(s.run(Bug::none, opt), titans::InvalidArgument);
+}
+
+}  // namespace
