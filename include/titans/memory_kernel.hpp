@@ -22,6 +22,10 @@
 #include <string>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace titans {
 
 /// \brief Per-sequence memory state: Θ, the surprise momentum S and the chunk bookkeeping.
@@ -139,6 +143,16 @@ void chunk_coefficients(const Eigen::MatrixBase<DA>& alpha, const Eigen::MatrixB
 
 namespace detail {
 
+/// Forward intermediates of one sub-chunk that the backward pass (memory_backward.hpp) keeps
+/// instead of recomputing; memory_subchunk records them when given a tape. Layers are 0-based.
+template <class Scalar>
+struct SubchunkTape {
+  std::vector<Matrix<Scalar>> zk;    ///< Z_l = Θ⁰_l A_{l−1}, l < L                          (n_l, n)
+  std::vector<Matrix<Scalar>> tk;    ///< Θ⁰_lᵀ Δ_l for 1 ≤ l < L (entry 0 unused)            (n_{l−1}, n)
+  std::vector<Matrix<Scalar>> zq;    ///< Z̄_l for l < L−1 (entry L−1 unused: it is the output) (n_l, n)
+  std::vector<Matrix<Scalar>> gram;  ///< A_{l−1}ᵀ Ā_{l−1} before the causal mask, l < L       (n, n)
+};
+
 /// Buffers reused across the chunks of one call.
 template <class Scalar>
 struct KernelWorkspace {
@@ -149,14 +163,61 @@ struct KernelWorkspace {
       : ak(static_cast<std::size_t>(depth)), zk(ak.size()), delta(ak.size()), aq(ak.size()) {}
 };
 
+/// \brief dst = lhs·rhs, or dst += alpha·lhs·rhs with `accumulate`, on Eigen::nbThreads() threads.
+///
+/// Most of the kernel's products have few columns (b) and many rows (E·d). Eigen's own GEMM
+/// threading splits the columns and packs the left operand jointly, with threads spinning on
+/// each other; for these shapes it gave anywhere from no gain to 1.7× on 2 cores, varying from
+/// run to run. Here such an output is cut into one row block per thread, each an independent
+/// single-threaded product (1.6–1.8× on 2 cores, every run; benchmarks/README.md). Wide outputs
+/// (the rank-b state updates), which Eigen's threading handles well, small products, one
+/// thread, no OpenMP and calls from inside a parallel region (e.g. one thread per head) all
+/// take the plain product. `dst` is resized unless `accumulate`.
+template <class Scalar, class Lhs, class Rhs>
+void threaded_product(Matrix<Scalar>& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha, bool accumulate) {
+  const Index rows = lhs.rows(), cols = rhs.cols();
+  if (!accumulate) dst.resize(rows, cols);
+  int threads = 1;
+#ifdef _OPENMP
+  if (!omp_in_parallel()) threads = Eigen::nbThreads();
+#endif
+  // Below ~1 Mflop per thread the fork/join costs more than it saves.
+  const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(lhs.cols());
+  threads = static_cast<int>(std::min<double>(threads, flops / 1e6));
+  if (threads <= 1 || cols >= rows) {
+    if (accumulate) {
+      dst.noalias() += alpha * (lhs * rhs);
+    } else {
+      dst.noalias() = lhs * rhs;
+    }
+    return;
+  }
+  constexpr Index align = 16;  // row blocks of whole SIMD packets
+  auto bound = [&](int t) { return t == threads ? rows : (rows * t / threads) / align * align; };
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int t = 0; t < threads; ++t) {
+    const Index start = bound(t), size = bound(t + 1) - bound(t);
+    if (size <= 0) continue;
+    auto block = dst.middleRows(start, size);
+    if (accumulate) {
+      block.noalias() += alpha * (lhs.middleRows(start, size) * rhs);
+    } else {
+      block.noalias() = lhs.middleRows(start, size) * rhs;
+    }
+  }
+}
+
 /// One sub-chunk of n tokens that starts `state.position % b` tokens into its chunk and does
-/// not cross a chunk boundary. Outputs go to `y` (d, n).
+/// not cross a chunk boundary. Outputs go to `y` (d, n). With a `tape`, the intermediates the
+/// backward pass needs are also recorded there (the results do not change).
 template <class Scalar, class DK, class DV, class DQ, class DA, class DE, class DT, class DY>
 void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<DK>& k,
                      const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DQ>& q,
                      const Eigen::MatrixBase<DA>& alpha, const Eigen::MatrixBase<DE>& eta,
                      const Eigen::MatrixBase<DT>& theta, MemoryState<Scalar>& state, KernelWorkspace<Scalar>& ws,
-                     const Eigen::MatrixBase<DY>& y_out) {
+                     const Eigen::MatrixBase<DY>& y_out, SubchunkTape<Scalar>* tape = nullptr) {
   auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_out);  // writable block (Eigen's documented idiom)
   const Index L = cfg.depth;
   const Index n = k.cols();
@@ -167,8 +228,14 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
   // Key path at the chunk-start weights Θ⁰ and the inner-gradient signals δ_l (MATH.md §1).
   ws.ak[0] = k;
   for (Index l = 0; l < L; ++l) {
-    ws.zk[l].noalias() = w0[l] * ws.ak[l];
+    threaded_product(ws.zk[l], w0[l], ws.ak[l], Scalar(1), false);
     if (l + 1 < L) activation_apply(cfg.activation, ws.zk[l], ws.ak[l + 1]);
+  }
+  if (tape) {
+    tape->zk = ws.zk;
+    tape->tk.resize(ws.zk.size());
+    tape->zq.resize(ws.zk.size());
+    tape->gram.resize(ws.zk.size());
   }
   if (cfg.residual) {
     ws.delta[L - 1] = Scalar(2) * (ws.zk[L - 1] + k - v);
@@ -176,7 +243,8 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
     ws.delta[L - 1] = Scalar(2) * (ws.zk[L - 1] - v);
   }
   for (Index l = L - 1; l > 0; --l) {
-    ws.tmp.noalias() = w0[l].transpose() * ws.delta[l];
+    threaded_product(ws.tmp, w0[l].transpose(), ws.delta[l], Scalar(1), false);
+    if (tape) tape->tk[l] = ws.tmp;
     activation_derivative(cfg.activation, ws.zk[l - 1], ws.dphi);
     ws.delta[l - 1] = ws.tmp.cwiseProduct(ws.dphi);
   }
@@ -188,12 +256,14 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
   ws.aq[0] = q;
   for (Index l = 0; l < L; ++l) {
     ws.scaled = ws.aq[l] * co.beta.asDiagonal();
-    ws.zq.noalias() = state.weights[l] * ws.scaled;
+    threaded_product(ws.zq, state.weights[l], ws.scaled, Scalar(1), false);
     ws.scaled = ws.aq[l] * co.c.asDiagonal();
-    ws.zq.noalias() += state.momentum[l] * ws.scaled;
+    threaded_product(ws.zq, state.momentum[l], ws.scaled, Scalar(1), true);
     ws.gram.noalias() = ws.ak[l].transpose() * ws.aq[l];
+    if (tape) tape->gram[l] = ws.gram;
     ws.gram = ws.gram.cwiseProduct(co.upper);
-    ws.zq.noalias() -= ws.delta[l] * ws.gram;
+    threaded_product(ws.zq, ws.delta[l], ws.gram, Scalar(-1), true);
+    if (tape && l + 1 < L) tape->zq[l] = ws.zq;
     if (l + 1 < L) activation_apply(cfg.activation, ws.zq, ws.aq[l + 1]);
   }
   if (cfg.residual) {
@@ -202,18 +272,37 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
     y = ws.zq;
   }
 
-  // Advance the state to the end of the sub-chunk.
+  // Advance the state to the end of the sub-chunk:
+  //   W_l ← β_n W_l + c_n S_l − (Δ_l diag(A_{n,·})) A_{l−1}ᵀ,   S_l ← P_{n0} S_l − (Δ_l diag(θ_i P_{ni})) A_{l−1}ᵀ.
   if (offset == 0 && ends_inside) state.chunk_start = state.weights;  // Θ⁰ for the rest of this chunk
-  const Scalar beta_n = co.beta(n - 1), c_n = co.c(n - 1);
+  const Scalar beta_n = co.beta(n - 1), c_n = co.c(n - 1), p_n = co.p_n0;
+  // Up to this many tokens (decoding), W_l and S_l are updated in one pass, column by column:
+  // the update is then memory-bound and the GEMM form would stream both matrices 2–3 times
+  // (measured at d = 256, E = 4: 2.3× faster at n = 1, 1.6× at n = 2, break-even at n = 4).
+  constexpr Index fused_update_max_tokens = 2;
   for (Index l = 0; l < L; ++l) {
     auto& w = state.weights[l];
     auto& s = state.momentum[l];
-    w = beta_n * w + c_n * s;
-    ws.tmp = ws.delta[l] * co.a_last.asDiagonal();
-    w.noalias() -= ws.tmp * ws.ak[l].transpose();
-    s *= co.p_n0;
-    ws.tmp = ws.delta[l] * co.s_last.asDiagonal();
-    s.noalias() -= ws.tmp * ws.ak[l].transpose();
+    ws.tmp = ws.delta[l] * co.a_last.asDiagonal();     // (n_l, n)
+    ws.scaled = ws.delta[l] * co.s_last.asDiagonal();  // (n_l, n); the query path is done with it
+    if (n <= fused_update_max_tokens) {
+      const auto& a = ws.ak[l];  // (n_{l−1}, n)
+      for (Index j = 0; j < w.cols(); ++j) {
+        auto wj = w.col(j);
+        auto sj = s.col(j);
+        wj = beta_n * wj + c_n * sj - a(j, 0) * ws.tmp.col(0);  // reads S_l before it is updated
+        sj = p_n * sj - a(j, 0) * ws.scaled.col(0);
+        for (Index i = 1; i < n; ++i) {
+          wj -= a(j, i) * ws.tmp.col(i);
+          sj -= a(j, i) * ws.scaled.col(i);
+        }
+      }
+    } else {
+      w = beta_n * w + c_n * s;
+      w.noalias() -= ws.tmp * ws.ak[l].transpose();
+      s *= p_n;
+      s.noalias() -= ws.scaled * ws.ak[l].transpose();
+    }
   }
   state.position += n;
   if (!ends_inside) state.chunk_start.clear();
