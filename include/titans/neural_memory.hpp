@@ -18,15 +18,42 @@
 
 #include "common.hpp"
 #include "detail/random.hpp"
+#include "memory_backward.hpp"
 #include "memory_kernel.hpp"
 #include "memory_model.hpp"
 
 #include <cmath>
 #include <cstdint>
+#include <exception>
+#include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
 namespace titans {
+
+namespace detail {
+
+/// Runs fn(h) for h = 0..n−1, in parallel under OpenMP; an exception thrown by any fn(h) is
+/// caught inside the parallel region and the first one is rethrown after it.
+template <class Fn>
+void for_each_head(Index n, Fn&& fn) {
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > 1)
+#endif
+  for (Index h = 0; h < n; ++h) {
+    try {
+      fn(h);
+    } catch (...) {
+      errors[static_cast<std::size_t>(h)] = std::current_exception();
+    }
+  }
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+}  // namespace detail
 
 /// \brief Everything that fixes the shape and behaviour of a NeuralMemory layer.
 struct NeuralMemoryConfig {
@@ -73,6 +100,94 @@ struct NeuralMemoryConfig {
     memory().validate(where);
   }
 };
+
+/// \brief The config as string key/value pairs (keys prefixed "neural_memory."), e.g. for a
+/// checkpoint's `__metadata__`, so a saved file fully describes the layer it belongs to.
+inline std::map<std::string, std::string> to_metadata(const NeuralMemoryConfig& c) {
+  auto num = [](double v) {
+    std::ostringstream os;
+    os.precision(17);
+    os << v;
+    return os.str();
+  };
+  return {{"neural_memory.dim", std::to_string(c.dim)},
+          {"neural_memory.heads", std::to_string(c.heads)},
+          {"neural_memory.depth", std::to_string(c.depth)},
+          {"neural_memory.expansion", std::to_string(c.expansion)},
+          {"neural_memory.activation", to_string(c.activation)},
+          {"neural_memory.residual", c.residual ? "true" : "false"},
+          {"neural_memory.chunk_size", std::to_string(c.chunk_size)},
+          {"neural_memory.conv_kernel", std::to_string(c.conv_kernel)},
+          {"neural_memory.theta_max", num(c.theta_max)},
+          {"neural_memory.per_chunk_gates", c.per_chunk_gates ? "true" : "false"},
+          {"neural_memory.norm_eps", num(c.norm_eps)}};
+}
+
+/// \brief Rebuilds a config from to_metadata's pairs; throws FormatError naming a missing or
+/// malformed key, and InvalidArgument if the values form an invalid config.
+inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std::string, std::string>& m) {
+  constexpr const char* where = "titans::neural_memory_config_from_metadata";
+  auto get = [&](const std::string& key) -> const std::string& {
+    const auto it = m.find("neural_memory." + key);
+    if (it == m.end()) detail::raise<FormatError>(where, "metadata has no 'neural_memory.", key, "'");
+    return it->second;
+  };
+  auto integer = [&](const std::string& key) {
+    const std::string& s = get(key);
+    std::size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(s, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != s.size())
+      detail::raise<FormatError>(where, "'neural_memory.", key, "' is '", s, "', expected an integer");
+    return static_cast<Index>(v);
+  };
+  auto real = [&](const std::string& key) {
+    const std::string& s = get(key);
+    std::size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(s, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != s.size())
+      detail::raise<FormatError>(where, "'neural_memory.", key, "' is '", s, "', expected a number");
+    return v;
+  };
+  auto boolean = [&](const std::string& key) {
+    const std::string& s = get(key);
+    if (s != "true" && s != "false")
+      detail::raise<FormatError>(where, "'neural_memory.", key, "' is '", s, "', expected true or false");
+    return s == "true";
+  };
+  NeuralMemoryConfig c;
+  c.dim = integer("dim");
+  c.heads = integer("heads");
+  c.depth = integer("depth");
+  c.expansion = integer("expansion");
+  const std::string& act = get("activation");
+  if (act == "silu") {
+    c.activation = Activation::silu;
+  } else if (act == "gelu") {
+    c.activation = Activation::gelu;
+  } else if (act == "identity") {
+    c.activation = Activation::identity;
+  } else {
+    detail::raise<FormatError>(where, "'neural_memory.activation' is '", act, "', expected silu, gelu or identity");
+  }
+  c.residual = boolean("residual");
+  c.chunk_size = integer("chunk_size");
+  c.conv_kernel = integer("conv_kernel");
+  c.theta_max = real("theta_max");
+  c.per_chunk_gates = boolean("per_chunk_gates");
+  c.norm_eps = real("norm_eps");
+  c.validate(where);
+  return c;
+}
 
 /// \brief The learned outer parameters of a NeuralMemory layer (a parameter set).
 /// Heads are stacked by rows: head h owns rows [h·d, (h+1)·d) of w_k, w_v, w_q and the conv
@@ -156,6 +271,45 @@ template <class Scalar>
 struct MemoryInputs {
   Matrix<Scalar> k, v, q;              ///< (D, T): head h in rows [h·d, (h+1)·d)
   Matrix<Scalar> alpha, eta, theta;    ///< (H, T)
+};
+
+/// \brief What NeuralMemory::backward needs from a NeuralMemory::forward_train call: the input,
+/// the state's history at the call start, the intermediates of the projection, convolution,
+/// normalisation, gate and output paths, and one kernel cache per head.
+template <class Scalar>
+struct NeuralMemoryCache {
+  Matrix<Scalar> x;                      ///< (D, T) input
+  Matrix<Scalar> start_conv_tail;        ///< (3D, K−1) state.conv_tail at the call start
+  Index start_position = 0;              ///< state.position at the call start
+  Matrix<Scalar> ext[3];                 ///< (D, K−1+T) [tail | W x] for k, v, q
+  Matrix<Scalar> conv[3];                ///< (D, T) convolution outputs (before SiLU)
+  Matrix<Scalar> silu_k, silu_q;         ///< (D, T) SiLU outputs before ℓ2 normalisation
+  MemoryInputs<Scalar> in;               ///< what the memories were fed
+  Matrix<Scalar> sig_theta;              ///< (H, T) σ of θ's pre-activation (θ = θ_max σ)
+  std::vector<Index> gate_source;        ///< per token: column whose gate pre-activation it used; −1: the state's
+  Index final_gate_source = -1;          ///< same, for the final state's chunk_gates
+  std::vector<MemoryForwardCache<Scalar>> heads;
+  Matrix<Scalar> y;                      ///< (D, T) memory outputs
+  Matrix<Scalar> rinv;                   ///< (H, T) 1 / RMS of each head's output
+  Matrix<Scalar> n;                      ///< (D, T) RMS-normalised y (before gain and gate)
+  Matrix<Scalar> g;                      ///< (D, T) σ(W_G x)
+
+  /// Bytes held by the cache's tensors.
+  std::size_t bytes() const {
+    std::size_t total = 0;
+    auto add = [&](const auto& m) { total += static_cast<std::size_t>(m.size()) * sizeof(Scalar); };
+    add(x);
+    add(start_conv_tail);
+    for (int i = 0; i < 3; ++i) {
+      add(ext[i]);
+      add(conv[i]);
+    }
+    for (const auto* m : {&silu_k, &silu_q, &in.k, &in.v, &in.q, &in.alpha, &in.eta, &in.theta, &sig_theta, &y, &rinv,
+                          &n, &g})
+      add(*m);
+    for (const auto& h : heads) total += h.bytes();
+    return total + gate_source.size() * sizeof(Index);
+  }
 };
 
 /// \brief The neural long-term memory layer. Holds only its (validated) config: parameters and
@@ -276,20 +430,203 @@ class NeuralMemory {
   Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const {
     constexpr const char* where = "titans::NeuralMemory::forward";
     check_call(where, p, x, state);
-    MemoryInputs<Scalar> in = inputs_unchecked(p, x, state, /*advance=*/true);
+    MemoryInputs<Scalar> in = inputs_unchecked(p, x, state, /*advance=*/true, nullptr);
     Mat y(cfg_.dim, x.cols());
     const Index H = cfg_.heads, d = mem_.dim;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (H > 1)
-#endif
-    for (Index h = 0; h < H; ++h) {
+    detail::for_each_head(H, [&](Index h) {
       detail::memory_forward_unchecked(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
                                        in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
                                        in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
                                        y.middleRows(h * d, d));
-    }
+    });
     state.position += x.cols();
-    return output(p, x, y);
+    return output(p, x, y, nullptr);
+  }
+
+  /// \brief forward that also fills `cache` for backward (same outputs and state advance).
+  /// `options.checkpoint_every = r > 1` keeps only every r-th chunk-start memory state per head
+  /// and recomputes the rest during backward (less memory for long sequences).
+  Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state,
+                    NeuralMemoryCache<Scalar>& cache, const MemoryTrainOptions& options = {}) const {
+    constexpr const char* where = "titans::NeuralMemory::forward_train";
+    check_call(where, p, x, state);
+    if (options.checkpoint_every < 1)
+      detail::raise<InvalidArgument>(where, "options.checkpoint_every is ", options.checkpoint_every,
+                                     ", expected >= 1");
+    cache.x = x;
+    cache.start_conv_tail = state.conv_tail;
+    cache.start_position = state.position;
+    cache.in = inputs_unchecked(p, x, state, /*advance=*/true, &cache);
+    const MemoryInputs<Scalar>& in = cache.in;
+    const Index H = cfg_.heads, d = mem_.dim;
+    cache.heads.resize(static_cast<std::size_t>(H));
+    cache.y.resize(cfg_.dim, x.cols());
+    detail::for_each_head(H, [&](Index h) {
+      memory_forward_train_into<Scalar>(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
+                                        in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
+                                        in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
+                                        cache.heads[static_cast<std::size_t>(h)], options,
+                                        cache.y.middleRows(h * d, d));
+    });
+    state.position += x.cols();
+    return output(p, x, cache.y, &cache);
+  }
+
+  /// \brief Backward of forward_train, through the test-time updates (second order).
+  ///
+  /// Adds dL/d(params) into `grads` and dL/dx into `dx` (D, T); when `dinitial` is given, adds
+  /// dL/d(state at the call start) into it (shape it with zeros_like of that state). `dfinal` is
+  /// dL/d(state after the call), or nullptr for zero: a sequence trained in several calls passes
+  /// the later call's `dinitial` as the earlier call's `dfinal`. For a state made by
+  /// initial_state(params), pass its gradient to initial_state_backward to reach memory_init.
+  void backward(const Params& p, const NeuralMemoryCache<Scalar>& cache, const Eigen::Ref<const Mat>& dout /* (D, T) */,
+                const State* dfinal, Params& grads, Eigen::Ref<Mat> dx /* (D, T), accumulated */,
+                State* dinitial = nullptr) const {
+    constexpr const char* where = "titans::NeuralMemory::backward";
+    check_params(p, where);
+    check_params(grads, where);
+    const Index D = cfg_.dim, H = cfg_.heads, T = cache.x.cols(), K = cfg_.conv_kernel, d = mem_.dim;
+    if (static_cast<Index>(cache.heads.size()) != H || cache.x.rows() != D)
+      detail::raise<InvalidArgument>(where, "cache was not filled by forward_train of this layer");
+    detail::check_shape(where, "dout", dout, D, T);
+    detail::check_shape(where, "dx", dx, D, T);
+    if (dfinal) {
+      detail::check_shape(where, "dfinal->conv_tail", dfinal->conv_tail, 3 * D, K - 1);
+      detail::check_shape(where, "dfinal->chunk_gates", dfinal->chunk_gates, 3 * H, 1);
+      if (static_cast<Index>(dfinal->heads.size()) != H)
+        detail::raise<ShapeError>(where, "dfinal->heads has ", dfinal->heads.size(), " memories, expected ", H);
+    }
+    if (dinitial) {
+      detail::check_shape(where, "dinitial->conv_tail", dinitial->conv_tail, 3 * D, K - 1);
+      detail::check_shape(where, "dinitial->chunk_gates", dinitial->chunk_gates, 3 * H, 1);
+      if (static_cast<Index>(dinitial->heads.size()) != H)
+        detail::raise<ShapeError>(where, "dinitial->heads has ", dinitial->heads.size(), " memories, expected ", H);
+    }
+    const Scalar one(1);
+
+    // Output path: o = W_O h, h = gain ⊙ n ⊙ g, g = σ(W_G x), n = y / rms (per head).
+    const Mat ng = cache.n.cwiseProduct(cache.g);
+    grads.w_out.noalias() += dout * (p.norm_gain.col(0).asDiagonal() * ng).transpose();
+    const Mat dh = p.w_out.transpose() * dout;
+    grads.norm_gain.col(0) += dh.cwiseProduct(ng).rowwise().sum();
+    const Mat dn = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.g);
+    Mat dag = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.n);
+    dag = (dag.array() * cache.g.array() * (one - cache.g.array())).matrix();
+    grads.w_gate.noalias() += dag * cache.x.transpose();
+    dx.noalias() += p.w_gate.transpose() * dag;
+    Mat dy(D, T);
+    for (Index t = 0; t < T; ++t)
+      for (Index h = 0; h < H; ++h) {
+        const auto nseg = cache.n.col(t).segment(h * d, d);
+        const auto dnseg = dn.col(t).segment(h * d, d);
+        dy.col(t).segment(h * d, d) = cache.rinv(h, t) * (dnseg - nseg * (dnseg.dot(nseg) / Scalar(d)));
+      }
+
+    // The memories, per head, through the test-time updates.
+    Mat dk(D, T), dv(D, T), dq(D, T), dgate[3] = {Mat(H, T), Mat(H, T), Mat(H, T)};
+    const MemoryState<Scalar> no_state;
+    detail::for_each_head(H, [&](Index h) {
+      const auto& hc = cache.heads[static_cast<std::size_t>(h)];
+      auto kg = make_kernel_gradients(hc);
+      memory_backward<Scalar>(hc, dy.middleRows(h * d, d), dfinal ? dfinal->heads[static_cast<std::size_t>(h)] : no_state, kg);
+      dk.middleRows(h * d, d) = kg.k;
+      dv.middleRows(h * d, d) = kg.v;
+      dq.middleRows(h * d, d) = kg.q;
+      dgate[0].row(h) = kg.alpha.transpose();
+      dgate[1].row(h) = kg.eta.transpose();
+      dgate[2].row(h) = kg.theta.transpose();
+      if (dinitial) add_state_gradient(dinitial->heads[static_cast<std::size_t>(h)], kg.state);
+    });
+
+    // Gates: α = σ(a), η = σ(e), θ = θ_max σ(t); then the per-chunk routing and the projections.
+    dgate[0] = (dgate[0].array() * cache.in.alpha.array() * (one - cache.in.alpha.array())).matrix();
+    dgate[1] = (dgate[1].array() * cache.in.eta.array() * (one - cache.in.eta.array())).matrix();
+    dgate[2] = (dgate[2].array() * static_cast<Scalar>(cfg_.theta_max) * cache.sig_theta.array() *
+                (one - cache.sig_theta.array()))
+                   .matrix();
+    Mat dchunk_gates = Mat::Zero(3 * H, 1);
+    if (dfinal) {
+      for (int gi = 0; gi < 3; ++gi) {
+        if (cache.final_gate_source >= 0) {
+          dgate[gi].col(cache.final_gate_source) += dfinal->chunk_gates.middleRows(gi * H, H);
+        } else {
+          dchunk_gates.middleRows(gi * H, H) += dfinal->chunk_gates.middleRows(gi * H, H);
+        }
+      }
+    }
+    for (Index t = 0; t < T; ++t) {
+      const Index src = cache.gate_source[static_cast<std::size_t>(t)];
+      if (src == t) continue;
+      for (int gi = 0; gi < 3; ++gi) {
+        if (src >= 0) {
+          dgate[gi].col(src) += dgate[gi].col(t);
+        } else {
+          dchunk_gates.middleRows(gi * H, H) += dgate[gi].col(t);
+        }
+        dgate[gi].col(t).setZero();
+      }
+    }
+    if (dinitial) dinitial->chunk_gates += dchunk_gates;
+    Mat* gw[3] = {&grads.w_alpha, &grads.w_eta, &grads.w_theta};
+    Mat* gb[3] = {&grads.b_alpha, &grads.b_eta, &grads.b_theta};
+    const Mat* pw[3] = {&p.w_alpha, &p.w_eta, &p.w_theta};
+    for (int gi = 0; gi < 3; ++gi) {
+      gw[gi]->noalias() += dgate[gi] * cache.x.transpose();
+      gb[gi]->col(0) += dgate[gi].rowwise().sum();
+      dx.noalias() += pw[gi]->transpose() * dgate[gi];
+    }
+
+    // ℓ2 normalisation of k and q: k = s ρ, ρ = (‖s‖² + ε)^(−1/2)  ⇒  ds = ρ (dk − k (dk·k)).
+    const Scalar eps = static_cast<Scalar>(cfg_.norm_eps);
+    auto unnormalise = [&](Mat& dkq, const Mat& kq, const Mat& s) {
+      for (Index t = 0; t < T; ++t)
+        for (Index h = 0; h < H; ++h) {
+          auto seg = dkq.col(t).segment(h * d, d);
+          const auto kseg = kq.col(t).segment(h * d, d);
+          const Scalar rho = one / std::sqrt(s.col(t).segment(h * d, d).squaredNorm() + eps);
+          seg = rho * (seg - kseg * seg.dot(kseg));
+        }
+    };
+    unnormalise(dk, cache.in.k, cache.silu_k);
+    unnormalise(dq, cache.in.q, cache.silu_q);
+
+    // SiLU, causal depthwise conv, projections.
+    Mat* dstream[3] = {&dk, &dv, &dq};
+    Mat* gproj[3] = {&grads.w_k, &grads.w_v, &grads.w_q};
+    Mat* gconv[3] = {&grads.conv_k, &grads.conv_v, &grads.conv_q};
+    const Mat* pproj[3] = {&p.w_k, &p.w_v, &p.w_q};
+    const Mat* pconv[3] = {&p.conv_k, &p.conv_v, &p.conv_q};
+    Mat dext(D, K - 1 + T);
+    for (int si = 0; si < 3; ++si) {
+      const Mat& c = cache.conv[si];
+      const auto sig = (one / (one + (-c.array()).exp()));
+      const Mat dc = (dstream[si]->array() * sig * (one + c.array() * (one - sig))).matrix();
+      dext.setZero();
+      for (Index j = 0; j < K; ++j) {
+        dext.middleCols(j, T).noalias() += pconv[si]->col(j).asDiagonal() * dc;
+        gconv[si]->col(j) += dc.cwiseProduct(cache.ext[si].middleCols(j, T)).rowwise().sum();
+      }
+      if (dfinal && K > 1) dext.rightCols(K - 1) += dfinal->conv_tail.middleRows(si * D, D);
+      // The final tail is the last K−1 columns of ext; its gradient joins before the split below.
+      gproj[si]->noalias() += dext.rightCols(T) * cache.x.transpose();
+      dx.noalias() += pproj[si]->transpose() * dext.rightCols(T);
+      if (dinitial && K > 1) dinitial->conv_tail.middleRows(si * D, D) += dext.leftCols(K - 1);
+    }
+  }
+
+  /// \brief Adds the gradient of a state made by initial_state(params) into params' gradient:
+  /// each head's initial weights are its rows of memory_init (momentum and history start at 0).
+  void initial_state_backward(const State& dstate, Params& grads) const {
+    constexpr const char* where = "titans::NeuralMemory::initial_state_backward";
+    check_params(grads, where);
+    if (static_cast<Index>(dstate.heads.size()) != cfg_.heads)
+      detail::raise<ShapeError>(where, "dstate.heads has ", dstate.heads.size(), " memories, expected ", cfg_.heads);
+    for (Index h = 0; h < cfg_.heads; ++h) {
+      const auto& w = dstate.heads[static_cast<std::size_t>(h)].weights;
+      check_memory_weights(where, "dstate.heads[h].weights", mem_, w);
+      for (Index l = 0; l < mem_.depth; ++l)
+        grads.memory_init[l].middleRows(h * mem_.layer_out(l), mem_.layer_out(l)) += w[l];
+    }
   }
 
   /// \brief One decode step: x (D) → o (D); identical to forward on a single column.
@@ -312,7 +649,7 @@ class NeuralMemory {
   /// from x (using the state's convolution history, which is not advanced), read from each
   /// head's current weights, then normalised, gated and projected. Nothing is written.
   Mat retrieve(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const {
-    return output(p, x, read(p, x, state));
+    return output(p, x, read(p, x, state), nullptr);
   }
 
   /// \brief The raw memory read M*_Θ(q) per head, stacked (D, T), before norm, gate and
@@ -324,7 +661,7 @@ class NeuralMemory {
     scratch_tail.conv_tail = state.conv_tail;
     scratch_tail.chunk_gates = state.chunk_gates;
     scratch_tail.position = state.position;
-    const MemoryInputs<Scalar> in = inputs_unchecked(p, x, scratch_tail, /*advance=*/false);
+    const MemoryInputs<Scalar> in = inputs_unchecked(p, x, scratch_tail, /*advance=*/false, nullptr);
     Mat y(cfg_.dim, x.cols());
     const Index d = mem_.dim;
     for (Index h = 0; h < cfg_.heads; ++h)
@@ -342,10 +679,24 @@ class NeuralMemory {
     copy.conv_tail = state.conv_tail;
     copy.chunk_gates = state.chunk_gates;
     copy.position = state.position;
-    return inputs_unchecked(p, x, copy, /*advance=*/false);
+    return inputs_unchecked(p, x, copy, /*advance=*/false, nullptr);
   }
 
  private:
+  // dst += src for a memory state's gradient; chunk_start only where the call started inside a chunk.
+  static void add_state_gradient(MemoryState<Scalar>& dst, const MemoryState<Scalar>& src) {
+    constexpr const char* where = "titans::NeuralMemory::backward";
+    if (dst.weights.size() != src.weights.size() || dst.momentum.size() != src.momentum.size() ||
+        dst.chunk_start.size() != src.chunk_start.size())
+      detail::raise<ShapeError>(where, "dinitial->heads does not have the shape of the state at the call start ",
+                                "(make it with zeros_like of that state)");
+    for (std::size_t l = 0; l < src.weights.size(); ++l) {
+      dst.weights[l] += src.weights[l];
+      dst.momentum[l] += src.momentum[l];
+      if (!src.chunk_start.empty()) dst.chunk_start[l] += src.chunk_start[l];
+    }
+  }
+
   void check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const State& state) const {
     check_params(p, where);
     check_state(state, where);
@@ -356,7 +707,7 @@ class NeuralMemory {
   /// Projections, causal convolutions (continuing state.conv_tail), SiLU, ℓ2 normalisation per
   /// head, and the gates. With advance, the conv tail and chunk gates of `state` move on.
   MemoryInputs<Scalar> inputs_unchecked(const Params& p, const Eigen::Ref<const Mat>& x, State& state,
-                                        bool advance) const {
+                                        bool advance, NeuralMemoryCache<Scalar>* cache) const {
     const Index D = cfg_.dim, H = cfg_.heads, T = x.cols(), K = cfg_.conv_kernel, d = mem_.dim;
     MemoryInputs<Scalar> in;
     Mat* outs[3] = {&in.k, &in.v, &in.q};
@@ -371,7 +722,15 @@ class NeuralMemory {
       o.noalias() = conv[s]->col(K - 1).asDiagonal() * ext.rightCols(T);
       for (Index j = 0; j + 1 < K; ++j) o.noalias() += conv[s]->col(j).asDiagonal() * ext.middleCols(j, T);
       if (advance && K > 1) state.conv_tail.middleRows(s * D, D) = ext.rightCols(K - 1);
+      if (cache) {
+        cache->ext[s] = ext;
+        cache->conv[s] = o;
+      }
       o = (o.array() / (Scalar(1) + (-o.array()).exp())).matrix();  // SiLU
+    }
+    if (cache) {
+      cache->silu_k = in.k;
+      cache->silu_q = in.q;
     }
     const Scalar eps = static_cast<Scalar>(cfg_.norm_eps);
     for (Mat* m : {&in.k, &in.q}) {
@@ -386,10 +745,17 @@ class NeuralMemory {
     pre[0] = (p.w_alpha * x).colwise() + p.b_alpha.col(0);
     pre[1] = (p.w_eta * x).colwise() + p.b_eta.col(0);
     pre[2] = (p.w_theta * x).colwise() + p.b_theta.col(0);
+    if (cache) {
+      cache->gate_source.resize(static_cast<std::size_t>(T));
+      for (Index t = 0; t < T; ++t) cache->gate_source[static_cast<std::size_t>(t)] = t;
+      cache->final_gate_source = -1;
+    }
     if (cfg_.per_chunk_gates) {
       const Index b = cfg_.chunk_size;
+      Index source = -1;  // the column holding the current chunk's first token; −1: the state's
       for (Index t = 0; t < T; ++t) {
         const Index pos = state.position + t;
+        if (pos % b == 0) source = t;
         for (int g = 0; g < 3; ++g) {
           if (pos % b == 0) {
             state.chunk_gates.middleRows(g * H, H) = pre[g].col(t);
@@ -397,28 +763,38 @@ class NeuralMemory {
             pre[g].col(t) = state.chunk_gates.middleRows(g * H, H);
           }
         }
+        if (cache) cache->gate_source[static_cast<std::size_t>(t)] = source;
       }
+      if (cache) cache->final_gate_source = source;
     }
     auto sig = [](const Mat& z) { return Mat((Scalar(1) / (Scalar(1) + (-z.array()).exp())).matrix()); };
     in.alpha = sig(pre[0]);
     in.eta = sig(pre[1]);
-    in.theta = static_cast<Scalar>(cfg_.theta_max) * sig(pre[2]);
+    in.theta = sig(pre[2]);
+    if (cache) cache->sig_theta = in.theta;
+    in.theta *= static_cast<Scalar>(cfg_.theta_max);
     return in;
   }
 
   /// o = W_O (RMSNorm_head(y) ⊙ gain ⊙ σ(W_G x)).
-  Mat output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y) const {
+  Mat output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y, NeuralMemoryCache<Scalar>* cache) const {
     const Index T = x.cols(), H = cfg_.heads, d = mem_.dim;
     const Scalar eps = static_cast<Scalar>(cfg_.norm_eps);
     Mat g = p.w_gate * x;
     g = (Scalar(1) / (Scalar(1) + (-g.array()).exp())).matrix();
     Mat n(cfg_.dim, T);
+    if (cache) cache->rinv.resize(H, T);
     for (Index t = 0; t < T; ++t)
       for (Index h = 0; h < H; ++h) {
         const auto seg = y.col(t).segment(h * d, d);
         const Scalar r = Scalar(1) / std::sqrt(seg.squaredNorm() / Scalar(d) + eps);
         n.col(t).segment(h * d, d) = r * seg;
+        if (cache) cache->rinv(h, t) = r;
       }
+    if (cache) {
+      cache->n = n;
+      cache->g = g;
+    }
     n = (n.array() * g.array()).matrix();
     n = p.norm_gain.col(0).asDiagonal() * n;
     return p.w_out * n;

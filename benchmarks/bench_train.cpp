@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Training-step benchmarks of the memory kernel: forward with a cache + backward through the
+// test-time updates, beside the inference forward of the same shapes, so the ratio
+// (forward + backward) / forward can be read off (target: <= 3.5). Also the cache's memory at
+// T = 4096 and 16384, storing every chunk-start state (r = 1) or recomputing (r = 8).
+//
+// Counters: items_per_second = tokens/s; GFLOPS uses the forward count of MATH.md §3 times 3
+// for a training step (backward ≈ 2× forward in GEMM work), so it is comparable to the forward
+// benchmark's GFLOP/s; ratio_vs_forward is measured, not assumed.
+#include <titans/titans.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <chrono>
+#include <map>
+#include <tuple>
+
+namespace {
+
+struct Problem {
+  titans::MemoryConfig cfg;
+  titans::Matrix<float> k, v, q, dy;
+  titans::Vector<float> alpha, eta, theta;
+  titans::MemoryState<float> state;
+};
+
+Problem make_problem(long d, long L, long T) {
+  Problem p;
+  p.cfg.dim = d;
+  p.cfg.depth = L;
+  p.cfg.expansion = 4;
+  titans::detail::Rng rng(7);
+  p.k.resize(d, T);
+  p.v.resize(d, T);
+  p.q.resize(d, T);
+  p.dy.resize(d, T);
+  rng.fill_normal(p.k, 1.0);
+  rng.fill_normal(p.v, 1.0);
+  rng.fill_normal(p.q, 1.0);
+  rng.fill_normal(p.dy, 1.0);
+  p.k.colwise().normalize();
+  p.q.colwise().normalize();
+  p.alpha = titans::Vector<float>::Constant(T, 0.01f);
+  p.eta = titans::Vector<float>::Constant(T, 0.9f);
+  p.theta = titans::Vector<float>::Constant(T, 0.05f);
+  p.state = titans::make_memory_state(p.cfg, titans::init_memory_weights<float>(p.cfg, 1));
+  return p;
+}
+
+// Seconds of one inference forward of the same shapes, measured once per shape (for the ratio).
+double forward_seconds(const Problem& p, long b) {
+  static std::map<std::tuple<long, long, long, long>, double> memo;
+  const auto key = std::make_tuple(p.cfg.dim, p.cfg.depth, b, p.k.cols());
+  if (auto it = memo.find(key); it != memo.end()) return it->second;
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {
+    auto s = p.state;
+    const auto t0 = std::chrono::steady_clock::now();
+    const titans::Matrix<float> y = titans::memory_forward<float>(p.cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, s);
+    benchmark::DoNotOptimize(y.data());
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return memo[key] = best;
+}
+
+void BM_TrainStep(benchmark::State& st) {
+  const long d = st.range(0), L = st.range(1), b = st.range(2), T = st.range(3), r = st.range(4);
+  Eigen::setNbThreads(1);
+  const Problem p = make_problem(d, L, T);
+  titans::MemoryForwardCache<float> cache;
+  titans::MemoryTrainOptions opt;
+  opt.checkpoint_every = r;
+  auto grads = titans::make_kernel_gradients<float>(p.cfg, T, p.state);
+  const titans::MemoryState<float> none;
+  for (auto _ : st) {
+    auto s = p.state;
+    const titans::Matrix<float> y =
+        titans::memory_forward_train<float>(p.cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, s, cache, opt);
+    benchmark::DoNotOptimize(y.data());
+    titans::memory_backward<float>(cache, p.dy, none, grads);
+    benchmark::ClobberMemory();
+  }
+  st.SetItemsProcessed(st.iterations() * T);
+  const double fwd_flops = titans::memory_forward_flops(p.cfg, b, T);
+  st.counters["GFLOPS"] = benchmark::Counter(3 * fwd_flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["cache_MiB"] = static_cast<double>(cache.bytes()) / (1024.0 * 1024.0);
+  st.counters["forward_ms"] = 1e3 * forward_seconds(p, b);
+  // ratio_vs_forward: time per training step / time per forward (lower is better; target <= 3.5)
+  // seconds per iteration / forward seconds: a rate counter is value / time, inverted time / value
+  st.counters["ratio_vs_forward"] = benchmark::Counter(forward_seconds(p, b) * static_cast<double>(st.iterations()),
+                                                       benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
+void train_grid(benchmark::internal::Benchmark* bm) {
+  for (long d : {64, 128, 256})
+    for (long L : {1, 2})
+      for (long b : {16, 64}) bm->Args({d, L, b, 4096, 1});
+  // Cache memory with and without recomputation at longer T (d = 256, L = 2, b = 64).
+  for (long T : {4096, 16384})
+    for (long r : {1, 8}) bm->Args({256, 2, 64, T, r});
+}
+
+BENCHMARK(BM_TrainStep)->ArgNames({"d", "L", "b", "T", "r"})->Apply(train_grid)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// \file titans.hpp
+// \brief The one umbrella include of the titans library.
+#pragma once
+
+#include "common.hpp"
+#include "parameters.hpp"
+#include "memory_model.hpp"
+#include "memory_kernel.hpp"
+#include "neural_memory.hpp"
+#include "optimizer.hpp"
+#include "gradcheck.hpp"
+#include "memory_backward.hpp"
+
+// Checkpoints need nlohmann-json (an optional dependency); define TITANS_NO_CHECKPOINT to leave
+// them out even when it is installed.
+#if !defined(TITANS_NO_CHECKPOINT) && __has_include(<nlohmann/json.hpp>)
+#include "checkpoint.hpp"
+#endif

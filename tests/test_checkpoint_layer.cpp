@@ -1,0 +1,100 @@
+// SPDX-License-Identifier: Apache-2.0
+// A layer, its optimizer state and a streaming session saved and restored through checkpoints,
+// with the config carried in the file's metadata.
+#include <titans/titans.hpp>
+
+#include <gtest/gtest.h>
+
+#if __has_include(<nlohmann/json.hpp>)
+
+namespace {
+
+using titans::Matrix;
+
+TEST(CheckpointLayer, ConfigParamsAndOptimizerRoundTrip) {
+  titans::NeuralMemoryConfig cfg;
+  cfg.dim = 8;
+  cfg.heads = 2;
+  cfg.depth = 3;
+  cfg.activation = titans::Activation::gelu;
+  cfg.per_chunk_gates = true;
+  cfg.theta_max = 0.3;
+  titans::NeuralMemory<float> layer(cfg);
+  auto p = layer.init(9);
+  titans::AdamW<titans::NeuralMemoryParams<float>> opt(p);
+  auto g = titans::zeros_like(p);
+  g.w_k.setConstant(0.5f);
+  opt.step(p, g);
+
+  const auto bytes = titans::save_checkpoint_to_memory(p, titans::to_metadata(cfg));
+  const auto opt_bytes = titans::save_checkpoint_to_memory(opt.state());
+
+  const auto meta = titans::read_checkpoint_metadata_from_memory(bytes.data(), bytes.size());
+  const titans::NeuralMemoryConfig back = titans::neural_memory_config_from_metadata(meta);
+  EXPECT_EQ(back.depth, 3);
+  EXPECT_EQ(back.activation, titans::Activation::gelu);
+  EXPECT_TRUE(back.per_chunk_gates);
+  EXPECT_DOUBLE_EQ(back.theta_max, 0.3);
+
+  // Load into a double model built from the file's config: the F32 values convert exactly.
+  titans::NeuralMemory<double> layer2(back);
+  auto p2 = layer2.init(1);
+  titans::load_checkpoint_from_memory(bytes, p2);
+  EXPECT_EQ(p2.memory_init[2], p.memory_init[2].cast<double>());
+
+  titans::AdamW<titans::NeuralMemoryParams<float>> opt2(p);
+  titans::load_checkpoint_from_memory(opt_bytes, opt2.state());
+  EXPECT_EQ(opt2.steps(), 1);
+  auto pa = p, pb = p;
+  opt.step(pa, g);
+  opt2.step(pb, g);
+  EXPECT_EQ(pa.w_k, pb.w_k);
+}
+
+TEST(CheckpointLayer, SessionStateResumesTheStream) {
+  titans::NeuralMemoryConfig cfg;
+  cfg.dim = 8;
+  cfg.heads = 2;
+  cfg.chunk_size = 4;
+  titans::NeuralMemory<double> layer(cfg);
+  const auto p = layer.init(2);
+  titans::detail::Rng rng(1);
+  Matrix<double> x(8, 11);
+  rng.fill_normal(x, 1.0);
+  auto s = layer.initial_state(p);
+  const Matrix<double> y = layer.forward(p, x, s);
+
+  auto s1 = layer.initial_state(p);
+  layer.forward(p, x.leftCols(6), s1);  // stops inside a chunk: chunk_start is part of the state
+  const auto bytes = titans::save_checkpoint_to_memory(s1);
+  auto s2 = s1;  // same structure (a loader fills tensors by name)
+  titans::set_zero(s2);
+  titans::load_checkpoint_from_memory(bytes, s2);
+  auto s1_copy = s1;
+  const Matrix<double> resumed = layer.forward(p, x.rightCols(5), s2);
+  EXPECT_EQ(resumed, layer.forward(p, x.rightCols(5), s1_copy));  // bit for bit
+  EXPECT_LT((resumed - y.rightCols(5)).cwiseAbs().maxCoeff(), 1e-12);  // == the unsplit stream
+}
+
+TEST(CheckpointLayer, BadMetadataIsNamed) {
+  auto meta = titans::to_metadata(titans::NeuralMemoryConfig{});
+  meta.erase("neural_memory.depth");
+  try {
+    titans::neural_memory_config_from_metadata(meta);
+    ADD_FAILURE() << "no exception";
+  } catch (const titans::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("neural_memory.depth"), std::string::npos);
+  }
+  meta = titans::to_metadata(titans::NeuralMemoryConfig{});
+  meta["neural_memory.heads"] = "4x";
+  EXPECT_THROW(titans::neural_memory_config_from_metadata(meta), titans::FormatError);
+  meta = titans::to_metadata(titans::NeuralMemoryConfig{});
+  meta["neural_memory.heads"] = "3";  // does not divide 256
+  EXPECT_THROW(titans::neural_memory_config_from_metadata(meta), titans::InvalidArgument);
+}
+
+}  // namespace
+
+#else
+TEST(CheckpointLayer, SkippedWithoutNlohmannJson) { GTEST_SKIP() << "nlohmann-json is not installed"; }
+#endif

@@ -1,0 +1,200 @@
+// SPDX-License-Identifier: Apache-2.0
+// The layer's backward through the test-time updates: finite-difference gradient checks of every
+// parameter tensor and the input, streaming training (state gradient carried back between
+// calls), recomputation (checkpoint_every) and the accumulation contract.
+#include <titans/gradcheck.hpp>
+#include <titans/neural_memory.hpp>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using titans::Index;
+using titans::Matrix;
+using titans::NeuralMemory;
+using titans::NeuralMemoryConfig;
+using Params = titans::NeuralMemoryParams<double>;
+using State = titans::NeuralMemoryState<double>;
+
+NeuralMemoryConfig tiny(Index depth, Index b, bool per_chunk, bool residual) {
+  NeuralMemoryConfig c;
+  c.dim = 4;
+  c.heads = 2;
+  c.depth = depth;
+  c.expansion = 2;
+  c.chunk_size = b;
+  c.conv_kernel = 3;
+  c.per_chunk_gates = per_chunk;
+  c.residual = residual;
+  return c;
+}
+
+Matrix<double> input(Index D, Index T, std::uint64_t seed) {
+  titans::detail::Rng rng(seed);
+  Matrix<double> x(D, T);
+  rng.fill_normal(x, 1.0);
+  return x;
+}
+
+// Larger gate projections and θ so the gates and the updates matter for the gradients.
+Params lively_params(const NeuralMemory<double>& layer, std::uint64_t seed) {
+  Params p = layer.init(seed);
+  titans::detail::Rng rng(seed + 1);
+  rng.fill_normal(p.w_alpha, 0.5);
+  rng.fill_normal(p.w_eta, 0.5);
+  rng.fill_normal(p.w_theta, 0.5);
+  p.b_alpha.setConstant(-1);
+  p.b_theta.setConstant(0);
+  rng.fill_normal(p.conv_k, 0.5);
+  rng.fill_normal(p.norm_gain, 1.0);
+  return p;
+}
+
+struct Case {
+  Index depth, b;
+  bool per_chunk, residual;
+  Index T, prefix;  // prefix tokens run (without gradient) before the checked call
+};
+
+class LayerGradCheck : public ::testing::TestWithParam<Case> {};
+
+TEST_P(LayerGradCheck, MatchesFiniteDifferences) {
+  const Case cs = GetParam();
+  NeuralMemory<double> layer(tiny(cs.depth, cs.b, cs.per_chunk, cs.residual));
+  Params p = lively_params(layer, 3);
+  Matrix<double> x = input(4, cs.T, 5);
+  const Matrix<double> pre = input(4, cs.prefix, 6);
+  // The checked function: a fresh state, `prefix` tokens, then x; output of the x call. The
+  // prefix makes the call start inside a chunk and a conv window when prefix % b != 0.
+  auto fresh = [&](const Params& pp) {
+    State s = layer.initial_state(pp);
+    if (cs.prefix > 0) layer.forward(pp, pre, s);
+    return s;
+  };
+  auto fwd = [&](const Params& pp, const Matrix<double>& xx) {
+    State s = fresh(pp);
+    return layer.forward(pp, xx, s);
+  };
+  auto bwd = [&](const Params& pp, const Matrix<double>& xx, const Matrix<double>& dy, Params& g, Matrix<double>& dx) {
+    // Forward through the prefix with a cache too, so the gradient reaches memory_init through it.
+    State s0 = layer.initial_state(pp);
+    titans::NeuralMemoryCache<double> c0, c1;
+    State s = s0;
+    if (cs.prefix > 0) layer.forward_train(pp, pre, s, c0);
+    State s1 = s;
+    layer.forward_train(pp, xx, s, c1);
+    State d1 = titans::zeros_like(s1);
+    layer.backward(pp, c1, dy, nullptr, g, dx, &d1);
+    if (cs.prefix > 0) {
+      State d0 = titans::zeros_like(s0);
+      Matrix<double> dpre = Matrix<double>::Zero(4, cs.prefix);
+      layer.backward(pp, c0, Matrix<double>::Zero(4, cs.prefix), &d1, g, dpre, &d0);
+      layer.initial_state_backward(d0, g);
+    } else {
+      layer.initial_state_backward(d1, g);
+    }
+  };
+  titans::GradCheckOptions opt;
+  opt.rtol = 2e-5;
+  opt.atol = 1e-8;
+  const auto r = titans::gradient_check(p, x, fwd, bwd, opt);
+  EXPECT_TRUE(r.ok) << r.report();
+  EXPECT_EQ(r.checked, titans::parameter_count(p) + x.size());
+  RecordProperty("worst", r.report());
+}
+
+INSTANTIATE_TEST_SUITE_P(Layer, LayerGradCheck,
+                         ::testing::Values(Case{1, 1, false, false, 5, 0}, Case{2, 1, false, false, 5, 0},
+                                           Case{2, 3, false, false, 7, 0}, Case{3, 2, false, true, 5, 0},
+                                           Case{2, 3, true, false, 7, 0}, Case{2, 3, true, false, 5, 2},
+                                           Case{2, 4, false, true, 6, 3}, Case{1, 3, true, true, 4, 1}));
+
+TEST(LayerBackward, TwoCallsEqualOneCall) {
+  for (bool per_chunk : {false, true}) {
+    NeuralMemory<double> layer(tiny(2, 3, per_chunk, false));
+    const Params p = lively_params(layer, 4);
+    const Index T = 11, cut = 5;  // the cut is inside a chunk (b = 3) and a conv window
+    const Matrix<double> x = input(4, T, 7), dy = input(4, T, 8);
+
+    Params g1 = titans::zeros_like(p);
+    Matrix<double> dx1 = Matrix<double>::Zero(4, T);
+    State s = layer.initial_state(p);
+    State d_init1 = titans::zeros_like(s);
+    titans::NeuralMemoryCache<double> c;
+    layer.forward_train(p, x, s, c);
+    layer.backward(p, c, dy, nullptr, g1, dx1, &d_init1);
+
+    Params g2 = titans::zeros_like(p);
+    Matrix<double> dx2 = Matrix<double>::Zero(4, T);
+    State sa = layer.initial_state(p);
+    const State s_start = sa;
+    titans::NeuralMemoryCache<double> ca, cb;
+    layer.forward_train(p, x.leftCols(cut), sa, ca);
+    const State s_mid = sa;
+    layer.forward_train(p, x.rightCols(T - cut), sa, cb);
+    State d_mid = titans::zeros_like(s_mid), d_init2 = titans::zeros_like(s_start);
+    Matrix<double> dxb = Matrix<double>::Zero(4, T - cut), dxa = Matrix<double>::Zero(4, cut);
+    layer.backward(p, cb, dy.rightCols(T - cut), nullptr, g2, dxb, &d_mid);
+    layer.backward(p, ca, dy.leftCols(cut), &d_mid, g2, dxa, &d_init2);
+    dx2 << dxa, dxb;
+
+    EXPECT_LT((dx1 - dx2).cwiseAbs().maxCoeff(), 1e-12);
+    std::vector<const Matrix<double>*> a, b;
+    g1.for_each([&](const std::string&, const Matrix<double>& m) { a.push_back(&m); });
+    g2.for_each([&](const std::string& n, const Matrix<double>& m) {
+      b.push_back(&m);
+      EXPECT_LT((*a[b.size() - 1] - m).cwiseAbs().maxCoeff(), 1e-12) << n << " per_chunk " << per_chunk;
+    });
+    EXPECT_LT((d_init1.heads[1].weights[0] - d_init2.heads[1].weights[0]).cwiseAbs().maxCoeff(), 1e-12);
+  }
+}
+
+TEST(LayerBackward, CheckpointingGivesTheSameGradientsWithLessCache) {
+  NeuralMemory<double> layer(tiny(2, 2, false, false));
+  const Params p = layer.init(5);  // default gates: the memory stays bounded over 24 tokens
+  const Index T = 24;
+  const Matrix<double> x = input(4, T, 9), dy = input(4, T, 10);
+  auto run = [&](Index r, std::size_t& bytes) {
+    Params g = titans::zeros_like(p);
+    Matrix<double> dx = Matrix<double>::Zero(4, T);
+    State s = layer.initial_state(p);
+    titans::NeuralMemoryCache<double> c;
+    titans::MemoryTrainOptions o;
+    o.checkpoint_every = r;
+    layer.forward_train(p, x, s, c, o);
+    bytes = 0;  // the memory-state part of the cache, which checkpointing shrinks
+    for (const auto& h : c.heads) bytes += h.bytes();
+    EXPECT_GT(c.bytes(), bytes);
+    layer.backward(p, c, dy, nullptr, g, dx);
+    return std::make_pair(g, dx);
+  };
+  std::size_t b1 = 0, b4 = 0;
+  const auto [g1, dx1] = run(1, b1);
+  const auto [g4, dx4] = run(4, b4);
+  EXPECT_LT(b4, b1);
+  EXPECT_LT((dx1 - dx4).cwiseAbs().maxCoeff(), 1e-12);
+  EXPECT_LT((g1.w_k - g4.w_k).cwiseAbs().maxCoeff(), 1e-12);
+  EXPECT_LT((g1.b_theta - g4.b_theta).cwiseAbs().maxCoeff(), 1e-12);
+}
+
+TEST(LayerBackward, ForwardTrainMatchesForwardAndChecksItsArguments) {
+  NeuralMemory<float> layer(tiny(2, 3, true, false));
+  const auto p = layer.init(1);
+  titans::detail::Rng rng(3);
+  Matrix<float> x(4, 7);
+  rng.fill_normal(x, 1.0);
+  auto s1 = layer.initial_state(p), s2 = s1;
+  titans::NeuralMemoryCache<float> c;
+  EXPECT_EQ(layer.forward(p, x, s1), layer.forward_train(p, x, s2, c));
+  EXPECT_EQ(s1.heads[0].weights[1], s2.heads[0].weights[1]);
+  auto g = titans::zeros_like(p);
+  Matrix<float> dx = Matrix<float>::Zero(4, 7);
+  EXPECT_THROW(layer.backward(p, c, Matrix<float>::Zero(4, 6), nullptr, g, dx), titans::ShapeError);
+  Matrix<float> dx_bad = Matrix<float>::Zero(3, 7);
+  EXPECT_THROW(layer.backward(p, c, Matrix<float>::Zero(4, 7), nullptr, g, dx_bad), titans::ShapeError);
+  titans::MemoryTrainOptions o;
+  o.checkpoint_every = 0;
+  EXPECT_THROW(layer.forward_train(p, x, s2, c, o), titans::InvalidArgument);
+}
+
+}  // namespace
