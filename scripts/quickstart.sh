@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# titans quick start.
+#
+#   scripts/quickstart.sh demo [args...]   build the demo (release preset) and run it with args
+#   scripts/quickstart.sh test             build everything and run the tests: the release preset
+#                                          (all labels), then the asan preset (unit and example)
+#
+# Checks the Debian packages it needs first. As root it installs what is missing with apt-get;
+# otherwise it prints the apt-get command to run and stops.
+#
+# Environment: TITANS_JOBS (default 2) parallel build/test jobs; CMAKE_GENERATOR to force a
+# generator (default: Ninja if installed, else Unix Makefiles).
+set -euo pipefail
+
+DEMO_TARGET=quickstart
+JOBS="${TITANS_JOBS:-2}"
+
+REQUIRED_PACKAGES=(cmake g++ libeigen3-dev libgtest-dev libbenchmark-dev)
+# Optional: OpenBLAS (TITANS_USE_BLAS), nlohmann-json (checkpoints), clang + libFuzzer (fuzz test).
+EXTRA_TEST_PACKAGES=(libopenblas-dev nlohmann-json3-dev clang libclang-rt-dev)
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+section() {
+  printf '\n==== %s ====\n' "$*"
+}
+
+usage() {
+  cat <<USAGE
+usage: scripts/quickstart.sh demo [args...]   build and run the demo program
+       scripts/quickstart.sh test             build and run all tests (release, then asan)
+USAGE
+}
+
+is_root() {
+  [ "$(id -u)" -eq 0 ]
+}
+
+# True if the Debian package is installed.
+have_package() {
+  dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# Lists the missing packages among the arguments (tools found on PATH count as present).
+missing_packages() {
+  local pkg
+  for pkg in "$@"; do
+    case "$pkg" in
+      cmake) command -v cmake >/dev/null 2>&1 && continue ;;
+      g++) command -v g++ >/dev/null 2>&1 && continue ;;
+      make) command -v make >/dev/null 2>&1 && continue ;;
+    esac
+    have_package "$pkg" || printf '%s\n' "$pkg"
+  done
+}
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y --no-install-recommends "$@"
+}
+
+# ensure_packages <mode>: installs (root) or reports (non-root) what the mode needs.
+ensure_packages() {
+  local mode="$1"
+  section "Checking packages"
+  if ! command -v dpkg-query >/dev/null 2>&1; then
+    echo "dpkg-query not found: not a Debian-based system, skipping the package check."
+    echo "Needed: CMake >= 3.21, a C++17 compiler, Eigen 3.4, GoogleTest, Google Benchmark, make or ninja."
+    return 0
+  fi
+
+  local wanted=("${REQUIRED_PACKAGES[@]}")
+  if ! command -v ninja >/dev/null 2>&1; then
+    wanted+=(make)
+  fi
+  local missing extras
+  mapfile -t missing < <(missing_packages "${wanted[@]}")
+  extras=()
+  if [ "$mode" = test ]; then
+    mapfile -t extras < <(missing_packages "${EXTRA_TEST_PACKAGES[@]}")
+  fi
+
+  if [ "${#missing[@]}" -eq 0 ] && [ "${#extras[@]}" -eq 0 ]; then
+    echo "All required packages are installed."
+    return 0
+  fi
+
+  if is_root; then
+    local all=("${missing[@]}" "${extras[@]}")
+    echo "Installing: ${all[*]}"
+    apt_install "${all[@]}"
+    return 0
+  fi
+
+  if [ "${#missing[@]}" -gt 0 ]; then
+    local all=("${missing[@]}" "${extras[@]}")
+    echo "Missing packages: ${missing[*]}" >&2
+    echo "Install them with:" >&2
+    echo "  sudo apt-get install -y --no-install-recommends ${all[*]}" >&2
+    exit 1
+  fi
+  echo "Optional packages not installed (some features and tests will be skipped): ${extras[*]}"
+  echo "  sudo apt-get install -y --no-install-recommends ${extras[*]}"
+}
+
+check_cmake_version() {
+  local version major minor
+  version="$(cmake --version | head -n1 | awk '{print $3}')"
+  major="${version%%.*}"
+  minor="${version#*.}"
+  minor="${minor%%.*}"
+  if [ "$major" -lt 3 ] || { [ "$major" -eq 3 ] && [ "$minor" -lt 21 ]; }; then
+    echo "CMake $version is too old: the presets need CMake >= 3.21." >&2
+    exit 1
+  fi
+}
+
+# Picks the generator for a preset's build directory: the one it was configured with if it
+# exists, else $CMAKE_GENERATOR, else Ninja when installed, else Unix Makefiles.
+choose_generator() {
+  local preset="$1" cache="build/$1/CMakeCache.txt" generator=""
+  if [ -f "$cache" ]; then
+    generator="$(sed -n 's/^CMAKE_GENERATOR:INTERNAL=//p' "$cache")"
+  fi
+  if [ -z "$generator" ]; then
+    if [ -n "${CMAKE_GENERATOR:-}" ]; then
+      generator="$CMAKE_GENERATOR"
+    elif command -v ninja >/dev/null 2>&1; then
+      generator=Ninja
+    else
+      generator="Unix Makefiles"
+    fi
+  fi
+  export CMAKE_GENERATOR="$generator"
+}
+
+configure() {
+  local preset="$1"
+  choose_generator "$preset"
+  section "Configure: preset $preset ($CMAKE_GENERATOR)"
+  cmake --preset "$preset"
+}
+
+build() {
+  local preset="$1"
+  shift
+  section "Build: preset $preset${*:+ ($*)}"
+  cmake --build --preset "$preset" -j "$JOBS" "$@"
+}
+
+run_tests() {
+  local preset="$1"
+  section "Test: preset $preset"
+  ctest --preset "$preset" -j "$JOBS" --output-on-failure
+}
+
+cmd_demo() {
+  ensure_packages demo
+  check_cmake_version
+  if [ ! -f "examples/$DEMO_TARGET.cpp" ]; then
+    echo "examples/$DEMO_TARGET.cpp does not exist: no demo to build." >&2
+    exit 1
+  fi
+  configure release
+  build release --target "$DEMO_TARGET"
+  section "Run: build/release/examples/$DEMO_TARGET${*:+ $*}"
+  "build/release/examples/$DEMO_TARGET" "$@"
+}
+
+cmd_test() {
+  local start=$SECONDS
+  ensure_packages test
+  check_cmake_version
+
+  configure release
+  build release
+  run_tests release
+
+  configure asan
+  build asan
+  run_tests asan
+
+  section "All tests passed ($((SECONDS - start)) s)"
+}
+
+mode="${1:-}"
+if [ $# -gt 0 ]; then
+  shift
+fi
+case "$mode" in
+  demo) cmd_demo "$@" ;;
+  test)
+    if [ $# -gt 0 ]; then
+      usage >&2
+      exit 2
+    fi
+    cmd_test
+    ;;
+  -h | --help | help) usage ;;
+  *)
+    usage >&2
+    exit 2
+    ;;
+esac

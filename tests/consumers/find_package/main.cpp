@@ -1,0 +1,52 @@
+// Consumer check (find_package): the installed titans headers compile and link through
+// titans::titans, and a few public functions give the expected values. With
+// TITANS_CONSUMER_CHECKPOINT it also round-trips a checkpoint through titans::checkpoint.
+#include <titans/titans.hpp>
+#ifdef TITANS_CONSUMER_CHECKPOINT
+#include <titans/checkpoint.hpp>
+#endif
+
+#include <iostream>
+#include <string>
+
+namespace {
+
+// A minimal parameter set (see titans/parameters.hpp).
+struct Params {
+  using scalar_type = double;
+  titans::Matrix<double> w = titans::Matrix<double>::Constant(3, 4, 0.5);  // (3, 4)
+  titans::Matrix<double> b = titans::Matrix<double>::Ones(3, 1);           // (3, 1)
+
+  template <class F>
+  void for_each(F&& f) {
+    f(std::string("w"), w);
+    f(std::string("b"), b);
+  }
+  template <class F>
+  void for_each(F&& f) const {
+    f(std::string("w"), w);
+    f(std::string("b"), b);
+  }
+};
+
+}  // namespace
+
+int main() {
+  const Params p;
+  const Params g = titans::zeros_like(p);
+  titans::check_same_layout("consumer", p, g);
+  bool ok = titans::parameter_count(p) == 15 && p.w.sum() == 6.0 && g.w.sum() == 0.0 &&
+            g.b.sum() == 0.0 && titans::parameter_names(p).size() == 2;
+#ifdef TITANS_CONSUMER_CHECKPOINT
+  Params loaded = g;
+  const auto bytes = titans::save_checkpoint_to_memory(p);
+  titans::load_checkpoint_from_memory(bytes, loaded);
+  ok = ok && loaded.w == p.w && loaded.b == p.b;
+#endif
+  if (!ok) {
+    std::cerr << "titans consumer (find_package): unexpected values\n";
+    return 1;
+  }
+  std::cout << "titans consumer (find_package): ok\n";
+  return 0;
+}
