@@ -486,25 +486,10 @@ void memory_forward_train_into(const MemoryConfig& cfg, Index chunk_size, const 
                                MemoryForwardCache<Scalar>& cache, const MemoryTrainOptions& options,
                                Eigen::Ref<Matrix<Scalar>> y) {
   constexpr const char* where = "titans::memory_forward_train";
-  cfg.validate(where);
-  if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
   if (options.checkpoint_every < 1)
     detail::raise<InvalidArgument>(where, "options.checkpoint_every is ", options.checkpoint_every, ", expected >= 1");
-  check_memory_state(where, cfg, chunk_size, state);
+  detail::check_kernel_call(where, cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
   const Index T = k.cols();
-  detail::check_shape(where, "k", k, cfg.dim, -1);
-  detail::check_shape(where, "v", v, cfg.dim, T);
-  detail::check_shape(where, "q", q, cfg.dim, T);
-  detail::check_shape(where, "alpha", alpha, T, 1);
-  detail::check_shape(where, "eta", eta, T, 1);
-  detail::check_shape(where, "theta", theta, T, 1);
-  detail::check_shape(where, "y", y, cfg.dim, T);
-  detail::check_finite(where, "k", k);
-  detail::check_finite(where, "v", v);
-  detail::check_finite(where, "q", q);
-  detail::check_range(where, "alpha", alpha, 0.0, 1.0);
-  detail::check_range(where, "eta", eta, 0.0, 1.0);
-  detail::check_range(where, "theta", theta, 0.0, std::numeric_limits<double>::max());
 
   const Index b = chunk_size, r = options.checkpoint_every;
   cache.config = cfg;

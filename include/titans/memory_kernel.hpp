@@ -329,6 +329,36 @@ void memory_forward_unchecked(const MemoryConfig& cfg, Index b, const Eigen::Mat
 
 }  // namespace detail
 
+namespace detail {
+
+/// The argument checks shared by every entry point of the kernel (forward and training forward).
+template <class Scalar>
+void check_kernel_call(const char* where, const MemoryConfig& cfg, Index chunk_size,
+                       const Eigen::Ref<const Matrix<Scalar>>& k, const Eigen::Ref<const Matrix<Scalar>>& v,
+                       const Eigen::Ref<const Matrix<Scalar>>& q, const Eigen::Ref<const Vector<Scalar>>& alpha,
+                       const Eigen::Ref<const Vector<Scalar>>& eta, const Eigen::Ref<const Vector<Scalar>>& theta,
+                       const MemoryState<Scalar>& state, const Eigen::Ref<Matrix<Scalar>>& y) {
+  cfg.validate(where);
+  if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
+  check_memory_state(where, cfg, chunk_size, state);
+  const Index T = k.cols();
+  detail::check_shape(where, "k", k, cfg.dim, -1);
+  detail::check_shape(where, "v", v, cfg.dim, T);
+  detail::check_shape(where, "q", q, cfg.dim, T);
+  detail::check_shape(where, "alpha", alpha, T, 1);
+  detail::check_shape(where, "eta", eta, T, 1);
+  detail::check_shape(where, "theta", theta, T, 1);
+  detail::check_shape(where, "y", y, cfg.dim, T);
+  detail::check_finite(where, "k", k);
+  detail::check_finite(where, "v", v);
+  detail::check_finite(where, "q", q);
+  detail::check_range(where, "alpha", alpha, 0.0, 1.0);
+  detail::check_range(where, "eta", eta, 0.0, 1.0);
+  detail::check_range(where, "theta", theta, 0.0, std::numeric_limits<double>::max());
+}
+
+}  // namespace detail
+
 /// \brief Writes T tokens into the memory and reads T outputs, by the chunked dual form.
 ///
 /// For token t (chunk of size b aligned to the absolute index): u_t = ∇ℓ(Θ⁰; k_t, v_t) at the
@@ -350,24 +380,7 @@ void memory_forward_into(const MemoryConfig& cfg, Index chunk_size, const Eigen:
                          const Eigen::Ref<const Vector<Scalar>>& alpha, const Eigen::Ref<const Vector<Scalar>>& eta,
                          const Eigen::Ref<const Vector<Scalar>>& theta, MemoryState<Scalar>& state,
                          Eigen::Ref<Matrix<Scalar>> y) {
-  constexpr const char* where = "titans::memory_forward";
-  cfg.validate(where);
-  if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
-  check_memory_state(where, cfg, chunk_size, state);
-  const Index T = k.cols();
-  detail::check_shape(where, "k", k, cfg.dim, -1);
-  detail::check_shape(where, "v", v, cfg.dim, T);
-  detail::check_shape(where, "q", q, cfg.dim, T);
-  detail::check_shape(where, "alpha", alpha, T, 1);
-  detail::check_shape(where, "eta", eta, T, 1);
-  detail::check_shape(where, "theta", theta, T, 1);
-  detail::check_shape(where, "y", y, cfg.dim, T);
-  detail::check_finite(where, "k", k);
-  detail::check_finite(where, "v", v);
-  detail::check_finite(where, "q", q);
-  detail::check_range(where, "alpha", alpha, 0.0, 1.0);
-  detail::check_range(where, "eta", eta, 0.0, 1.0);
-  detail::check_range(where, "theta", theta, 0.0, std::numeric_limits<double>::max());
+  detail::check_kernel_call("titans::memory_forward", cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
   detail::memory_forward_unchecked(cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
 }
 
