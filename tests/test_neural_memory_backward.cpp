@@ -54,6 +54,7 @@ struct Case {
   Index depth, b;
   bool per_chunk, residual;
   Index T, prefix;  // prefix tokens run (without gradient) before the checked call
+  bool extreme = false;  // gate biases that push α, η, θ to within ~1e-3 of 0 or 1 (θ_max)
 };
 
 class LayerGradCheck : public ::testing::TestWithParam<Case> {};
@@ -62,6 +63,11 @@ TEST_P(LayerGradCheck, MatchesFiniteDifferences) {
   const Case cs = GetParam();
   NeuralMemory<double> layer(tiny(cs.depth, cs.b, cs.per_chunk, cs.residual));
   Params p = lively_params(layer, 3);
+  if (cs.extreme) {  // head 0: α ≈ 0, η ≈ 1, θ ≈ 0; head 1: α ≈ 1, η ≈ 0, θ ≈ θ_max
+    p.b_alpha << -7, 7;
+    p.b_eta << 7, -7;
+    p.b_theta << -7, 7;
+  }
   Matrix<double> x = input(4, cs.T, 5);
   const Matrix<double> pre = input(4, cs.prefix, 6);
   // The checked function: a fresh state, `prefix` tokens, then x; output of the x call. The
@@ -107,7 +113,8 @@ INSTANTIATE_TEST_SUITE_P(Layer, LayerGradCheck,
                          ::testing::Values(Case{1, 1, false, false, 5, 0}, Case{2, 1, false, false, 5, 0},
                                            Case{2, 3, false, false, 7, 0}, Case{3, 2, false, true, 5, 0},
                                            Case{2, 3, true, false, 7, 0}, Case{2, 3, true, false, 5, 2},
-                                           Case{2, 4, false, true, 6, 3}, Case{1, 3, true, true, 4, 1}));
+                                           Case{2, 4, false, true, 6, 3}, Case{1, 3, true, true, 4, 1},
+                                           Case{2, 3, false, false, 7, 0, true}, Case{3, 2, true, false, 5, 1, true}));
 
 TEST(LayerBackward, TwoCallsEqualOneCall) {
   for (bool per_chunk : {false, true}) {
