@@ -161,8 +161,8 @@ class AdamW {
     using S = scalar_type;
     if (!(std::isfinite(lr) && lr >= 0))
       detail::raise<InvalidArgument>(where, "lr is ", lr, ", expected a finite value >= 0");
-    sync_state(where);
     check_same_layout(where, params, grads);
+    sync_state(where, params);
     check_state_layout(where, params);
 
     std::vector<const Matrix<S>*> g;
@@ -262,12 +262,13 @@ class AdamW {
 
   // After the state was exposed for writing: validate its values, then adopt it. Shapes and
   // names are compared with the parameters by check_state_layout on every step.
-  void sync_state(const char* where) {
+  void sync_state(const char* where, const P& params) {
     if (!state_dirty_) return;
     const Index steps = read_step_tensor(where);
     if (state_.m.size() != state_.names.size() || state_.v.size() != state_.names.size())
       detail::raise<ShapeError>(where, "optimizer state holds ", state_.names.size(), " names, ", state_.m.size(),
                                 " first moments and ", state_.v.size(), " second moments");
+    check_state_layout(where, params);  // shapes before values: a resized tensor holds garbage
     for (std::size_t i = 0; i < state_.names.size(); ++i) {
       const std::string mname = "state tensor 'm." + state_.names[i] + "'";
       const std::string vname = "state tensor 'v." + state_.names[i] + "'";
