@@ -67,6 +67,9 @@ void BM_StreamLayer(benchmark::State& st) {
     }
     std::fprintf(stderr, "\n");
     rss_end = rss_mib();
+    for (const auto& h : state.heads)
+      for (const auto& w : h.weights)
+        if (!w.allFinite()) st.SkipWithError("the memory state is not finite after streaming");
     benchmark::DoNotOptimize(state.position);
   }
   st.SetItemsProcessed(st.iterations() * total);

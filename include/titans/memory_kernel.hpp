@@ -22,10 +22,6 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace titans {
 
 /// \brief Per-sequence memory state: Θ, the surprise momentum S and the chunk bookkeeping.
@@ -163,52 +159,6 @@ struct KernelWorkspace {
       : ak(static_cast<std::size_t>(depth)), zk(ak.size()), delta(ak.size()), aq(ak.size()) {}
 };
 
-/// \brief dst = lhs·rhs, or dst += alpha·lhs·rhs with `accumulate`, on Eigen::nbThreads() threads.
-///
-/// Most of the kernel's products have few columns (b) and many rows (E·d). Eigen's own GEMM
-/// threading splits the columns and packs the left operand jointly, with threads spinning on
-/// each other; for these shapes it gave anywhere from no gain to 1.7× on 2 cores, varying from
-/// run to run. Here such an output is cut into one row block per thread, each an independent
-/// single-threaded product (1.6–1.8× on 2 cores, every run; benchmarks/README.md). Wide outputs
-/// (the rank-b state updates), which Eigen's threading handles well, small products, one
-/// thread, no OpenMP and calls from inside a parallel region (e.g. one thread per head) all
-/// take the plain product. `dst` is resized unless `accumulate`.
-template <class Scalar, class Lhs, class Rhs>
-void threaded_product(Matrix<Scalar>& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha, bool accumulate) {
-  const Index rows = lhs.rows(), cols = rhs.cols();
-  if (!accumulate) dst.resize(rows, cols);
-  int threads = 1;
-#ifdef _OPENMP
-  if (!omp_in_parallel()) threads = Eigen::nbThreads();
-#endif
-  // Below ~1 Mflop per thread the fork/join costs more than it saves.
-  const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(lhs.cols());
-  threads = static_cast<int>(std::min<double>(threads, flops / 1e6));
-  if (threads <= 1 || cols >= rows) {
-    if (accumulate) {
-      dst.noalias() += alpha * (lhs * rhs);
-    } else {
-      dst.noalias() = lhs * rhs;
-    }
-    return;
-  }
-  constexpr Index align = 16;  // row blocks of whole SIMD packets
-  auto bound = [&](int t) { return t == threads ? rows : (rows * t / threads) / align * align; };
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(static)
-#endif
-  for (int t = 0; t < threads; ++t) {
-    const Index start = bound(t), size = bound(t + 1) - bound(t);
-    if (size <= 0) continue;
-    auto block = dst.middleRows(start, size);
-    if (accumulate) {
-      block.noalias() += alpha * (lhs.middleRows(start, size) * rhs);
-    } else {
-      block.noalias() = lhs.middleRows(start, size) * rhs;
-    }
-  }
-}
-
 /// One sub-chunk of n tokens that starts `state.position % b` tokens into its chunk and does
 /// not cross a chunk boundary. Outputs go to `y` (d, n). With a `tape`, the intermediates the
 /// backward pass needs are also recorded there (the results do not change).
@@ -228,7 +178,7 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
   // Key path at the chunk-start weights Θ⁰ and the inner-gradient signals δ_l (MATH.md §1).
   ws.ak[0] = k;
   for (Index l = 0; l < L; ++l) {
-    threaded_product(ws.zk[l], w0[l], ws.ak[l], Scalar(1), false);
+    ws.zk[l].noalias() = w0[l] * ws.ak[l];
     if (l + 1 < L) activation_apply(cfg.activation, ws.zk[l], ws.ak[l + 1]);
   }
   if (tape) {
@@ -243,7 +193,7 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
     ws.delta[L - 1] = Scalar(2) * (ws.zk[L - 1] - v);
   }
   for (Index l = L - 1; l > 0; --l) {
-    threaded_product(ws.tmp, w0[l].transpose(), ws.delta[l], Scalar(1), false);
+    ws.tmp.noalias() = w0[l].transpose() * ws.delta[l];
     if (tape) tape->tk[l] = ws.tmp;
     activation_derivative(cfg.activation, ws.zk[l - 1], ws.dphi);
     ws.delta[l - 1] = ws.tmp.cwiseProduct(ws.dphi);
@@ -256,13 +206,13 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
   ws.aq[0] = q;
   for (Index l = 0; l < L; ++l) {
     ws.scaled = ws.aq[l] * co.beta.asDiagonal();
-    threaded_product(ws.zq, state.weights[l], ws.scaled, Scalar(1), false);
+    ws.zq.noalias() = state.weights[l] * ws.scaled;
     ws.scaled = ws.aq[l] * co.c.asDiagonal();
-    threaded_product(ws.zq, state.momentum[l], ws.scaled, Scalar(1), true);
+    ws.zq.noalias() += state.momentum[l] * ws.scaled;
     ws.gram.noalias() = ws.ak[l].transpose() * ws.aq[l];
     if (tape) tape->gram[l] = ws.gram;
     ws.gram = ws.gram.cwiseProduct(co.upper);
-    threaded_product(ws.zq, ws.delta[l], ws.gram, Scalar(-1), true);
+    ws.zq.noalias() -= ws.delta[l] * ws.gram;
     if (tape && l + 1 < L) tape->zq[l] = ws.zq;
     if (l + 1 < L) activation_apply(cfg.activation, ws.zq, ws.aq[l + 1]);
   }

@@ -1,0 +1,395 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Benchmarks of the memory kernel (titans::memory_forward_into, MATH.md §3) against the
+// machine's own GEMM rate at the same shapes. See benchmarks/README.md for what each one
+// measures, how to run them and the numbers measured so far.
+//
+//   BM_MemoryForward<float>/d/L/b/cores     prefill: T = 4096 tokens per call, one core
+//   BM_GemmYardstick<float>/d/L/b/cores     the kernel's dense products alone (bench_gemm_yardstick.hpp)
+//   BM_MemoryForwardThreads, BM_GemmYardstickThreads
+//                                           d = 256, L = 2, b = 64 on 1 and 2 cores (wall time)
+//   BM_MemoryForwardHeads                   2 heads, one thread per head (wall time)
+//   BM_GemmPeak<float>/n/cores              one n×n×n GEMM: the machine's peak GEMM rate
+//   BM_GemmSquare<float>/n                  n×n×n GEMMs around n = 256 (allocator effects)
+//   BM_GemmLeadingDim<float>/d/pad          the yardstick with leading dimension n + pad
+//   BM_MemoryDecode<float>/d/b              one token per call (T = 1): latency per token
+//
+// Built with EIGEN_USE_BLAS (TITANS_USE_BLAS=ON), Eigen hands its large products to OpenBLAS;
+// the run's context then names the OpenBLAS kernels in use.
+#include "bench_gemm_yardstick.hpp"
+
+#include <titans/memory_kernel.hpp>
+
+#include <benchmark/benchmark.h>
+
+#ifdef EIGEN_USE_BLAS
+#include <cblas.h>
+#endif
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/resource.h>
+#define TITANS_BENCH_HAVE_RUSAGE 1
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+using titans::Index;
+using titans_bench::GemmYardstick;
+
+// Gates of every run: α (forget), η (momentum), θ (step). θ is 0.01, not 0.05: with θ = 0.05
+// the float state of a depth-2 memory overflows to inf/NaN within T = 4096 tokens for every
+// d and b here (measured; see README), and a benchmark whose outputs are NaN measures nothing
+// one could trust. The cost of the kernel does not depend on the gate values.
+constexpr double kAlpha = 0.01;
+constexpr double kEta = 0.9;
+constexpr double kTheta = 0.01;
+constexpr Index kTokens = 4096;  // T of the prefill benchmarks
+
+void set_threads(int n) {
+  Eigen::setNbThreads(n);
+#ifdef EIGEN_USE_BLAS
+  openblas_set_num_threads(n);
+#endif
+}
+
+/// Sets the GEMM threads for a benchmark; false (and the benchmark is skipped) if this build
+/// cannot run more than one.
+bool use_threads(benchmark::State& state, Index n) {
+#if !defined(_OPENMP) && !defined(EIGEN_USE_BLAS)
+  if (n > 1) {
+    state.SkipWithError("built without OpenMP: Eigen runs single-threaded");
+    return false;
+  }
+#else
+  (void)state;
+#endif
+  set_threads(static_cast<int>(n));
+  return true;
+}
+
+titans::MemoryConfig memory_config(Index d, Index depth) {
+  titans::MemoryConfig cfg;
+  cfg.dim = d;
+  cfg.depth = depth;
+  cfg.expansion = 4;
+  cfg.activation = titans::Activation::silu;
+  return cfg;
+}
+
+/// Inputs of one memory head: unit-norm random keys and queries, random values, constant gates.
+template <class Scalar>
+struct MemoryProblem {
+  using Mat = titans::Matrix<Scalar>;
+  using Vec = titans::Vector<Scalar>;
+  titans::MemoryConfig cfg;
+  Mat k, v, q, y;
+  Vec alpha, eta, theta;
+  titans::MemoryState<Scalar> initial;
+
+  MemoryProblem(const titans::MemoryConfig& c, Index tokens, std::uint64_t seed = 7)
+      : cfg(c), k(c.dim, tokens), v(c.dim, tokens), q(c.dim, tokens), y(c.dim, tokens) {
+    titans::detail::Rng rng(seed);
+    rng.fill_normal(k, 1.0);
+    rng.fill_normal(v, 1.0);
+    rng.fill_normal(q, 1.0);
+    k.colwise().normalize();
+    q.colwise().normalize();
+    y.setZero();
+    alpha = Vec::Constant(tokens, Scalar(kAlpha));
+    eta = Vec::Constant(tokens, Scalar(kEta));
+    theta = Vec::Constant(tokens, Scalar(kTheta));
+    initial = titans::make_memory_state(cfg, titans::init_memory_weights<Scalar>(cfg, 1));
+  }
+};
+
+template <class Scalar>
+bool state_is_finite(const titans::MemoryState<Scalar>& s) {
+  for (const auto& w : s.weights)
+    if (!w.allFinite()) return false;
+  for (const auto& m : s.momentum)
+    if (!m.allFinite()) return false;
+  return true;
+}
+
+/// Minor page faults of the process so far (0 where getrusage is unavailable). Eigen's GEMM
+/// allocates its packing buffers per product; when the allocator hands them back to the OS
+/// every time, each product page-faults them in again (README, "Power-of-two sizes").
+double minor_faults() {
+#ifdef TITANS_BENCH_HAVE_RUSAGE
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_minflt);
+#else
+  return 0;
+#endif
+}
+
+/// Reports page faults per iteration of the timed loop.
+class FaultCounter {
+ public:
+  FaultCounter() : start_(minor_faults()) {}
+  void report(benchmark::State& state) const {
+    state.counters["faults/iter"] = benchmark::Counter((minor_faults() - start_) / static_cast<double>(state.iterations()));
+  }
+
+ private:
+  double start_;
+};
+
+void set_rate_counters(benchmark::State& state, double flops_per_iteration, Index tokens_per_iteration) {
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * tokens_per_iteration);
+  state.counters["GFLOPS"] = benchmark::Counter(flops_per_iteration / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: T = 4096 tokens per call, chunk size b.
+// Each iteration first restores the state from the prepared initial state (a copy of Θ and S,
+// at most 4 MB here, i.e. well under 0.1% of the iteration's time), so every iteration does the
+// same work on the same well-scaled values.
+// ---------------------------------------------------------------------------------------------
+template <class Scalar>
+void BM_MemoryForward(benchmark::State& state) {
+  const Index d = state.range(0), depth = state.range(1), b = state.range(2);
+  if (!use_threads(state, state.range(3))) return;
+  MemoryProblem<Scalar> p(memory_config(d, depth), kTokens);
+  titans::MemoryState<Scalar> st = p.initial;
+  const FaultCounter faults;
+  for (auto _ : state) {
+    st = p.initial;
+    titans::memory_forward_into<Scalar>(p.cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st, p.y);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  faults.report(state);
+  if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
+  set_rate_counters(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens);
+  set_threads(1);
+}
+
+template <class Scalar>
+void BM_MemoryForwardThreads(benchmark::State& state) {
+  BM_MemoryForward<Scalar>(state);
+}
+
+// Parallelism across heads instead of inside the GEMMs: `heads` independent memories (as in a
+// multi-head layer), one OpenMP thread per head and single-threaded Eigen inside each (Eigen
+// runs its products sequentially inside a parallel region). One fork/join per call instead of
+// one per product. Items are head-tokens: T × heads per iteration.
+template <class Scalar>
+void BM_MemoryForwardHeads(benchmark::State& state) {
+  const Index d = state.range(0), depth = state.range(1), b = state.range(2);
+  const int heads = static_cast<int>(state.range(3)), cores = static_cast<int>(state.range(4));
+#ifndef _OPENMP
+  if (cores > 1) {
+    state.SkipWithError("built without OpenMP: heads run one after the other");
+    return;
+  }
+#endif
+  set_threads(1);
+  std::vector<MemoryProblem<Scalar>> p;
+  std::vector<titans::MemoryState<Scalar>> st;
+  for (int h = 0; h < heads; ++h) {
+    p.emplace_back(memory_config(d, depth), kTokens, 7 + static_cast<std::uint64_t>(h));
+    st.push_back(p.back().initial);
+  }
+  const FaultCounter faults;
+  for (auto _ : state) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(cores) schedule(static)
+#endif
+    for (int h = 0; h < heads; ++h) {
+      auto& ph = p[static_cast<std::size_t>(h)];
+      auto& sh = st[static_cast<std::size_t>(h)];
+      sh = ph.initial;
+      titans::memory_forward_into<Scalar>(ph.cfg, b, ph.k, ph.v, ph.q, ph.alpha, ph.eta, ph.theta, sh, ph.y);
+    }
+    benchmark::ClobberMemory();
+  }
+  faults.report(state);
+  for (int h = 0; h < heads; ++h)
+    if (!p[static_cast<std::size_t>(h)].y.allFinite()) state.SkipWithError("memory outputs are not finite");
+  set_rate_counters(state, heads * titans::memory_forward_flops(p[0].cfg, b, kTokens), heads * kTokens);
+}
+
+// The kernel's dense products alone, T / b chunks per iteration (same tokens/s meaning).
+template <class Scalar>
+void BM_GemmYardstick(benchmark::State& state) {
+  const Index d = state.range(0), depth = state.range(1), b = state.range(2);
+  if (!use_threads(state, state.range(3))) return;
+  const Index pad = state.range(4);
+  GemmYardstick<Scalar> g(memory_config(d, depth), b, pad);
+  const Index chunks = kTokens / b;
+  const FaultCounter faults;
+  for (auto _ : state) {
+    for (Index c = 0; c < chunks; ++c) g.run_chunk();
+    benchmark::ClobberMemory();
+  }
+  faults.report(state);
+  benchmark::DoNotOptimize(g.checksum());
+  set_rate_counters(state, g.flops_per_chunk() * static_cast<double>(chunks), kTokens);
+  set_threads(1);
+}
+
+template <class Scalar>
+void BM_GemmYardstickThreads(benchmark::State& state) {
+  BM_GemmYardstick<Scalar>(state);
+}
+
+template <class Scalar>
+void BM_GemmLeadingDim(benchmark::State& state) {
+  BM_GemmYardstick<Scalar>(state);
+}
+
+// One square GEMM C = A·B (n×n×n): the best rate this machine's GEMM reaches.
+template <class Scalar>
+void BM_GemmPeak(benchmark::State& state) {
+  const Index n = state.range(0);
+  if (!use_threads(state, state.range(1))) return;
+  using Mat = titans::Matrix<Scalar>;
+  titans::detail::Rng rng(3);
+  Mat a(n, n), b(n, n), c(n, n);
+  rng.fill_normal(a, 1.0);
+  rng.fill_normal(b, 1.0);
+  const FaultCounter faults;
+  for (auto _ : state) {
+    c.noalias() = a * b;
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  faults.report(state);
+  state.counters["GFLOPS"] =
+      benchmark::Counter(2.0 * std::pow(static_cast<double>(n), 3) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  set_threads(1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: one token per call (T = 1) through the public entry point, so the time includes the
+// argument checks and the per-call workspace. The state advances from call to call (chunk
+// boundaries every b tokens, Θ⁰ kept between them); every 1024 tokens it is restored from the
+// initial state (amortised copy, < 0.1% of the time) so the values stay in the same range.
+// ---------------------------------------------------------------------------------------------
+template <class Scalar>
+void BM_MemoryDecode(benchmark::State& state) {
+  const Index d = state.range(0), b = state.range(1);
+  constexpr Index depth = 2, pool = 1024;
+  set_threads(1);
+  MemoryProblem<Scalar> p(memory_config(d, depth), pool);
+  titans::MemoryState<Scalar> st = p.initial;
+  Index t = 0;
+  const FaultCounter faults;
+  for (auto _ : state) {
+    if (t == pool) {
+      st = p.initial;
+      t = 0;
+    }
+    titans::memory_forward_into<Scalar>(p.cfg, b, p.k.middleCols(t, 1), p.v.middleCols(t, 1), p.q.middleCols(t, 1),
+                                        p.alpha.segment(t, 1), p.eta.segment(t, 1), p.theta.segment(t, 1), st,
+                                        p.y.middleCols(t, 1));
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+    ++t;
+  }
+  faults.report(state);
+  if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
+  // Flops per token when decoding: the chunk formula with T = 1 counts the end-of-chunk update
+  // once per token, which is what happens at b = 1; at b > 1 each call still ends a sub-chunk
+  // and advances Θ and S, so the same count applies.
+  set_rate_counters(state, titans::memory_forward_flops(p.cfg, 1, 1), 1);
+}
+
+void forward_grid(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"d", "L", "b", "cores"});
+  for (Index d : {64, 128, 256})
+    for (Index depth : {1, 2})
+      for (Index b : {16, 64}) bm->Args({d, depth, b, 1});
+  // Neighbours of the power of two, to see whether d = 256 is an unlucky size (README §6).
+  for (Index d : {248, 264}) bm->Args({d, 2, 64, 1});
+}
+
+void yardstick_grid(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"d", "L", "b", "cores", "pad"});
+  for (Index d : {64, 128, 256})
+    for (Index depth : {1, 2})
+      for (Index b : {16, 64}) bm->Args({d, depth, b, 1, 0});
+  for (Index d : {248, 264}) bm->Args({d, 2, 64, 1, 0});
+}
+
+void threads_grid(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"d", "L", "b", "cores"});
+  for (Index cores : {1, 2}) bm->Args({256, 2, 64, cores});
+  bm->UseRealTime();
+}
+
+void heads_grid(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"d", "L", "b", "heads", "cores"});
+  for (Index cores : {1, 2}) bm->Args({256, 2, 64, 2, cores});
+  bm->UseRealTime();
+}
+
+void yardstick_threads_grid(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"d", "L", "b", "cores", "pad"});
+  for (Index cores : {1, 2}) bm->Args({256, 2, 64, cores, 0});
+  bm->UseRealTime();
+}
+
+void leading_dim_grid(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"d", "L", "b", "cores", "pad"});
+  for (Index pad : {0, 1, 16}) bm->Args({256, 2, 64, 1, pad});
+}
+
+}  // namespace
+
+// Square GEMMs around 256, registered first so that they run on a fresh heap: sizes whose
+// packing buffers straddle the allocator's thresholds (README, "Power-of-two sizes").
+BENCHMARK_TEMPLATE(BM_GemmPeak, float)
+    ->Name("BM_GemmSquare<float>")
+    ->ArgNames({"n", "cores"})
+    ->Args({192, 1})
+    ->Args({240, 1})
+    ->Args({256, 1})
+    ->Args({264, 1})
+    ->Args({320, 1})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_MemoryForward, float)->Apply(forward_grid)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_GemmYardstick, float)->Apply(yardstick_grid)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_MemoryForwardThreads, float)->Apply(threads_grid)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_GemmYardstickThreads, float)->Apply(yardstick_threads_grid)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_MemoryForwardHeads, float)->Apply(heads_grid)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_GemmPeak, float)
+    ->ArgNames({"n", "cores"})
+    ->Args({1024, 1})
+    ->Args({1024, 2})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_GemmLeadingDim, float)->Apply(leading_dim_grid)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_MemoryDecode, float)
+    ->ArgNames({"d", "b"})
+    ->Args({64, 1})
+    ->Args({64, 16})
+    ->Args({256, 1})
+    ->Args({256, 16})
+    ->Unit(benchmark::kMicrosecond);
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("eigen", std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) +
+                                           "." + std::to_string(EIGEN_MINOR_VERSION) + ", SIMD " +
+                                           Eigen::SimdInstructionSetsInUse());
+#ifdef EIGEN_USE_BLAS
+  benchmark::AddCustomContext("gemm", "OpenBLAS via EIGEN_USE_BLAS");
+  benchmark::AddCustomContext("openblas_corename", openblas_get_corename());
+  benchmark::AddCustomContext("openblas_config", openblas_get_config());
+#else
+  benchmark::AddCustomContext("gemm", "Eigen (built-in)");
+#endif
+  benchmark::AddCustomContext("gates", "alpha=0.01 eta=0.9 theta=0.01, E=4, SiLU, T=4096");
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
