@@ -305,6 +305,33 @@ TEST(NeuralMemory, DeepMemoryStoresMorePairsThanLinear) {
   EXPECT_LT(e_deep, 0.5 * e_lin);  // the deep memory stores far more of them
 }
 
+TEST(NeuralMemory, DefaultLayerStaysBoundedAndAliveOnALongStream) {
+  // Regression: the default gates once let wide deep memories diverge (step too large for the
+  // hidden width) or decay to all-zero weights (forget gate faster than the writes).
+  for (Index heads : {1, 4}) {
+    NeuralMemoryConfig c;
+    c.dim = 64;
+    c.heads = heads;
+    c.chunk_size = 16;
+    NeuralMemory<float> layer(c);
+    const auto p = layer.init(1);
+    auto s = layer.initial_state(p);
+    titans::detail::Rng rng(2);
+    Mat<float> x(c.dim, 500);
+    for (int piece = 0; piece < 20; ++piece) {
+      rng.fill_normal(x, 1.0);
+      const Mat<float> y = layer.forward(p, x, s);
+      ASSERT_TRUE(y.allFinite()) << "piece " << piece;
+    }
+    for (const auto& h : s.heads)
+      for (const auto& w : h.weights) {
+        ASSERT_TRUE(w.allFinite());
+        EXPECT_GT(w.cwiseAbs().maxCoeff(), 1e-2f) << "heads " << heads << ": the memory decayed to zero";
+        EXPECT_LT(w.cwiseAbs().maxCoeff(), 1e2f) << "heads " << heads;
+      }
+  }
+}
+
 TEST(NeuralMemory, InitIsDeterministicAndNamed) {
   NeuralMemory<double> layer(small_config());
   const auto a = layer.init(1), b = layer.init(1), c = layer.init(2);

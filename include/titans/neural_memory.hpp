@@ -332,7 +332,10 @@ class NeuralMemory {
 
   /// \brief Deterministic initialisation from `seed` (same numbers on every platform).
   /// Projections N(0, 1/D); conv kernels pass the current token through (last tap 1) plus small
-  /// noise; gate biases start at α ≈ 0.02, η ≈ 0.73, θ ≈ 0.12·θ_max; memory N(0, 1/n_{l−1});
+  /// noise; gate biases start at α ≈ 3e-4 (a memory horizon of thousands of tokens: a faster
+  /// forget gate lets a deep memory decay to the all-zero weights, where its gradient vanishes),
+  /// η ≈ 0.73, θ ≈ θ_max·min(0.12, 1/hidden width);
+  /// memory N(0, 1/n_{l−1});
   /// norm gains 1.
   Params init(std::uint64_t seed) const {
     detail::Rng rng(seed);
@@ -354,9 +357,13 @@ class NeuralMemory {
     p.w_alpha = normal(H, D, 0.02);
     p.w_eta = normal(H, D, 0.02);
     p.w_theta = normal(H, D, 0.02);
-    p.b_alpha = Mat::Constant(H, 1, Scalar(-4));
+    p.b_alpha = Mat::Constant(H, 1, Scalar(-8));
     p.b_eta = Mat::Constant(H, 1, Scalar(1));
-    p.b_theta = Mat::Constant(H, 1, Scalar(-2));
+    // θ starts at θ_max·min(0.12, 1/n_hidden): the inner loss's curvature in the last layer grows
+    // with the hidden width (‖a_{L−1}‖² ~ E·d), and a fixed step diverges on wide memories.
+    const double hidden = static_cast<double>(mem_.depth > 1 ? mem_.layer_in(mem_.depth - 1) : mem_.dim);
+    const double s_theta = std::min(0.12, 1.0 / hidden);
+    p.b_theta = Mat::Constant(H, 1, static_cast<Scalar>(std::log(s_theta / (1 - s_theta))));
     for (Index l = 0; l < mem_.depth; ++l)
       p.memory_init.push_back(normal(H * mem_.layer_out(l), mem_.layer_in(l),
                                      1.0 / std::sqrt(static_cast<double>(mem_.layer_in(l)))));
