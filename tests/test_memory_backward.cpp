@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "support/autodiff_reference.hpp"
+#include "support/memory_problem.hpp"
 
 #include <algorithm>
 #include <string>
@@ -27,39 +28,10 @@ template <class S>
 using Vec = titans::Vector<S>;
 using titans_test::Dual;
 
-struct Problem {
-  Mat<double> k, v, q;
-  Vec<double> alpha, eta, theta;
-};
+using Problem = titans_test::MemoryProblem;
 
-// Unit-norm keys and queries, values of order one, gates in range. gate_mode 1 puts many gates
-// at the extremes: α = 0 and 1, η = 0 and 1, θ = 0.
 Problem make_problem(Index d, Index T, std::uint64_t seed, int gate_mode = 0) {
-  titans::detail::Rng rng(seed);
-  Problem p;
-  p.k.resize(d, T);
-  p.v.resize(d, T);
-  p.q.resize(d, T);
-  rng.fill_normal(p.k, 1.0);
-  rng.fill_normal(p.v, 1.0);
-  rng.fill_normal(p.q, 1.0);
-  p.k.colwise().normalize();
-  p.q.colwise().normalize();
-  p.alpha.resize(T);
-  p.eta.resize(T);
-  p.theta.resize(T);
-  for (Index t = 0; t < T; ++t) {
-    p.alpha(t) = 0.02 + 0.2 * rng.uniform();
-    p.eta(t) = 0.3 + 0.6 * rng.uniform();
-    p.theta(t) = 0.01 + 0.1 * rng.uniform();
-    if (gate_mode == 1) {
-      const std::uint64_t r = rng.below(6);
-      p.alpha(t) = r == 0 ? 1.0 : (r < 3 ? 0.0 : p.alpha(t));
-      p.eta(t) = r == 1 ? 0.0 : (r == 2 || r == 3 ? 1.0 : p.eta(t));
-      p.theta(t) = r == 4 ? 0.0 : 0.5 * p.theta(t);  // runs of η = 1, α = 0 must not diverge
-    }
-  }
-  return p;
+  return titans_test::make_memory_problem(d, T, seed, gate_mode, 0.02);
 }
 
 Problem slice(const Problem& p, Index t0, Index n) {
