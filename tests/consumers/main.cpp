@@ -1,4 +1,5 @@
-// Consumer check (find_package): the installed titans headers compile and link through
+// Consumer check shared by the three consumer projects (find_package, add_subdirectory,
+// fetchcontent; each defines TITANS_CONSUMER_NAME): the titans headers compile and link through
 // titans::titans, and a few public functions give the expected values. With
 // TITANS_CONSUMER_CHECKPOINT it also round-trips a checkpoint through titans::checkpoint.
 #include <titans/titans.hpp>
@@ -44,9 +45,9 @@ int main() {
   ok = ok && loaded.w == p.w && loaded.b == p.b;
 #endif
   if (!ok) {
-    std::cerr << "titans consumer (find_package): unexpected values\n";
+    std::cerr << "titans consumer (" TITANS_CONSUMER_NAME "): unexpected values\n";
     return 1;
   }
-  std::cout << "titans consumer (find_package): ok\n";
+  std::cout << "titans consumer (" TITANS_CONSUMER_NAME "): ok\n";
   return 0;
 }
