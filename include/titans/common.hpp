@@ -17,6 +17,19 @@
 #include <type_traits>
 #include <utility>
 
+/// Inside a struct that defines `template <class Self, class F> static void for_each_impl(Self&, F&)`
+/// (calling f(name, tensor) for each of its tensors), declares the const and non-const
+/// `for_each(f)` of the parameter-set concept (parameters.hpp) that forward to it.
+#define TITANS_DEFINE_FOR_EACH()          \
+  template <class F>                      \
+  void for_each(F&& f) {                  \
+    for_each_impl(*this, f);              \
+  }                                       \
+  template <class F>                      \
+  void for_each(F&& f) const {            \
+    for_each_impl(*this, f);              \
+  }
+
 namespace titans {
 
 using Index = Eigen::Index;

@@ -119,14 +119,7 @@ struct MemoryKernelGradients {
   MemoryState<Scalar> state;
 
   /// Visits every tensor: "k", "v", "q", "alpha", "eta", "theta" (vectors), then the state's.
-  template <class F>
-  void for_each(F&& f) {
-    for_each_impl(*this, f);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    for_each_impl(*this, f);
-  }
+  TITANS_DEFINE_FOR_EACH()
 
  private:
   template <class Self, class F>

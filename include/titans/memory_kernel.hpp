@@ -41,14 +41,7 @@ struct MemoryState {
   Index position = 0;                       ///< tokens written since the state was made
 
   /// Enumerates the tensors (for checkpoints of a session): "weights.w1", "momentum.w1", …
-  template <class F>
-  void for_each(F&& f) {
-    for_each_impl(*this, f);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    for_each_impl(*this, f);
-  }
+  TITANS_DEFINE_FOR_EACH()
 
  private:
   template <class Self, class F>

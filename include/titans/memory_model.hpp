@@ -69,13 +69,12 @@ struct MemoryWeights {
   using scalar_type = Scalar;
   std::vector<Matrix<Scalar>> w;
 
-  template <class F>
-  void for_each(F&& f) {
-    for (std::size_t l = 0; l < w.size(); ++l) f("w" + std::to_string(l + 1), w[l]);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    for (std::size_t l = 0; l < w.size(); ++l) f("w" + std::to_string(l + 1), w[l]);
+  TITANS_DEFINE_FOR_EACH()
+
+ private:
+  template <class Self, class F>
+  static void for_each_impl(Self& s, F& f) {
+    for (std::size_t l = 0; l < s.w.size(); ++l) f("w" + std::to_string(l + 1), s.w[l]);
   }
 };
 
@@ -210,6 +209,41 @@ void inner_loss_gradient(const MemoryConfig& cfg, const std::vector<Matrix<Scala
       delta = back.cwiseProduct(dphi);
     }
   }
+}
+
+/// \brief Backward of memory_apply (retrieval M*): adds ∂L/∂Θ into `dw` (shapes of the weights)
+/// and ∂L/∂x into `dx` (d, T), given dy = ∂L/∂M(x) (d, T). The forward is recomputed.
+template <class Scalar>
+void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
+                           const Eigen::Ref<const Matrix<Scalar>>& x /* (d, T) */,
+                           const Eigen::Ref<const Matrix<Scalar>>& dy /* (d, T) */,
+                           std::vector<Matrix<Scalar>>& dw /* shapes of w, accumulated */,
+                           Eigen::Ref<Matrix<Scalar>> dx /* (d, T), accumulated */) {
+  constexpr const char* where = "titans::memory_apply_backward";
+  cfg.validate(where);
+  check_memory_weights(where, "weights", cfg, w);
+  check_memory_weights(where, "dw", cfg, dw);
+  detail::check_shape(where, "x", x, cfg.dim, -1);
+  detail::check_shape(where, "dy", dy, cfg.dim, x.cols());
+  detail::check_shape(where, "dx", dx, cfg.dim, x.cols());
+  std::vector<Matrix<Scalar>> a(static_cast<std::size_t>(cfg.depth)), z(a.size());
+  a[0] = x;
+  for (Index l = 0; l < cfg.depth; ++l) {
+    z[l].noalias() = w[l] * a[l];
+    if (l + 1 < cfg.depth) detail::activation_apply(cfg.activation, z[l], a[l + 1]);
+  }
+  Matrix<Scalar> delta = dy, dphi;
+  for (Index l = cfg.depth - 1; l >= 0; --l) {
+    dw[l].noalias() += delta * a[l].transpose();
+    Matrix<Scalar> back = w[l].transpose() * delta;
+    if (l > 0) {
+      detail::activation_derivative(cfg.activation, z[l - 1], dphi);
+      delta = back.cwiseProduct(dphi);
+    } else {
+      dx += back;
+    }
+  }
+  if (cfg.residual) dx += dy;
 }
 
 }  // namespace titans

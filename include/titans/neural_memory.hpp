@@ -17,6 +17,9 @@
 #pragma once
 
 #include "common.hpp"
+#include "detail/metadata.hpp"
+#include "detail/norms.hpp"
+#include "detail/parallel.hpp"
 #include "detail/random.hpp"
 #include "memory_backward.hpp"
 #include "memory_kernel.hpp"
@@ -24,36 +27,11 @@
 
 #include <cmath>
 #include <cstdint>
-#include <exception>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
 namespace titans {
-
-namespace detail {
-
-/// Runs fn(h) for h = 0..n−1, in parallel under OpenMP; an exception thrown by any fn(h) is
-/// caught inside the parallel region and the first one is rethrown after it.
-template <class Fn>
-void for_each_head(Index n, Fn&& fn) {
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (n > 1)
-#endif
-  for (Index h = 0; h < n; ++h) {
-    try {
-      fn(h);
-    } catch (...) {
-      errors[static_cast<std::size_t>(h)] = std::current_exception();
-    }
-  }
-  for (const auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
-
-}  // namespace detail
 
 /// \brief Everything that fixes the shape and behaviour of a NeuralMemory layer.
 struct NeuralMemoryConfig {
@@ -104,72 +82,30 @@ struct NeuralMemoryConfig {
 /// \brief The config as string key/value pairs (keys prefixed "neural_memory."), e.g. for a
 /// checkpoint's `__metadata__`, so a saved file fully describes the layer it belongs to.
 inline std::map<std::string, std::string> to_metadata(const NeuralMemoryConfig& c) {
-  auto num = [](double v) {
-    std::ostringstream os;
-    os.precision(17);
-    os << v;
-    return os.str();
-  };
   return {{"neural_memory.dim", std::to_string(c.dim)},
           {"neural_memory.heads", std::to_string(c.heads)},
           {"neural_memory.depth", std::to_string(c.depth)},
           {"neural_memory.expansion", std::to_string(c.expansion)},
           {"neural_memory.activation", to_string(c.activation)},
-          {"neural_memory.residual", c.residual ? "true" : "false"},
+          {"neural_memory.residual", detail::format_bool(c.residual)},
           {"neural_memory.chunk_size", std::to_string(c.chunk_size)},
           {"neural_memory.conv_kernel", std::to_string(c.conv_kernel)},
-          {"neural_memory.theta_max", num(c.theta_max)},
-          {"neural_memory.per_chunk_gates", c.per_chunk_gates ? "true" : "false"},
-          {"neural_memory.norm_eps", num(c.norm_eps)}};
+          {"neural_memory.theta_max", detail::format_real(c.theta_max)},
+          {"neural_memory.per_chunk_gates", detail::format_bool(c.per_chunk_gates)},
+          {"neural_memory.norm_eps", detail::format_real(c.norm_eps)}};
 }
 
 /// \brief Rebuilds a config from to_metadata's pairs; throws FormatError naming a missing or
 /// malformed key, and InvalidArgument if the values form an invalid config.
 inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std::string, std::string>& m) {
   constexpr const char* where = "titans::neural_memory_config_from_metadata";
-  auto get = [&](const std::string& key) -> const std::string& {
-    const auto it = m.find("neural_memory." + key);
-    if (it == m.end()) detail::raise<FormatError>(where, "metadata has no 'neural_memory.", key, "'");
-    return it->second;
-  };
-  auto integer = [&](const std::string& key) {
-    const std::string& s = get(key);
-    std::size_t used = 0;
-    long long v = 0;
-    try {
-      v = std::stoll(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != s.size())
-      detail::raise<FormatError>(where, "'neural_memory.", key, "' is '", s, "', expected an integer");
-    return static_cast<Index>(v);
-  };
-  auto real = [&](const std::string& key) {
-    const std::string& s = get(key);
-    std::size_t used = 0;
-    double v = 0;
-    try {
-      v = std::stod(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != s.size())
-      detail::raise<FormatError>(where, "'neural_memory.", key, "' is '", s, "', expected a number");
-    return v;
-  };
-  auto boolean = [&](const std::string& key) {
-    const std::string& s = get(key);
-    if (s != "true" && s != "false")
-      detail::raise<FormatError>(where, "'neural_memory.", key, "' is '", s, "', expected true or false");
-    return s == "true";
-  };
+  const detail::MetadataReader r(where, m, "neural_memory.");
   NeuralMemoryConfig c;
-  c.dim = integer("dim");
-  c.heads = integer("heads");
-  c.depth = integer("depth");
-  c.expansion = integer("expansion");
-  const std::string& act = get("activation");
+  c.dim = r.integer("dim");
+  c.heads = r.integer("heads");
+  c.depth = r.integer("depth");
+  c.expansion = r.integer("expansion");
+  const std::string& act = r.get("activation");
   if (act == "silu") {
     c.activation = Activation::silu;
   } else if (act == "gelu") {
@@ -179,12 +115,12 @@ inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std:
   } else {
     detail::raise<FormatError>(where, "'neural_memory.activation' is '", act, "', expected silu, gelu or identity");
   }
-  c.residual = boolean("residual");
-  c.chunk_size = integer("chunk_size");
-  c.conv_kernel = integer("conv_kernel");
-  c.theta_max = real("theta_max");
-  c.per_chunk_gates = boolean("per_chunk_gates");
-  c.norm_eps = real("norm_eps");
+  c.residual = r.boolean("residual");
+  c.chunk_size = r.integer("chunk_size");
+  c.conv_kernel = r.integer("conv_kernel");
+  c.theta_max = r.real("theta_max");
+  c.per_chunk_gates = r.boolean("per_chunk_gates");
+  c.norm_eps = r.real("norm_eps");
   c.validate(where);
   return c;
 }
@@ -205,14 +141,7 @@ struct NeuralMemoryParams {
   Matrix<Scalar> norm_gain;                  ///< (D, 1) RMSNorm gains
   Matrix<Scalar> w_out;                      ///< (D, D) output projection W_O
 
-  template <class F>
-  void for_each(F&& f) {
-    for_each_impl(*this, f);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    for_each_impl(*this, f);
-  }
+  TITANS_DEFINE_FOR_EACH()
 
  private:
   template <class Self, class F>
@@ -246,14 +175,7 @@ struct NeuralMemoryState {
   Index position = 0;                      ///< tokens seen since the state was made
 
   /// Enumerates the state's tensors ("head0.weights.w1", "conv_tail", …), e.g. to save a session.
-  template <class F>
-  void for_each(F&& f) {
-    for_each_impl(*this, f);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    for_each_impl(*this, f);
-  }
+  TITANS_DEFINE_FOR_EACH()
 
  private:
   template <class Self, class F>
@@ -447,6 +369,7 @@ class NeuralMemory {
                                        y.middleRows(h * d, d));
     });
     state.position += x.cols();
+    check_diverged("titans::NeuralMemory::forward", y);
     return output(p, x, y, nullptr);
   }
 
@@ -476,6 +399,7 @@ class NeuralMemory {
                                         cache.y.middleRows(h * d, d));
     });
     state.position += x.cols();
+    check_diverged("titans::NeuralMemory::forward_train", cache.y);
     return output(p, x, cache.y, &cache);
   }
 
@@ -521,13 +445,8 @@ class NeuralMemory {
     dag = (dag.array() * cache.g.array() * (one - cache.g.array())).matrix();
     grads.w_gate.noalias() += dag * cache.x.transpose();
     dx.noalias() += p.w_gate.transpose() * dag;
-    Mat dy(D, T);
-    for (Index t = 0; t < T; ++t)
-      for (Index h = 0; h < H; ++h) {
-        const auto nseg = cache.n.col(t).segment(h * d, d);
-        const auto dnseg = dn.col(t).segment(h * d, d);
-        dy.col(t).segment(h * d, d) = cache.rinv(h, t) * (dnseg - nseg * (dnseg.dot(nseg) / Scalar(d)));
-      }
+    Mat dy = Mat::Zero(D, T);
+    detail::rms_normalize_backward<Scalar>(dn, cache.n, cache.rinv, H, dy);
 
     // The memories, per head, through the test-time updates.
     Mat dk(D, T), dv(D, T), dq(D, T), dgate[3] = {Mat(H, T), Mat(H, T), Mat(H, T)};
@@ -583,19 +502,9 @@ class NeuralMemory {
       dx.noalias() += pw[gi]->transpose() * dgate[gi];
     }
 
-    // ℓ2 normalisation of k and q: k = s ρ, ρ = (‖s‖² + ε)^(−1/2)  ⇒  ds = ρ (dk − k (dk·k)).
-    const Scalar eps = static_cast<Scalar>(cfg_.norm_eps);
-    auto unnormalise = [&](Mat& dkq, const Mat& kq, const Mat& s) {
-      for (Index t = 0; t < T; ++t)
-        for (Index h = 0; h < H; ++h) {
-          auto seg = dkq.col(t).segment(h * d, d);
-          const auto kseg = kq.col(t).segment(h * d, d);
-          const Scalar rho = one / std::sqrt(s.col(t).segment(h * d, d).squaredNorm() + eps);
-          seg = rho * (seg - kseg * seg.dot(kseg));
-        }
-    };
-    unnormalise(dk, cache.in.k, cache.silu_k);
-    unnormalise(dq, cache.in.q, cache.silu_q);
+    // ℓ2 normalisation of k and q.
+    detail::l2_normalize_backward<Scalar>(dk, cache.in.k, cache.silu_k, H, cfg_.norm_eps);
+    detail::l2_normalize_backward<Scalar>(dq, cache.in.q, cache.silu_q, H, cfg_.norm_eps);
 
     // SiLU, causal depthwise conv, projections.
     Mat* dstream[3] = {&dk, &dv, &dq};
@@ -704,6 +613,15 @@ class NeuralMemory {
     }
   }
 
+  // The memory's reads are non-finite only when its test-time updates diverged.
+  void check_diverged(const char* where, const Mat& y) const {
+    if (!y.allFinite())
+      detail::raise<NumericError>(where, "the memory's test-time updates diverged (its reads are not finite): the ",
+                                  "effective step θ·chunk_size times the inner loss's curvature is too large; lower ",
+                                  "theta_max (now ", cfg_.theta_max, ") or chunk_size (now ", cfg_.chunk_size,
+                                  "), or use a shallower memory");
+  }
+
   void check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const State& state) const {
     check_params(p, where);
     check_state(state, where);
@@ -715,7 +633,7 @@ class NeuralMemory {
   /// head, and the gates. With advance, the conv tail and chunk gates of `state` move on.
   MemoryInputs<Scalar> inputs_unchecked(const Params& p, const Eigen::Ref<const Mat>& x, State& state,
                                         bool advance, NeuralMemoryCache<Scalar>* cache) const {
-    const Index D = cfg_.dim, H = cfg_.heads, T = x.cols(), K = cfg_.conv_kernel, d = mem_.dim;
+    const Index D = cfg_.dim, H = cfg_.heads, T = x.cols(), K = cfg_.conv_kernel;
     MemoryInputs<Scalar> in;
     Mat* outs[3] = {&in.k, &in.v, &in.q};
     const Mat* w[3] = {&p.w_k, &p.w_v, &p.w_q};
@@ -739,14 +657,8 @@ class NeuralMemory {
       cache->silu_k = in.k;
       cache->silu_q = in.q;
     }
-    const Scalar eps = static_cast<Scalar>(cfg_.norm_eps);
-    for (Mat* m : {&in.k, &in.q}) {
-      for (Index t = 0; t < T; ++t)
-        for (Index h = 0; h < H; ++h) {
-          auto seg = m->col(t).segment(h * d, d);
-          seg /= std::sqrt(seg.squaredNorm() + eps);
-        }
-    }
+    detail::l2_normalize<Scalar>(in.k, H, cfg_.norm_eps);
+    detail::l2_normalize<Scalar>(in.q, H, cfg_.norm_eps);
     // Gates: pre-activations (H, T) per gate, optionally held constant within each chunk.
     Mat pre[3];
     pre[0] = (p.w_alpha * x).colwise() + p.b_alpha.col(0);
@@ -774,10 +686,9 @@ class NeuralMemory {
       }
       if (cache) cache->final_gate_source = source;
     }
-    auto sig = [](const Mat& z) { return Mat((Scalar(1) / (Scalar(1) + (-z.array()).exp())).matrix()); };
-    in.alpha = sig(pre[0]);
-    in.eta = sig(pre[1]);
-    in.theta = sig(pre[2]);
+    in.alpha = detail::sigmoid<Scalar>(pre[0]);
+    in.eta = detail::sigmoid<Scalar>(pre[1]);
+    in.theta = detail::sigmoid<Scalar>(pre[2]);
     if (cache) cache->sig_theta = in.theta;
     in.theta *= static_cast<Scalar>(cfg_.theta_max);
     return in;
@@ -785,19 +696,8 @@ class NeuralMemory {
 
   /// o = W_O (RMSNorm_head(y) ⊙ gain ⊙ σ(W_G x)).
   Mat output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y, NeuralMemoryCache<Scalar>* cache) const {
-    const Index T = x.cols(), H = cfg_.heads, d = mem_.dim;
-    const Scalar eps = static_cast<Scalar>(cfg_.norm_eps);
-    Mat g = p.w_gate * x;
-    g = (Scalar(1) / (Scalar(1) + (-g.array()).exp())).matrix();
-    Mat n(cfg_.dim, T);
-    if (cache) cache->rinv.resize(H, T);
-    for (Index t = 0; t < T; ++t)
-      for (Index h = 0; h < H; ++h) {
-        const auto seg = y.col(t).segment(h * d, d);
-        const Scalar r = Scalar(1) / std::sqrt(seg.squaredNorm() / Scalar(d) + eps);
-        n.col(t).segment(h * d, d) = r * seg;
-        if (cache) cache->rinv(h, t) = r;
-      }
+    const Mat g = detail::sigmoid<Scalar>(p.w_gate * x);
+    Mat n = detail::rms_normalize<Scalar>(y, cfg_.heads, cfg_.norm_eps, cache ? &cache->rinv : nullptr);
     if (cache) {
       cache->n = n;
       cache->g = g;

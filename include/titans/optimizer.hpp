@@ -89,18 +89,11 @@ struct AdamWState {
   std::vector<Matrix<Scalar>> m;                     ///< first moments, one per parameter
   std::vector<Matrix<Scalar>> v;                     ///< second moments, one per parameter
 
-  template <class F>
-  void for_each(F&& f) {
-    visit(*this, f);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    visit(*this, f);
-  }
+  TITANS_DEFINE_FOR_EACH()
 
  private:
   template <class Self, class F>
-  static void visit(Self& self, F& f) {
+  static void for_each_impl(Self& self, F& f) {
     f(std::string("step"), self.step);
     const std::size_t n = std::min(self.names.size(), std::min(self.m.size(), self.v.size()));
     for (std::size_t i = 0; i < n; ++i) {

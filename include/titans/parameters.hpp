@@ -80,4 +80,14 @@ void check_same_layout(const char* where, const P& a, const P& b) {
   }
 }
 
+/// \brief dst += src, tensor by tensor (same names and shapes, checked).
+template <class P>
+void add_to(P& dst, const P& src) {
+  check_same_layout("titans::add_to", dst, src);
+  std::vector<const Matrix<typename P::scalar_type>*> from;
+  src.for_each([&](const std::string&, const auto& t) { from.push_back(&t); });
+  std::size_t i = 0;
+  dst.for_each([&](const std::string&, auto& t) { t += *from[i++]; });
+}
+
 }  // namespace titans
