@@ -12,7 +12,7 @@
 # generator (default: Ninja if installed, else Unix Makefiles).
 set -euo pipefail
 
-DEMO_TARGET=quickstart
+DEMO_TARGET=niah
 JOBS="${TITANS_JOBS:-2}"
 
 REQUIRED_PACKAGES=(cmake g++ libeigen3-dev libgtest-dev libbenchmark-dev)
