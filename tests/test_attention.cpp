@@ -8,6 +8,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support/random_matrix.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -44,13 +46,7 @@ AttentionConfig make_config(Index D, Index H, Index window, Index block, double 
   return c;
 }
 
-template <class S>
-Mat<S> random_mat(Index rows, Index cols, std::uint64_t seed, double sd = 1.0) {
-  titans::detail::Rng rng(seed);
-  Mat<S> m(rows, cols);
-  rng.fill_normal(m, sd);
-  return m;
-}
+using titans_test::random_matrix;
 
 // Larger q/k projections than init() so the softmax is far from uniform and the rotary
 // positions change the weights a lot (a wrong angle or mask then shows clearly).
@@ -222,7 +218,7 @@ TYPED_TEST(AttentionTyped, MatchesNaiveFormulation) {
               const AttentionConfig c = make_config(sh.D, sh.H, w, block);
               Attention<S> attn(c);
               const Params<S> p = lively_params(attn, 11);
-              const Mat<S> x = random_mat<S>(sh.D, T, 12), P = random_mat<S>(sh.D, np, 13);
+              const Mat<S> x = random_matrix<S>(sh.D, T, 12), P = random_matrix<S>(sh.D, np, 13);
               State<S> state = attn.initial_state();
               state.position = pos0;
               const Mat<S> y = attn.forward(p, x, P, state);
@@ -258,8 +254,8 @@ TYPED_TEST(AttentionTyped, AttendMatchesNaiveFormulation) {
       const AttentionConfig c = make_config(D, 2, 0, block);
       Attention<S> attn(c);
       const Params<S> p = lively_params(attn, 21);
-      const Mat<S> xq = random_mat<S>(D, Tq, 22), xkv = random_mat<S>(D, Tkv, 23), P = random_mat<S>(D, rc.np, 24);
-      const Mat<S> ck = random_mat<S>(D, nc, 25, 2.0), cv = random_mat<S>(D, nc, 26);
+      const Mat<S> xq = random_matrix<S>(D, Tq, 22), xkv = random_matrix<S>(D, Tkv, 23), P = random_matrix<S>(D, rc.np, 24);
+      const Mat<S> ck = random_matrix<S>(D, nc, 25, 2.0), cv = random_matrix<S>(D, nc, 26);
       Mat<S> nk, nv;
       const Mat<S> y = attn.attend("test", p, xq, qpos, xkv, kpos, P, ck, cv, rc.lo, rc.hi, nullptr, &nk, &nv);
       const Params<double> pd = to_double(p);
@@ -283,7 +279,7 @@ TYPED_TEST(AttentionTyped, ForwardTrainEqualsForward) {
   for (Index w : {0, 3}) {
     Attention<S> attn(make_config(8, 2, w, 3));
     const Params<S> p = lively_params(attn, 31);
-    const Mat<S> x0 = random_mat<S>(8, 4, 32), x = random_mat<S>(8, 10, 33), P = random_mat<S>(8, 2, 34);
+    const Mat<S> x0 = random_matrix<S>(8, 4, 32), x = random_matrix<S>(8, 10, 33), P = random_matrix<S>(8, 2, 34);
     State<S> s1 = attn.initial_state();
     attn.forward(p, x0, P, s1);
     State<S> s2 = s1;
@@ -307,13 +303,13 @@ TYPED_TEST(AttentionTyped, OnlyRelativePositionsMatterWithoutPersistentTokens) {
   for (Index w : {0, 4}) {
     Attention<S> attn(make_config(8, 2, w, 3));
     const Params<S> p = lively_params(attn, 41);
-    const Mat<S> x = random_mat<S>(8, 12, 42), P(8, 0);
+    const Mat<S> x = random_matrix<S>(8, 12, 42), P(8, 0);
     State<S> a = attn.initial_state(), b = attn.initial_state();
     b.position = 1000000;
     const Mat<S> ya = attn.forward(p, x, P, a), yb = attn.forward(p, x, P, b);
     EXPECT_LT(max_rel(ya, yb), (std::is_same_v<S, float> ? 2e-5 : 1e-8)) << "window " << w;
     // ...but persistent tokens carry no position, so with them the absolute position matters.
-    const Mat<S> P2 = random_mat<S>(8, 2, 43);
+    const Mat<S> P2 = random_matrix<S>(8, 2, 43);
     State<S> c = attn.initial_state(), d = attn.initial_state();
     d.position = 1000000;
     EXPECT_GT(max_rel(attn.forward(p, x, P2, c), attn.forward(p, x, P2, d)), 1e-3) << "window " << w;
@@ -332,7 +328,7 @@ TYPED_TEST(AttentionTyped, WindowLimitsWhatEachQuerySees) {
     for (Index block : {3, 64}) {
       Attention<S> attn(make_config(D, 2, w, block));
       const Params<S> p = lively_params(attn, 51);
-      const Mat<S> x = random_mat<S>(D, T, 52), P = random_mat<S>(D, np, 53);
+      const Mat<S> x = random_matrix<S>(D, T, 52), P = random_matrix<S>(D, np, 53);
       auto run = [&](const Mat<S>& xx, const Mat<S>& pp) {
         State<S> s = attn.initial_state();
         return Mat<S>(attn.forward(p, xx, pp, s));
@@ -340,7 +336,7 @@ TYPED_TEST(AttentionTyped, WindowLimitsWhatEachQuerySees) {
       const Mat<S> y = run(x, P);
       for (Index s = 0; s < T; ++s) {
         Mat<S> x2 = x;
-        x2.col(s) = random_mat<S>(D, 1, 100 + std::uint64_t(s));
+        x2.col(s) = random_matrix<S>(D, 1, 100 + std::uint64_t(s));
         const Mat<S> y2 = run(x2, P);
         for (Index t = 0; t < T; ++t) {
           const bool visible = s <= t && (w == 0 || s >= t - w + 1);
@@ -353,7 +349,7 @@ TYPED_TEST(AttentionTyped, WindowLimitsWhatEachQuerySees) {
       }
       for (Index j = 0; j < np; ++j) {
         Mat<S> P2 = P;
-        P2.col(j) = random_mat<S>(D, 1, 200 + std::uint64_t(j));
+        P2.col(j) = random_matrix<S>(D, 1, 200 + std::uint64_t(j));
         const Mat<S> y2 = run(x, P2);
         for (Index t = 0; t < T; ++t)
           EXPECT_GT(col_rel(y, y2, t), 1e-4) << "window " << w << ": persistent token " << j << " unseen by " << t;
@@ -368,12 +364,12 @@ TYPED_TEST(AttentionTyped, IsCausal) {
     for (Index np : {0, 3}) {
       Attention<S> attn(make_config(D, 2, w, 5));
       const Params<S> p = lively_params(attn, 61);
-      const Mat<S> x = random_mat<S>(D, T, 62), P = random_mat<S>(D, np, 63);
+      const Mat<S> x = random_matrix<S>(D, T, 62), P = random_matrix<S>(D, np, 63);
       State<S> s0 = attn.initial_state();
       const Mat<S> y = attn.forward(p, x, P, s0);
       for (Index t = 0; t + 1 < T; ++t) {
         Mat<S> x2 = x;
-        x2.rightCols(T - 1 - t) = random_mat<S>(D, T - 1 - t, 300 + std::uint64_t(t));
+        x2.rightCols(T - 1 - t) = random_matrix<S>(D, T - 1 - t, 300 + std::uint64_t(t));
         State<S> s = attn.initial_state();
         const Mat<S> y2 = attn.forward(p, x2, P, s);
         for (Index u = 0; u <= t; ++u)
@@ -404,7 +400,7 @@ TYPED_TEST(AttentionTyped, StreamingSplitsEqualOneCall) {
       for (Index block : {1, 3, 64}) {
         Attention<S> attn(make_config(D, 2, w, block));
         const Params<S> p = lively_params(attn, 71);
-        const Mat<S> x = random_mat<S>(D, T, 72), P = random_mat<S>(D, np, 73);
+        const Mat<S> x = random_matrix<S>(D, T, 72), P = random_matrix<S>(D, np, 73);
         State<S> whole = attn.initial_state();
         const Mat<S> y = attn.forward(p, x, P, whole);
         for (const auto& split : splits) {
@@ -469,11 +465,11 @@ TEST_P(AttentionGradCheck, MatchesFiniteDifferences) {
   const GradCase gc = GetParam();
   const Index D = 8, T = 9;
   Attention<double> attn(make_config(D, 2, gc.window, gc.block));
-  CausalVars vars{lively_params(attn, 81), random_mat<double>(D, gc.np, 82)};
-  Mat<double> x = random_mat<double>(D, T, 83);
+  CausalVars vars{lively_params(attn, 81), random_matrix<double>(D, gc.np, 82)};
+  Mat<double> x = random_matrix<double>(D, T, 83);
   // The state carried in is made once, with the unperturbed parameters: a constant of the check.
   State<double> s0 = attn.initial_state();
-  if (gc.prefix > 0) attn.forward(vars.p, random_mat<double>(D, gc.prefix, 84), vars.persistent, s0);
+  if (gc.prefix > 0) attn.forward(vars.p, random_matrix<double>(D, gc.prefix, 84), vars.persistent, s0);
   auto fwd = [&](const CausalVars& v, const Mat<double>& xx) {
     State<double> s = s0;
     return attn.forward(v.p, xx, v.persistent, s);
@@ -540,9 +536,9 @@ TEST(AttentionAttendGrad, MatchesFiniteDifferences) {
   for (const auto& rc : cases)
     for (Index block : {1, 4, 64}) {
       Attention<double> attn(make_config(D, 2, 0, block));
-      AttendVars vars{lively_params(attn, 91), random_mat<double>(D, rc.np, 92), random_mat<double>(D, Tkv, 93)};
-      Mat<double> xq = random_mat<double>(D, Tq, 94);
-      const Mat<double> ck = random_mat<double>(D, nc, 95, 2.0), cv = random_mat<double>(D, nc, 96);
+      AttendVars vars{lively_params(attn, 91), random_matrix<double>(D, rc.np, 92), random_matrix<double>(D, Tkv, 93)};
+      Mat<double> xq = random_matrix<double>(D, Tq, 94);
+      const Mat<double> ck = random_matrix<double>(D, nc, 95, 2.0), cv = random_matrix<double>(D, nc, 96);
       auto fwd = [&](const AttendVars& v, const Mat<double>& q) {
         return attn.attend("test", v.p, q, qpos, v.xkv, kpos, v.persistent, ck, cv, rc.lo, rc.hi, nullptr);
       };
@@ -602,7 +598,7 @@ TEST(AttentionErrors, ConfigFieldsAreValidated) {
 TEST(AttentionErrors, ForwardChecksShapesValuesAndState) {
   Attention<double> attn(make_config(8, 2, 3, 4));
   const Params<double> p = attn.init(1);
-  const Mat<double> x = random_mat<double>(8, 5, 2), P = random_mat<double>(8, 2, 3);
+  const Mat<double> x = random_matrix<double>(8, 5, 2), P = random_matrix<double>(8, 2, 3);
   State<double> s = attn.initial_state();
   attn.forward(p, x, P, s);
   const State<double> before = s;
@@ -611,9 +607,9 @@ TEST(AttentionErrors, ForwardChecksShapesValuesAndState) {
     EXPECT_EQ(s.v, before.v);
     EXPECT_EQ(s.position, before.position);
   };
-  expect_throw_naming<titans::ShapeError>([&] { attn.forward(p, Mat<double>(random_mat<double>(7, 5, 4)), P, s); }, "x",
+  expect_throw_naming<titans::ShapeError>([&] { attn.forward(p, Mat<double>(random_matrix<double>(7, 5, 4)), P, s); }, "x",
                                           "x rows");
-  expect_throw_naming<titans::ShapeError>([&] { attn.forward(p, x, Mat<double>(random_mat<double>(9, 2, 4)), s); },
+  expect_throw_naming<titans::ShapeError>([&] { attn.forward(p, x, Mat<double>(random_matrix<double>(9, 2, 4)), s); },
                                           "persistent", "persistent rows");
   const char* names[] = {"w_q", "w_k", "w_v", "w_o"};
   for (int i = 0; i < 4; ++i) {
@@ -633,14 +629,14 @@ TEST(AttentionErrors, ForwardChecksShapesValuesAndState) {
   unchanged();  // failed calls leave the state alone
 
   State<double> big = s;  // window 3 keeps at most 2 cached tokens
-  big.k = random_mat<double>(8, 3, 5);
-  big.v = random_mat<double>(8, 3, 6);
+  big.k = random_matrix<double>(8, 3, 5);
+  big.v = random_matrix<double>(8, 3, 6);
   expect_throw_naming<titans::InvalidArgument>([&] { attn.forward(p, x, P, big); }, "cached", "state too long");
   State<double> wrong = s;
-  wrong.k = random_mat<double>(7, 2, 5);
+  wrong.k = random_matrix<double>(7, 2, 5);
   expect_throw_naming<titans::ShapeError>([&] { attn.forward(p, x, P, wrong); }, "state.k", "state.k rows");
   wrong = s;
-  wrong.v = random_mat<double>(8, 1, 5);
+  wrong.v = random_matrix<double>(8, 1, 5);
   expect_throw_naming<titans::ShapeError>([&] { attn.forward(p, x, P, wrong); }, "state.v", "state.v cols");
   wrong = s;
   wrong.position = -1;
@@ -650,8 +646,8 @@ TEST(AttentionErrors, ForwardChecksShapesValuesAndState) {
 TEST(AttentionErrors, AttendChecksRangesAndCache) {
   Attention<double> attn(make_config(8, 2, 0, 4));
   const Params<double> p = attn.init(1);
-  const Mat<double> xq = random_mat<double>(8, 3, 2), xkv = random_mat<double>(8, 2, 3), P = random_mat<double>(8, 1, 4);
-  const Mat<double> ck = random_mat<double>(8, 2, 5), cv = random_mat<double>(8, 2, 6), none(8, 0);
+  const Mat<double> xq = random_matrix<double>(8, 3, 2), xkv = random_matrix<double>(8, 2, 3), P = random_matrix<double>(8, 1, 4);
+  const Mat<double> ck = random_matrix<double>(8, 2, 5), cv = random_matrix<double>(8, 2, 6), none(8, 0);
   const std::vector<Index> qpos = {4, 5, 6}, kpos = {4, 5};
   using V = std::vector<Index>;
   // nmain = 2 cached + 2 new = 4 main keys.
@@ -679,16 +675,16 @@ TEST(AttentionErrors, AttendChecksRangesAndCache) {
       "lo size");
   // The cached keys and values must be (D, n) with the same n.
   expect_throw_naming<titans::ShapeError>(
-      [&] { attn.attend("attend", p, xq, qpos, xkv, kpos, P, random_mat<double>(7, 2, 7), cv, V{0, 1, 2}, V{1, 2, 3}, nullptr); },
+      [&] { attn.attend("attend", p, xq, qpos, xkv, kpos, P, random_matrix<double>(7, 2, 7), cv, V{0, 1, 2}, V{1, 2, 3}, nullptr); },
       "cached", "cached_k rows");
   expect_throw_naming<titans::ShapeError>(
-      [&] { attn.attend("attend", p, xq, qpos, xkv, kpos, P, ck, random_mat<double>(8, 3, 7), V{0, 1, 2}, V{1, 2, 3}, nullptr); },
+      [&] { attn.attend("attend", p, xq, qpos, xkv, kpos, P, ck, random_matrix<double>(8, 3, 7), V{0, 1, 2}, V{1, 2, 3}, nullptr); },
       "cached", "cached_v cols");
   expect_throw_naming<titans::ShapeError>(
-      [&] { attn.attend("attend", p, random_mat<double>(6, 3, 8), qpos, xkv, kpos, P, ck, cv, V{0, 1, 2}, V{1, 2, 3}, nullptr); },
+      [&] { attn.attend("attend", p, random_matrix<double>(6, 3, 8), qpos, xkv, kpos, P, ck, cv, V{0, 1, 2}, V{1, 2, 3}, nullptr); },
       "queries", "xq rows");
   expect_throw_naming<titans::ShapeError>(
-      [&] { attn.attend("attend", p, xq, qpos, random_mat<double>(6, 2, 8), kpos, P, ck, cv, V{0, 1, 2}, V{1, 2, 3}, nullptr); },
+      [&] { attn.attend("attend", p, xq, qpos, random_matrix<double>(6, 2, 8), kpos, P, ck, cv, V{0, 1, 2}, V{1, 2, 3}, nullptr); },
       "key/value", "xkv rows");
   // Non-finite queries, key/value tokens and persistent tokens are each rejected by name.
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -710,13 +706,13 @@ TEST(AttentionErrors, AttendChecksRangesAndCache) {
 TEST(AttentionErrors, BackwardChecksItsArguments) {
   Attention<double> attn(make_config(8, 2, 3, 4));
   const Params<double> p = attn.init(1);
-  const Mat<double> x = random_mat<double>(8, 6, 2), P = random_mat<double>(8, 2, 3);
+  const Mat<double> x = random_matrix<double>(8, 6, 2), P = random_matrix<double>(8, 2, 3);
   State<double> s = attn.initial_state();
   Cache<double> cache;
   attn.forward_train(p, x, P, s, cache);
   Params<double> g = titans::zeros_like(p);
   Mat<double> dx = Mat<double>::Zero(8, 6), dP = Mat<double>::Zero(8, 2);
-  EXPECT_NO_THROW(attn.backward_causal(p, cache, random_mat<double>(8, 6, 4), g, dx, dP));
+  EXPECT_NO_THROW(attn.backward_causal(p, cache, random_matrix<double>(8, 6, 4), g, dx, dP));
   Mat<double> dx_bad = Mat<double>::Zero(8, 5), dP_bad = Mat<double>::Zero(8, 1);
   expect_throw_naming<titans::ShapeError>([&] { attn.backward_causal(p, cache, Mat<double>::Zero(8, 5), g, dx, dP); },
                                           "dout", "dout");

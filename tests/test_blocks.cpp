@@ -10,6 +10,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support/random_matrix.hpp"
+
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -60,13 +62,7 @@ BlockConfig small_config(BlockKind kind, Index persistent = 2, Index segment = 4
   return c;
 }
 
-template <class S>
-Matrix<S> random_matrix(Index r, Index c, std::uint64_t seed, double sd = 1.0) {
-  titans::detail::Rng rng(seed);
-  Matrix<S> m(r, c);
-  rng.fill_normal(m, sd);
-  return m;
-}
+using titans_test::random_matrix;
 
 // Parameters where everything matters: gains away from 1, data-dependent gates with α ≈ σ(−2)
 // (the default σ(−8) makes the forget gate's gradients too small for finite differences).

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "support/reference_memory.hpp"
+#include "support/random_matrix.hpp"
 
 #include <set>
 
@@ -35,13 +36,7 @@ NeuralMemoryConfig small_config() {
   return c;
 }
 
-template <class S>
-Mat<S> random_input(Index D, Index T, std::uint64_t seed) {
-  titans::detail::Rng rng(seed);
-  Mat<S> x(D, T);
-  rng.fill_normal(x, 1.0);
-  return x;
-}
+using titans_test::random_matrix;
 
 double sigm(double z) { return 1 / (1 + std::exp(-z)); }
 double silu(double z) { return z * sigm(z); }
@@ -111,7 +106,7 @@ TEST(NeuralMemory, MatchesIndependentFormulation) {
         c.depth = depth;
         NeuralMemory<double> layer(c);
         const auto p = layer.init(7);
-        const Mat<double> x = random_input<double>(c.dim, 19, 3);
+        const Mat<double> x = random_matrix<double>(c.dim, 19, 3);
         auto state = layer.initial_state(p);
         const Mat<double> y = layer.forward(p, x, state);
         EXPECT_LT(max_rel(y, reference_layer(c, p, x)), 1e-10)
@@ -134,7 +129,7 @@ TYPED_TEST(NeuralMemoryTyped, StreamingSplitsAndDecodeEqualPrefill) {
     NeuralMemory<S> layer(c);
     const auto p = layer.init(11);
     const Index T = 23;
-    const Mat<S> x = random_input<S>(c.dim, T, 5);
+    const Mat<S> x = random_matrix<S>(c.dim, T, 5);
     auto s1 = layer.initial_state(p);
     const Mat<S> y = layer.forward(p, x, s1);
     for (Index cut : {1, 2, 3, 5, 9, 13, 22}) {  // inside chunks and conv windows, and on boundaries
@@ -159,12 +154,12 @@ TEST(NeuralMemory, Causal) {
   NeuralMemory<double> layer(c);
   const auto p = layer.init(2);
   const Index T = 17;
-  const Mat<double> x = random_input<double>(c.dim, T, 9);
+  const Mat<double> x = random_matrix<double>(c.dim, T, 9);
   auto s = layer.initial_state(p);
   const Mat<double> y = layer.forward(p, x, s);
   for (Index t0 : {0, 3, 4, 10, 15}) {
     Mat<double> x2 = x;
-    x2.rightCols(T - t0 - 1) = random_input<double>(c.dim, T - t0 - 1, 100 + t0);
+    x2.rightCols(T - t0 - 1) = random_matrix<double>(c.dim, T - t0 - 1, 100 + t0);
     auto s2 = layer.initial_state(p);
     const Mat<double> y2 = layer.forward(p, x2, s2);
     EXPECT_EQ((y2.leftCols(t0 + 1) - y.leftCols(t0 + 1)).cwiseAbs().maxCoeff(), 0.0) << t0;
@@ -176,8 +171,8 @@ TEST(NeuralMemory, BatchStatesAreIsolated) {
   auto c = small_config();
   NeuralMemory<double> layer(c);
   const auto p = layer.init(3);
-  const std::vector<Mat<double>> xs = {random_input<double>(c.dim, 9, 1), random_input<double>(c.dim, 14, 2),
-                                       random_input<double>(c.dim, 9, 1)};
+  const std::vector<Mat<double>> xs = {random_matrix<double>(c.dim, 9, 1), random_matrix<double>(c.dim, 14, 2),
+                                       random_matrix<double>(c.dim, 9, 1)};
   std::vector<titans::NeuralMemoryState<double>> states(3, layer.initial_state(p));
   const auto ys = layer.forward_batch(p, xs, states);
   for (std::size_t i = 0; i < xs.size(); ++i) {
@@ -196,9 +191,9 @@ TEST(NeuralMemory, ReadAndRetrieveWriteNothing) {
   NeuralMemory<double> layer(c);
   const auto p = layer.init(4);
   auto s = layer.initial_state(p);
-  layer.forward(p, random_input<double>(c.dim, 6, 1), s);
+  layer.forward(p, random_matrix<double>(c.dim, 6, 1), s);
   const auto before = s;
-  const Mat<double> q = random_input<double>(c.dim, 5, 2);
+  const Mat<double> q = random_matrix<double>(c.dim, 5, 2);
   const Mat<double> r = layer.read(p, q, s);
   layer.retrieve(p, q, s);
   EXPECT_EQ(s.position, before.position);
@@ -261,7 +256,7 @@ TEST(NeuralMemory, RecallErrorFallsWithWrites) {
   c.chunk_size = 1;
   NeuralMemory<double> layer(c);
   const auto p = recall_params(layer, 0.3, 2);
-  const Mat<double> x = random_input<double>(c.dim, 6, 8);  // 6 pairs in d = 16
+  const Mat<double> x = random_matrix<double>(c.dim, 6, 8);  // 6 pairs in d = 16
   auto s = layer.initial_state(p);
   const auto in = layer.memory_inputs(p, x, s);
   double prev = (layer.read(p, x, s) - in.v).squaredNorm();

@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support/random_matrix.hpp"
+
 namespace {
 
 using titans::Index;
@@ -29,12 +31,7 @@ NeuralMemoryConfig tiny(Index depth, Index b, bool per_chunk, bool residual) {
   return c;
 }
 
-Matrix<double> input(Index D, Index T, std::uint64_t seed) {
-  titans::detail::Rng rng(seed);
-  Matrix<double> x(D, T);
-  rng.fill_normal(x, 1.0);
-  return x;
-}
+using titans_test::random_matrix;
 
 // Larger gate projections and θ so the gates and the updates matter for the gradients.
 Params lively_params(const NeuralMemory<double>& layer, std::uint64_t seed) {
@@ -68,8 +65,8 @@ TEST_P(LayerGradCheck, MatchesFiniteDifferences) {
     p.b_eta << 7, -7;
     p.b_theta << -7, 7;
   }
-  Matrix<double> x = input(4, cs.T, 5);
-  const Matrix<double> pre = input(4, cs.prefix, 6);
+  Matrix<double> x = random_matrix<double>(4, cs.T, 5);
+  const Matrix<double> pre = random_matrix<double>(4, cs.prefix, 6);
   // The checked function: a fresh state, `prefix` tokens, then x; output of the x call. The
   // prefix makes the call start inside a chunk and a conv window when prefix % b != 0.
   auto fresh = [&](const Params& pp) {
@@ -121,7 +118,7 @@ TEST(LayerBackward, TwoCallsEqualOneCall) {
     NeuralMemory<double> layer(tiny(2, 3, per_chunk, false));
     const Params p = lively_params(layer, 4);
     const Index T = 11, cut = 5;  // the cut is inside a chunk (b = 3) and a conv window
-    const Matrix<double> x = input(4, T, 7), dy = input(4, T, 8);
+    const Matrix<double> x = random_matrix<double>(4, T, 7), dy = random_matrix<double>(4, T, 8);
 
     Params g1 = titans::zeros_like(p);
     Matrix<double> dx1 = Matrix<double>::Zero(4, T);
@@ -160,7 +157,7 @@ TEST(LayerBackward, CheckpointingGivesTheSameGradientsWithLessCache) {
   NeuralMemory<double> layer(tiny(2, 2, false, false));
   const Params p = layer.init(5);  // default gates: the memory stays bounded over 24 tokens
   const Index T = 24;
-  const Matrix<double> x = input(4, T, 9), dy = input(4, T, 10);
+  const Matrix<double> x = random_matrix<double>(4, T, 9), dy = random_matrix<double>(4, T, 10);
   auto run = [&](Index r, std::size_t& bytes) {
     Params g = titans::zeros_like(p);
     Matrix<double> dx = Matrix<double>::Zero(4, T);
