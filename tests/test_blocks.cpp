@@ -896,6 +896,44 @@ TEST(BlockErrors, BadArgumentsThrow) {
   EXPECT_THROW(st.forward(short_params, random_matrix<double>(kDim, 2, 1), ss), titans::ShapeError);
 }
 
+// A NaN in any parameter (a diverged outer training, a bad file) is reported as that parameter,
+// by name, whichever path it poisons; parameters are scanned only when something went wrong.
+TEST(BlockErrors, NonFiniteParameterIsNamed) {
+  const Mat x = random_matrix<double>(kDim, 5, 6);
+  for (BlockKind kind : kKinds) {
+    SCOPED_TRACE(kind_name(kind));
+    const Block<double> blk(small_config(kind));
+    const auto p = blk.init(1);
+    std::vector<std::string> names;
+    p.for_each([&](const std::string& n, const auto& t) {
+      if (t.size() > 0) names.push_back(n);
+    });
+    for (const std::string& name : names) {
+      auto bad = p;
+      bad.for_each([&](const std::string& n, auto& t) {
+        if (n == name) t(t.rows() - 1, 0) = std::numeric_limits<double>::quiet_NaN();
+      });
+      auto s = blk.initial_state(bad);
+      expect_throw_naming<titans::NumericError>([&] { blk.forward(bad, x, s); }, "parameter '" + name + "'");
+      auto s2 = blk.initial_state(bad);
+      titans::BlockCache<double> cache;
+      expect_throw_naming<titans::NumericError>([&] { blk.forward_train(bad, x, s2, cache); },
+                                                "parameter '" + name + "'");
+    }
+  }
+}
+
+// Finite parameters that overflow float are reported as an overflow, not as a bad parameter.
+TEST(BlockErrors, FloatOverflowIsReported) {
+  const Block<float> blk(small_config(BlockKind::swa));
+  auto p = blk.init(1);
+  p.ffn_w1 *= 1e20f;  // SwiGLU products of order 1e38 and more: inf in float
+  p.ffn_w3 *= 1e20f;
+  auto s = blk.initial_state(p);
+  const titans::Matrix<float> x = random_matrix<float>(kDim, 5, 7);
+  expect_throw_naming<titans::NumericError>([&] { blk.forward(p, x, s); }, "overflow");
+}
+
 // =============================================================================================
 // 7. Batches: sequences never share state.
 // =============================================================================================

@@ -620,6 +620,32 @@ TEST(ModelBadInput, TokenOutOfRangeNamesTheToken) {
   EXPECT_THROW(other.initial_state(p), titans::ShapeError);
 }
 
+// A NaN in any parameter of any block, the embedding, the final norm or the head is reported by
+// the model as that parameter, with the model's name for it.
+TEST(ModelBadInput, NonFiniteParameterIsNamed) {
+  for (bool tied : {true, false}) {
+    SCOPED_TRACE(tied ? "tied" : "untied");
+    const TitansModel<double> model(
+        small_config({BlockKind::mac, BlockKind::mag, BlockKind::mal, BlockKind::lmm, BlockKind::swa}, tied));
+    const Params<double> p = model.init(2);
+    const std::vector<int> tokens = {0, 1, 2, 3, 4, 5, 6};
+    std::vector<std::string> names;
+    p.for_each([&](const std::string& n, const auto& t) {
+      if (t.size() > 0) names.push_back(n);
+    });
+    for (const std::string& name : names) {
+      Params<double> bad = p;
+      bad.for_each([&](const std::string& n, auto& t) {
+        if (n == name) t(t.rows() - 1, 0) = std::numeric_limits<double>::quiet_NaN();
+      });
+      auto s = model.initial_state(bad);
+      const std::string m = message_of([&] { model.forward(bad, tokens, s); });
+      EXPECT_NE(m.find("parameter '" + name + "'"), std::string::npos) << m;
+      EXPECT_THROW(model.loss(bad, {tokens}, {tokens}), titans::NumericError) << name;
+    }
+  }
+}
+
 TEST(ModelBadInput, InvalidConfigNamesTheField) {
   auto expect_field = [](ModelConfig c, const std::string& field) {
     const std::string m = message_of([&] { TitansModel<double> model(c); });

@@ -20,6 +20,7 @@
 #include "common.hpp"
 #include "detail/parallel.hpp"
 #include "detail/random.hpp"
+#include "parameters.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -292,6 +293,7 @@ class Attention {
       }
     });
     Mat out = p.w_o * a;
+    detail::check_finite_output(where, p, out);
     if (cache) {
       cache->xq = xq;
       cache->xkv = xkv;

@@ -319,7 +319,8 @@ class Block {
 
   /// \brief Runs T tokens through the block, continuing `state`: returns (D, T).
   Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const {
-    return run("titans::Block::forward", p, x, state, nullptr);
+    constexpr const char* where = "titans::Block::forward";
+    return detail::naming_bad_parameters(where, p, [&] { return run(where, p, x, state, nullptr); });
   }
 
   /// \brief One decode step; identical to forward on a single column.
@@ -330,8 +331,9 @@ class Block {
 
   /// \brief forward that also fills `cache` for backward.
   Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const {
+    constexpr const char* where = "titans::Block::forward_train";
     cache = Cache{};
-    return run("titans::Block::forward_train", p, x, state, &cache);
+    return detail::naming_bad_parameters(where, p, [&] { return run(where, p, x, state, &cache); });
   }
 
   /// \brief Backward of forward_train: adds dL/d(params) into grads and dL/dx into dx (D, T).
@@ -412,6 +414,7 @@ class Block {
     const Mat hmid = (a1.array() / (Scalar(1) + (-a1.array()).exp()) * a3.array()).matrix();
     Mat out = x1;
     out.noalias() += p.ffn_w2 * hmid;
+    detail::check_finite_output(where, p, out);
     state.position += T;
     if (c) {
       c->x = x;
@@ -777,10 +780,13 @@ class BlockStack {
   }
 
   Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const {
-    check_sizes("titans::BlockStack::forward", p, state);
-    Mat h = x;
-    for (std::size_t i = 0; i < blocks_.size(); ++i) h = blocks_[i].forward(p.blocks[i], h, state.blocks[i]);
-    return h;
+    constexpr const char* where = "titans::BlockStack::forward";
+    check_sizes(where, p, state);
+    return detail::naming_bad_parameters(where, p, [&] {
+      Mat h = x;
+      for (std::size_t i = 0; i < blocks_.size(); ++i) h = blocks_[i].forward(p.blocks[i], h, state.blocks[i]);
+      return h;
+    });
   }
 
   Vector<Scalar> step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const {
@@ -789,12 +795,15 @@ class BlockStack {
   }
 
   Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const {
-    check_sizes("titans::BlockStack::forward_train", p, state);
+    constexpr const char* where = "titans::BlockStack::forward_train";
+    check_sizes(where, p, state);
     cache.assign(blocks_.size(), BlockCache<Scalar>{});
-    Mat h = x;
-    for (std::size_t i = 0; i < blocks_.size(); ++i)
-      h = blocks_[i].forward_train(p.blocks[i], h, state.blocks[i], cache[i]);
-    return h;
+    return detail::naming_bad_parameters(where, p, [&] {
+      Mat h = x;
+      for (std::size_t i = 0; i < blocks_.size(); ++i)
+        h = blocks_[i].forward_train(p.blocks[i], h, state.blocks[i], cache[i]);
+      return h;
+    });
   }
 
   /// Adds dL/d(params) into grads and dL/dx into dx (D, T).

@@ -260,9 +260,13 @@ class TitansModel {
   Mat forward(const Params& p, const std::vector<int>& tokens, State& state) const {
     constexpr const char* where = "titans::TitansModel::forward";
     check_params(p, where);
-    const Mat h = stack_.forward(p.blocks, embed(where, p, tokens), state.blocks);
-    state.position += static_cast<Index>(tokens.size());
-    return head(p, h, nullptr, nullptr);
+    return detail::naming_bad_parameters(where, p, [&] {
+      const Mat h = stack_.forward(p.blocks, embed(where, p, tokens), state.blocks);
+      state.position += static_cast<Index>(tokens.size());
+      Mat logits = head(p, h, nullptr, nullptr);
+      detail::check_finite_output(where, p, logits);
+      return logits;
+    });
   }
 
   /// \brief One decode step: the logits (V) after `token`. Equal to the prefill logits.
@@ -275,9 +279,13 @@ class TitansModel {
     constexpr const char* where = "titans::TitansModel::forward_train";
     check_params(p, where);
     cache.tokens = tokens;
-    cache.h = stack_.forward_train(p.blocks, embed(where, p, tokens), state.blocks, cache.blocks);
-    state.position += static_cast<Index>(tokens.size());
-    return head(p, cache.h, &cache.rinv, &cache.u);
+    return detail::naming_bad_parameters(where, p, [&] {
+      cache.h = stack_.forward_train(p.blocks, embed(where, p, tokens), state.blocks, cache.blocks);
+      state.position += static_cast<Index>(tokens.size());
+      Mat logits = head(p, cache.h, &cache.rinv, &cache.u);
+      detail::check_finite_output(where, p, logits);
+      return logits;
+    });
   }
 
   /// \brief Adds dL/d(params) into grads, given dL/dlogits (V, T).

@@ -24,6 +24,7 @@
 #include "memory_backward.hpp"
 #include "memory_kernel.hpp"
 #include "memory_model.hpp"
+#include "parameters.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -369,8 +370,10 @@ class NeuralMemory {
                                        y.middleRows(h * d, d));
     });
     state.position += x.cols();
-    check_diverged("titans::NeuralMemory::forward", y);
-    return output(p, x, y, nullptr);
+    check_diverged(where, p, y);
+    Mat o = output(p, x, y, nullptr);
+    detail::check_finite_output(where, p, o);
+    return o;
   }
 
   /// \brief forward that also fills `cache` for backward (same outputs and state advance).
@@ -399,8 +402,10 @@ class NeuralMemory {
                                         cache.y.middleRows(h * d, d));
     });
     state.position += x.cols();
-    check_diverged("titans::NeuralMemory::forward_train", cache.y);
-    return output(p, x, cache.y, &cache);
+    check_diverged(where, p, cache.y);
+    Mat o = output(p, x, cache.y, &cache);
+    detail::check_finite_output(where, p, o);
+    return o;
   }
 
   /// \brief Backward of forward_train, through the test-time updates (second order).
@@ -613,10 +618,12 @@ class NeuralMemory {
     }
   }
 
-  // The memory's reads are non-finite only when its test-time updates diverged.
-  void check_diverged(const char* where, const Mat& y) const {
-    if (!y.allFinite())
-      detail::raise<NumericError>(where, "the memory's test-time updates diverged (its reads are not finite): the ",
+  // With finite inputs and parameters, the memory's reads are non-finite only when its
+  // test-time updates diverged.
+  void check_diverged(const char* where, const Params& p, const Mat& y) const {
+    if (y.allFinite()) return;
+    check_finite_tensors(where, "parameter", p);
+    detail::raise<NumericError>(where, "the memory's test-time updates diverged (its reads are not finite): the ",
                                   "effective step θ·chunk_size times the inner loss's curvature is too large; lower ",
                                   "theta_max (now ", cfg_.theta_max, ") or chunk_size (now ", cfg_.chunk_size,
                                   "), or use a shallower memory");

@@ -80,6 +80,41 @@ void check_same_layout(const char* where, const P& a, const P& b) {
   }
 }
 
+/// \brief Throws NumericError naming the first tensor of `set` that holds a NaN or an
+/// infinity, and the entry: "<kind> '<name>' has a non-finite value … at (i, j)".
+template <class P>
+void check_finite_tensors(const char* where, const char* kind, const P& set) {
+  set.for_each([&](const std::string& name, const auto& t) {
+    if (!t.allFinite()) detail::check_finite(where, (std::string(kind) + " '" + name + "'").c_str(), t);
+  });
+}
+
+namespace detail {
+
+/// Runs fn() and returns its result. Parameters are not scanned on every call (a decode step
+/// would pay for it); only when fn throws NumericError are they looked at, and a non-finite
+/// parameter, the cause, is then named instead; otherwise the error is rethrown unchanged.
+template <class P, class Fn>
+decltype(auto) naming_bad_parameters(const char* where, const P& params, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const NumericError&) {
+    check_finite_tensors(where, "parameter", params);
+    throw;
+  }
+}
+
+/// Throws NumericError if the output of a layer whose inputs were checked is not finite: a
+/// non-finite parameter is named if there is one, otherwise the output entry.
+template <class P, class Derived>
+void check_finite_output(const char* where, const P& params, const Eigen::DenseBase<Derived>& out) {
+  if (out.allFinite()) return;
+  check_finite_tensors(where, "parameter", params);
+  check_finite(where, "the output (inputs and parameters are finite: an overflow)", out);
+}
+
+}  // namespace detail
+
 /// \brief dst += src, tensor by tensor (same names and shapes, checked).
 template <class P>
 void add_to(P& dst, const P& src) {
