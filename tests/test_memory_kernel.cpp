@@ -121,6 +121,50 @@ TEST(DualForm, TokenLoopIsChunkSizeOne) {
   EXPECT_GT(rel_err(chunked, y), 1e-6);
 }
 
+// Decoding one token per call across many chunks: the chunk-start copy of Θ lives in the same
+// storage for every chunk (no free and re-allocation per chunk), and the outputs and state equal
+// one call's.
+TEST(MemoryKernel, DecodeReusesChunkStartStorage) {
+  MemoryConfig cfg;
+  cfg.dim = 6;
+  cfg.depth = 2;
+  cfg.expansion = 2;
+  const Index b = 4, T = 23;
+  const Problem p = make_problem(cfg.dim, T, 11);
+  const auto init = titans::init_memory_weights<double>(cfg, 5);
+  auto one = titans::make_memory_state(cfg, init);
+  const Mat<double> y1 = titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, one);
+  auto st = titans::make_memory_state(cfg, init);
+  Mat<double> y(cfg.dim, T);
+  const double* storage = nullptr;
+  std::vector<Mat<double>> held;
+  held.reserve(64);
+  for (Index t = 0; t < T; ++t) {
+    y.col(t) = titans::memory_forward<double>(cfg, b, p.k.middleCols(t, 1), p.v.middleCols(t, 1),
+                                              p.q.middleCols(t, 1), p.alpha.segment(t, 1), p.eta.segment(t, 1),
+                                              p.theta.segment(t, 1), st);
+    const bool inside = (t + 1) % b != 0;
+    ASSERT_EQ(st.chunk_start.empty(), !inside) << "token " << t;
+    // Take any block a freed chunk_start would have left, so a re-allocation shows as a new address.
+    if (!inside)
+      for (int copies = 0; copies < 4; ++copies)
+        for (const auto& w : st.weights) held.push_back(Mat<double>::Zero(w.rows(), w.cols()));
+    if (inside) {
+      if (!storage) storage = st.chunk_start[0].data();
+      EXPECT_EQ(st.chunk_start[0].data(), storage) << "token " << t << ": chunk_start was re-allocated";
+    }
+  }
+  EXPECT_LT(rel_err(y, y1), 1e-12);
+  for (std::size_t l = 0; l < st.weights.size(); ++l) {
+    EXPECT_LT(rel_err(st.weights[l], one.weights[l]), 1e-12);
+    EXPECT_LT(rel_err(st.momentum[l], one.momentum[l]), 1e-12);
+  }
+  // The spare storage is not part of the state's tensors.
+  std::vector<std::string> names;
+  st.for_each([&](const std::string& n, const auto&) { names.push_back(n); });
+  EXPECT_EQ(names.size(), 2 * st.weights.size() + st.chunk_start.size());
+}
+
 TEST(ChunkCoefficients, MatchDefinitions) {
   const Index n = 7;
   const Problem p = make_problem(2, n, 21, 1);

@@ -507,11 +507,15 @@ void memory_forward_train_into(const MemoryConfig& cfg, Index chunk_size, const 
   cache.checkpoints.resize(static_cast<std::size_t>(std::max<Index>(1, segments)));
   cache.tapes.resize(static_cast<std::size_t>(segments));
   cache.checkpoints[0] = state;  // also the T = 0 case: backward needs the state's shapes
+  cache.checkpoints[0].chunk_start_storage.clear();  // spare storage, not worth keeping per checkpoint
 
   detail::KernelWorkspace<Scalar> ws(cfg.depth);
   for (Index s = 0; s < m; ++s) {
     const auto seg = static_cast<std::size_t>(s / r);
-    if (s % r == 0 && s > 0) cache.checkpoints[seg] = state;
+    if (s % r == 0 && s > 0) {
+      cache.checkpoints[seg] = state;
+      cache.checkpoints[seg].chunk_start_storage.clear();
+    }
     const bool last_of_segment = s % r == r - 1 || s == m - 1;
     const Index t = cache.starts[static_cast<std::size_t>(s)];
     const Index n = cache.starts[static_cast<std::size_t>(s) + 1] - t;

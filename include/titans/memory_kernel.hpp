@@ -39,6 +39,10 @@ struct MemoryState {
   std::vector<Matrix<Scalar>> momentum;     ///< S after the last written token; shapes of weights
   std::vector<Matrix<Scalar>> chunk_start;  ///< Θ⁰ of the chunk in progress, empty at a chunk boundary
   Index position = 0;                       ///< tokens written since the state was made
+  /// Storage of `chunk_start` kept between chunks, so that decoding does not free and allocate a
+  /// copy of Θ at every chunk (which page-faults once glibc returns it to the OS). Not part of
+  /// the state's value: never enumerated, saved or checked.
+  std::vector<Matrix<Scalar>> chunk_start_storage;
 
   /// Enumerates the tensors (for checkpoints of a session): "weights.w1", "momentum.w1", …
   TITANS_DEFINE_FOR_EACH()
@@ -217,7 +221,11 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
 
   // Advance the state to the end of the sub-chunk:
   //   W_l ← β_n W_l + c_n S_l − (Δ_l diag(A_{n,·})) A_{l−1}ᵀ,   S_l ← P_{n0} S_l − (Δ_l diag(θ_i P_{ni})) A_{l−1}ᵀ.
-  if (offset == 0 && ends_inside) state.chunk_start = state.weights;  // Θ⁰ for the rest of this chunk
+  if (offset == 0 && ends_inside) {  // keep Θ⁰ for the rest of this chunk, in the storage of an earlier one
+    state.chunk_start.swap(state.chunk_start_storage);
+    state.chunk_start.resize(state.weights.size());
+    for (std::size_t l = 0; l < state.weights.size(); ++l) state.chunk_start[l] = state.weights[l];
+  }
   const Scalar beta_n = co.beta(n - 1), c_n = co.c(n - 1), p_n = co.p_n0;
   // Up to this many tokens (decoding), W_l and S_l are updated in one pass, column by column:
   // the update is then memory-bound and the GEMM form would stream both matrices 2–3 times
@@ -248,7 +256,10 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
     }
   }
   state.position += n;
-  if (!ends_inside) state.chunk_start.clear();
+  if (!ends_inside && !state.chunk_start.empty()) {
+    state.chunk_start_storage.swap(state.chunk_start);
+    state.chunk_start.clear();
+  }
 }
 
 /// The kernel without argument checks (callers have checked).
