@@ -393,32 +393,30 @@ int main(int argc, char** argv) {
     const Model* sampler = &model;
     const Params* sampler_params = &params;
 #if CHAR_LM_CHECKPOINTS
-    std::unique_ptr<Model> reloaded;
-    Params reloaded_params;
+    std::unique_ptr<titans::LoadedModel<float>> reloaded;
     if (o.save) {
-      auto meta = titans::to_metadata(cfg);
-      meta["char_lm.vocabulary"] = "bytes";
-      meta["char_lm.steps"] = std::to_string(o.steps);
-      meta["char_lm.text"] = o.text;
-      meta["char_lm.val_loss"] = std::to_string(last_val);
-      titans::save_checkpoint(o.checkpoint, params, meta);
+      titans::save_model(o.checkpoint, model, params,
+                         {{"char_lm.vocabulary", "bytes"},
+                          {"char_lm.steps", std::to_string(o.steps)},
+                          {"char_lm.text", o.text},
+                          {"char_lm.val_loss", std::to_string(last_val)}});
       // Rebuild the model from the file alone: config from its metadata, then the tensors.
-      const titans::ModelConfig cfg2 = titans::model_config_from_metadata(titans::read_checkpoint_metadata(o.checkpoint));
-      reloaded = std::make_unique<Model>(cfg2);
-      reloaded_params = reloaded->init(0);  // shapes only; every tensor is overwritten
-      const auto meta2 = titans::load_checkpoint(o.checkpoint, reloaded_params);
-      const double val2 = reloaded->loss(reloaded_params, val_in, val_tg);
+      reloaded = std::make_unique<titans::LoadedModel<float>>(titans::load_model<float>(o.checkpoint));
+      const Model& model2 = reloaded->model;
+      const Params& reloaded_params = reloaded->params;
+      const double val2 = model2.loss(reloaded_params, val_in, val_tg);
       const bool same = std::abs(val2 - last_val) <= 1e-6 * std::max(1.0, std::abs(last_val));
       std::printf("checkpoint: saved %s (%ld tensors); reloaded from its metadata (%s blocks, D %ld): validation loss "
                   "%.6f vs %.6f %s\n",
                   o.checkpoint.c_str(), static_cast<long>(titans::parameter_names(params).size()),
-                  meta2.at("model.layers").c_str(), static_cast<long>(cfg2.block.dim), val2, last_val,
+                  reloaded->metadata.at("model.layers").c_str(), static_cast<long>(reloaded->config.block.dim), val2,
+                  last_val,
                   same ? "(same)" : "(DIFFERENT)");
       if (!same) {
         std::fprintf(stderr, "char_lm: the reloaded model's validation loss differs\n");
         return 1;
       }
-      sampler = reloaded.get();
+      sampler = &model2;
       sampler_params = &reloaded_params;
     } else {
       std::printf("checkpoint: not saved (--no-checkpoint)\n");

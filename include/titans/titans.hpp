@@ -20,4 +20,5 @@
 // them out even when it is installed.
 #if !defined(TITANS_NO_CHECKPOINT) && __has_include(<nlohmann/json.hpp>)
 #include "checkpoint.hpp"
+#include "model_checkpoint.hpp"
 #endif
