@@ -18,6 +18,8 @@
 //   char_lm --text notes.txt --block mag --layers 3 --steps 2000 --sample 500
 #include <titans/titans.hpp>
 
+#include "cli.hpp"
+
 #if !defined(TITANS_NO_CHECKPOINT) && __has_include(<nlohmann/json.hpp>)
 #define CHAR_LM_CHECKPOINTS 1
 #else
@@ -122,96 +124,56 @@ void usage(const char* argv0) {
       argv0, CHAR_LM_CHECKPOINTS ? "available" : "NOT available (needs nlohmann/json)");
 }
 
+// A bad setting found after parsing (the text file, the model config).
 [[noreturn]] void bad(const std::string& msg) {
-  std::fprintf(stderr, "char_lm: %s (try --help)\n", msg.c_str());
+  std::fprintf(stderr, "char_lm: %s (see --help)\n", msg.c_str());
   std::exit(2);
-}
-
-long parse_long(const std::string& opt, const std::string& s, long lo, long hi) {
-  char* end = nullptr;
-  errno = 0;
-  const long long v = std::strtoll(s.c_str(), &end, 10);
-  if (s.empty() || end != s.c_str() + s.size() || errno == ERANGE)
-    bad(opt + " expects an integer, got '" + s + "'");
-  if (v < lo || v > hi)
-    bad(opt + " is " + s + ", expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-  return static_cast<long>(v);
-}
-
-std::string short_number(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%g", v);
-  return buf;
-}
-
-double parse_double(const std::string& opt, const std::string& s, double lo, bool lo_open, double hi) {
-  char* end = nullptr;
-  errno = 0;
-  const double v = std::strtod(s.c_str(), &end);
-  if (s.empty() || end != s.c_str() + s.size() || errno == ERANGE || !std::isfinite(v))
-    bad(opt + " expects a finite number, got '" + s + "'");
-  if ((lo_open ? !(v > lo) : !(v >= lo)) || !(v <= hi))
-    bad(opt + " is " + s + ", expected a value in " + (lo_open ? "(" : "[") + short_number(lo) + ", " +
-        short_number(hi) + "]");
-  return v;
 }
 
 Options parse_args(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      usage(argv[0]);
-      std::exit(0);
-    }
-    if (a == "--no-checkpoint") {
-      o.save = false;
-      continue;
-    }
-    if (a.rfind("--", 0) != 0) bad("unexpected argument '" + a + "'");
-    if (i + 1 >= argc) bad(a + " needs a value");
-    const std::string v = argv[++i];
-    constexpr long big = 1L << 30;
-    if (a == "--text") o.text = v;
-    else if (a == "--block") o.block = v;
-    else if (a == "--layers") o.layers = parse_long(a, v, 1, 64);
-    else if (a == "--dim") o.dim = parse_long(a, v, 2, 4096);
-    else if (a == "--heads") o.heads = parse_long(a, v, 1, 4096);
-    else if (a == "--window") o.window = parse_long(a, v, 1, big);
-    else if (a == "--segment") o.segment = parse_long(a, v, 1, big);
-    else if (a == "--chunk") o.chunk = parse_long(a, v, 1, 1L << 16);
-    else if (a == "--memory-depth") o.depth = parse_long(a, v, 1, 8);
-    else if (a == "--expansion") o.expansion = parse_long(a, v, 1, 64);
-    else if (a == "--theta-max") o.theta_max = parse_double(a, v, 0, true, 100);
-    else if (a == "--seq") o.seq = parse_long(a, v, 1, 1L << 20);
-    else if (a == "--batch") o.batch = parse_long(a, v, 1, 1L << 16);
-    else if (a == "--steps") o.steps = parse_long(a, v, 1, big);
-    else if (a == "--lr") o.lr = parse_double(a, v, 0, true, 1);
-    else if (a == "--weight-decay") o.weight_decay = parse_double(a, v, 0, false, 10);
-    else if (a == "--seed") o.seed = static_cast<unsigned long long>(parse_long(a, v, 0, std::numeric_limits<long>::max()));
-    else if (a == "--eval-every") o.eval_every = parse_long(a, v, 1, big);
-    else if (a == "--log-every") o.log_every = parse_long(a, v, 1, big);
-    else if (a == "--val-windows") o.val_windows = parse_long(a, v, 1, 1L << 16);
-    else if (a == "--checkpoint") {
-      if (v.empty()) bad("--checkpoint needs a non-empty path (or use --no-checkpoint)");
-      const std::filesystem::path dir = std::filesystem::path(v).parent_path();
-      std::error_code ec;
-      if (!dir.empty() && !std::filesystem::is_directory(dir, ec))
-        bad("--checkpoint " + v + ": the directory '" + dir.string() + "' does not exist");
-      o.checkpoint = v;
-    } else if (a == "--sample") o.sample = parse_long(a, v, 0, 1L << 24);
-    else if (a == "--temperature") o.temperature = parse_double(a, v, 0, false, 100);
-    else if (a == "--top-k") o.top_k = parse_long(a, v, 0, kVocab);
-    else if (a == "--prompt") {
-      if (v.empty()) bad("--prompt needs at least one character");
-      o.prompt = v;
-    } else bad("unknown option '" + a + "'");
-  }
+  constexpr long big = 1L << 30;
+  titans_example::Cli cli("char_lm", [&] { usage(argv[0]); });
+  cli.text("--text", o.text)
+      .text("--block", o.block)
+      .integer("--layers", o.layers, 1, 64)
+      .integer("--dim", o.dim, 2, 4096)
+      .integer("--heads", o.heads, 1, 4096)
+      .integer("--window", o.window, 1, big)
+      .integer("--segment", o.segment, 1, big)
+      .integer("--chunk", o.chunk, 1, 1L << 16)
+      .integer("--memory-depth", o.depth, 1, 8)
+      .integer("--expansion", o.expansion, 1, 64)
+      .real("--theta-max", o.theta_max, 0, 100, /*lo_open=*/true)
+      .integer("--seq", o.seq, 1, 1L << 20)
+      .integer("--batch", o.batch, 1, 1L << 16)
+      .integer("--steps", o.steps, 1, big)
+      .real("--lr", o.lr, 0, 1, /*lo_open=*/true)
+      .real("--weight-decay", o.weight_decay, 0, 10)
+      .integer("--seed", o.seed, 0, std::numeric_limits<long>::max())
+      .integer("--eval-every", o.eval_every, 1, big)
+      .integer("--log-every", o.log_every, 1, big)
+      .integer("--val-windows", o.val_windows, 1, 1L << 16)
+      .custom("--checkpoint",
+              [&](const std::string& v) {
+                if (v.empty()) cli.fail("--checkpoint needs a non-empty path (or use --no-checkpoint)");
+                const std::filesystem::path dir = std::filesystem::path(v).parent_path();
+                std::error_code ec;
+                if (!dir.empty() && !std::filesystem::is_directory(dir, ec))
+                  cli.fail("--checkpoint " + v + ": the directory '" + dir.string() + "' does not exist");
+                o.checkpoint = v;
+              })
+      .flag("--no-checkpoint", o.save, false)
+      .integer("--sample", o.sample, 0, 1L << 24)
+      .real("--temperature", o.temperature, 0, 100)
+      .integer("--top-k", o.top_k, 0, kVocab)
+      .text("--prompt", o.prompt);
+  cli.parse(argc, argv);
   if (o.block != "lmm" && o.block != "mac" && o.block != "mag" && o.block != "mal" && o.block != "swa")
-    bad("--block is '" + o.block + "', expected one of lmm, mac, mag, mal, swa");
+    cli.fail("--block is '" + o.block + "', expected one of lmm, mac, mag, mal, swa");
   if (o.dim % o.heads != 0 || (o.dim / o.heads) % 2 != 0)
-    bad("--heads " + std::to_string(o.heads) + " with --dim " + std::to_string(o.dim) +
-        ": the head width dim/heads must be a whole even number");
+    cli.fail("--heads " + std::to_string(o.heads) + " with --dim " + std::to_string(o.dim) +
+             ": the head width dim/heads must be a whole even number");
   return o;
 }
 

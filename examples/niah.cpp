@@ -14,6 +14,8 @@
 // Prints the accuracy table, writes it as CSV and, when gnuplot is installed, draws it as PNG.
 #include <titans/titans.hpp>
 
+#include "cli.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -75,79 +77,30 @@ void usage(const char* argv0) {
       argv0);
 }
 
-bool parse_long(const char* s, long lo, long hi, long& out) {
-  char* end = nullptr;
-  const long v = std::strtol(s, &end, 10);
-  if (end == s || *end != '\0' || v < lo || v > hi) return false;
-  out = v;
-  return true;
-}
-
-bool parse_args(int argc, char** argv, Options& o) {
-  auto bad = [&](const std::string& msg) {
-    std::fprintf(stderr, "%s: %s (see --help)\n", argv[0], msg.c_str());
-    return false;
-  };
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      usage(argv[0]);
-      std::exit(0);
-    }
-    if (a == "--quiet") {
-      o.quiet = true;
-      continue;
-    }
-    if (i + 1 >= argc) return bad("option " + a + " needs a value");
-    const char* v = argv[++i];
-    struct L {
-      const char* name;
-      long* dst;
-      long lo, hi;
-    };
-    const L longs[] = {{"--span", &o.span, 2, 4096},       {"--dim", &o.dim, 4, 4096},
-                       {"--layers", &o.layers, 1, 64},     {"--heads", &o.heads, 1, 64},
-                       {"--steps", &o.steps, 0, 10000000}, {"--batch", &o.batch, 1, 100000},
-                       {"--train-min", &o.train_min, 1, 1024}, {"--train-max", &o.train_max, 1, 1024},
-                       {"--eval-max", &o.eval_max, 1, 4096}, {"--eval-n", &o.eval_n, 1, 1000000},
-                       {"--values", &o.values, 2, 4096}, {"--mem-depth", &o.mem_depth, 1, 8}};
-    bool done = false;
-    for (const L& l : longs) {
-      if (a == l.name) {
-        if (!parse_long(v, l.lo, l.hi, *l.dst))
-          return bad(a + " expects an integer in [" + std::to_string(l.lo) + ", " + std::to_string(l.hi) + "], got '" +
-                     v + "'");
-        done = true;
-      }
-    }
-    if (done) continue;
-    if (a == "--theta-max") {
-      char* end = nullptr;
-      o.theta_max = std::strtod(v, &end);
-      if (end == v || *end != '\0' || !(o.theta_max > 0) || !std::isfinite(o.theta_max))
-        return bad("--theta-max expects a positive number, got '" + std::string(v) + "'");
-    } else if (a == "--lr") {
-      char* end = nullptr;
-      o.lr = std::strtod(v, &end);
-      if (end == v || *end != '\0' || !(o.lr > 0) || !std::isfinite(o.lr))
-        return bad("--lr expects a positive number, got '" + std::string(v) + "'");
-    } else if (a == "--seed") {
-      long s = 0;
-      if (!parse_long(v, 0, 2147483647L, s)) return bad("--seed expects a non-negative integer, got '" + std::string(v) + "'");
-      o.seed = static_cast<unsigned long>(s);
-    } else if (a == "--csv") {
-      o.csv = v;
-    } else if (a == "--png") {
-      o.png = v;
-    } else {
-      return bad("unknown option " + a);
-    }
-  }
-  if (o.train_max < o.train_min) return bad("--train-max must be >= --train-min");
-  if ((o.eval_max & (o.eval_max - 1)) != 0) return bad("--eval-max must be a power of two");
-  if (o.dim % o.heads != 0 || (o.dim / o.heads) % 2 != 0)
-    return bad("--heads must divide --dim into an even head width");
-  return true;
+void parse_args(int argc, char** argv, Options& o) {
+  titans_example::Cli cli("niah", [&] { usage(argv[0]); });
+  cli.integer("--span", o.span, 2, 4096)
+      .integer("--dim", o.dim, 4, 4096)
+      .integer("--layers", o.layers, 1, 64)
+      .integer("--heads", o.heads, 1, 64)
+      .integer("--steps", o.steps, 0, 10000000)
+      .integer("--batch", o.batch, 1, 100000)
+      .integer("--train-min", o.train_min, 1, 1024)
+      .integer("--train-max", o.train_max, 1, 1024)
+      .integer("--eval-max", o.eval_max, 1, 4096)
+      .integer("--eval-n", o.eval_n, 1, 1000000)
+      .integer("--values", o.values, 2, 4096)
+      .integer("--mem-depth", o.mem_depth, 1, 8)
+      .real("--theta-max", o.theta_max, 0, 100, /*lo_open=*/true)
+      .real("--lr", o.lr, 0, 1, /*lo_open=*/true)
+      .integer("--seed", o.seed, 0, 2147483647L)
+      .text("--csv", o.csv, /*allow_empty=*/true)
+      .text("--png", o.png, /*allow_empty=*/true)
+      .flag("--quiet", o.quiet);
+  cli.parse(argc, argv);
+  if (o.train_max < o.train_min) cli.fail("--train-max must be >= --train-min");
+  if ((o.eval_max & (o.eval_max - 1)) != 0) cli.fail("--eval-max must be a power of two");
+  if (o.dim % o.heads != 0 || (o.dim / o.heads) % 2 != 0) cli.fail("--heads must divide --dim into an even head width");
 }
 
 // Token layout: [0, noise) distractors, then keys, then values, then NEEDLE and QUERY.
@@ -270,7 +223,7 @@ double evaluate(const Options& o, const Vocab& voc, const Model& model, const ti
 
 int main(int argc, char** argv) {
   Options o;
-  if (!parse_args(argc, argv, o)) return 2;
+  parse_args(argc, argv, o);
   const Vocab voc{o.noise, o.keys, o.values};
   const auto t0 = std::chrono::steady_clock::now();
   std::printf("Needle in a haystack: span (MAC segment = SWA window) %ld, D = %ld, %ld layers, %ld values (chance %.3f)\n",

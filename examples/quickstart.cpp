@@ -10,6 +10,8 @@
 // the linear memory cannot hold more than d pairs; the deep one keeps going.
 #include <titans/titans.hpp>
 
+#include "cli.hpp"
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -36,14 +38,6 @@ void usage(const char* argv0) {
       "  --max-pairs n  largest N (default 256, >= 1)\n"
       "  --seed s       random seed (default 1)\n",
       argv0);
-}
-
-bool parse_long(const char* s, long lo, long& out) {
-  char* end = nullptr;
-  const long v = std::strtol(s, &end, 10);
-  if (end == s || *end != '\0' || v < lo) return false;
-  out = v;
-  return true;
 }
 
 // Parameters that route the key half to keys and queries and the value half to values,
@@ -101,27 +95,12 @@ double recall_error(long d, long depth, long pairs, long passes, std::uint64_t s
 
 int main(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const bool has_value = i + 1 < argc;
-    long v = 0;
-    if (a == "--help" || a == "-h") {
-      usage(argv[0]);
-      return 0;
-    } else if (a == "--dim" && has_value && parse_long(argv[i + 1], 2, v)) {
-      o.dim = v;
-    } else if (a == "--passes" && has_value && parse_long(argv[i + 1], 1, v)) {
-      o.passes = v;
-    } else if (a == "--max-pairs" && has_value && parse_long(argv[i + 1], 1, v)) {
-      o.max_pairs = v;
-    } else if (a == "--seed" && has_value && parse_long(argv[i + 1], 0, v)) {
-      o.seed = static_cast<unsigned long>(v);
-    } else {
-      std::fprintf(stderr, "quickstart: bad or incomplete argument '%s' (try --help)\n", a.c_str());
-      return 2;
-    }
-    ++i;
-  }
+  titans_example::Cli cli("quickstart", [&] { usage(argv[0]); });
+  cli.integer("--dim", o.dim, 2, 4096)
+      .integer("--passes", o.passes, 1, 1000000)
+      .integer("--max-pairs", o.max_pairs, 1, 1000000)
+      .integer("--seed", o.seed, 0, 2147483647L);
+  cli.parse(argc, argv);
 
   std::printf("titans quickstart: test-time memorisation of key/value pairs\n");
   std::printf("d = %ld, %ld passes, keys and values N(0, 1), memory written by the layer's forward\n\n", o.dim,

@@ -12,6 +12,8 @@
 // of queries whose output is nearest (by dot product) to the right value's embedding.
 #include <titans/titans.hpp>
 
+#include "cli.hpp"
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -105,51 +107,20 @@ double accuracy(const titans::NeuralMemory<double>& layer, const titans::NeuralM
   return static_cast<double>(right) / static_cast<double>(total);
 }
 
-bool parse(const char* s, double lo, double& out) {
-  char* end = nullptr;
-  const double v = std::strtod(s, &end);
-  if (end == s || *end != '\0' || !(v >= lo)) return false;
-  out = v;
-  return true;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      usage(argv[0]);
-      return 0;
-    }
-    double v = 0;
-    const bool ok = i + 1 < argc && parse(argv[i + 1], a == "--lr" ? 1e-12 : (a == "--seed" ? 0 : 1), v);
-    if (!ok) {
-      std::fprintf(stderr, "train_memory: bad or incomplete argument '%s' (try --help)\n", a.c_str());
-      return 2;
-    }
-    if (a == "--steps") o.steps = static_cast<long>(v);
-    else if (a == "--batch") o.batch = static_cast<long>(v);
-    else if (a == "--pairs") o.pairs = static_cast<long>(v);
-    else if (a == "--dim") o.dim = static_cast<long>(v);
-    else if (a == "--lr") o.lr = v;
-    else if (a == "--eval") o.eval = static_cast<long>(v);
-    else if (a == "--seed") o.seed = static_cast<unsigned long>(v);
-    else {
-      std::fprintf(stderr, "train_memory: unknown argument '%s' (try --help)\n", a.c_str());
-      return 2;
-    }
-    ++i;
-  }
-  if (o.dim % 2 != 0 || o.dim < 4) {
-    std::fprintf(stderr, "train_memory: --dim must be even and >= 4, got %ld\n", o.dim);
-    return 2;
-  }
-  if (o.pairs > o.keys) {
-    std::fprintf(stderr, "train_memory: --pairs must be <= %ld (the number of keys), got %ld\n", o.keys, o.pairs);
-    return 2;
-  }
+  titans_example::Cli cli("train_memory", [&] { usage(argv[0]); });
+  cli.integer("--steps", o.steps, 1, 10000000)
+      .integer("--batch", o.batch, 1, 100000)
+      .integer("--pairs", o.pairs, 1, o.keys)
+      .integer("--dim", o.dim, 4, 4096)
+      .real("--lr", o.lr, 0, 1, /*lo_open=*/true)
+      .integer("--eval", o.eval, 1, 10000000)
+      .integer("--seed", o.seed, 0, 2147483647L);
+  cli.parse(argc, argv);
+  if (o.dim % 2 != 0) cli.fail("--dim must be even, got " + std::to_string(o.dim));
 
   titans::detail::Rng rng(o.seed);
   Task task;

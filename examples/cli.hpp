@@ -1,0 +1,136 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Command-line parsing shared by the examples. Each option is declared with where its value goes
+// and what it accepts; parse() fills them in, or stops the program with a message that names the
+// option and what it expects (exit code 2). --help / -h prints the usage and exits 0.
+//
+//   titans_example::Cli cli("niah", [&] { usage(argv[0]); });
+//   cli.integer("--steps", o.steps, 0, 10000000).real("--lr", o.lr, 0, 1, /*lo_open=*/true);
+//   cli.parse(argc, argv);
+//   if (o.eval_max % 2 != 0) cli.fail("--eval-max must be a power of two");
+#pragma once
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace titans_example {
+
+class Cli {
+ public:
+  /// `program` prefixes every message; `usage` prints the help text (for --help).
+  Cli(std::string program, std::function<void()> usage) : program_(std::move(program)), usage_(std::move(usage)) {}
+  Cli(const Cli&) = delete;  // the declared options refer back to this object
+  Cli& operator=(const Cli&) = delete;
+
+  /// `name value`: an integer in [lo, hi].
+  template <class Int>
+  Cli& integer(const std::string& name, Int& dst, long long lo, long long hi) {
+    return add(name, true, [this, name, &dst, lo, hi](const std::string& v) {
+      dst = static_cast<Int>(parse_integer(name, v, lo, hi));
+    });
+  }
+
+  /// `name value`: a finite number in [lo, hi], or (lo, hi] with lo_open.
+  Cli& real(const std::string& name, double& dst, double lo, double hi, bool lo_open = false) {
+    return add(name, true, [this, name, &dst, lo, hi, lo_open](const std::string& v) {
+      dst = parse_real(name, v, lo, hi, lo_open);
+    });
+  }
+
+  /// `name value`: any non-empty text, or any text at all with allow_empty.
+  Cli& text(const std::string& name, std::string& dst, bool allow_empty = false) {
+    return add(name, true, [this, name, &dst, allow_empty](const std::string& v) {
+      if (v.empty() && !allow_empty) fail(name + " needs a non-empty value");
+      dst = v;
+    });
+  }
+
+  /// A bare `name` (no value) sets dst to `value`.
+  Cli& flag(const std::string& name, bool& dst, bool value = true) {
+    return add(name, false, [&dst, value](const std::string&) { dst = value; });
+  }
+
+  /// `name value` handled by `handle`, which may call fail().
+  Cli& custom(const std::string& name, std::function<void(const std::string&)> handle) {
+    return add(name, true, std::move(handle));
+  }
+
+  void parse(int argc, char** argv) const {
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--help" || a == "-h") {
+        usage_();
+        std::exit(0);
+      }
+      const Option* opt = nullptr;
+      for (const Option& o : options_)
+        if (o.name == a) opt = &o;
+      if (!opt) fail(a.rfind("--", 0) == 0 ? "unknown option " + a : "unexpected argument '" + a + "'");
+      if (!opt->takes_value) {
+        opt->set(std::string());
+        continue;
+      }
+      if (i + 1 >= argc) fail(a + " needs a value");
+      opt->set(argv[++i]);
+    }
+  }
+
+  /// Stops the program: "<program>: <message> (see --help)" on stderr, exit code 2.
+  [[noreturn]] void fail(const std::string& message) const {
+    std::fprintf(stderr, "%s: %s (see --help)\n", program_.c_str(), message.c_str());
+    std::exit(2);
+  }
+
+ private:
+  struct Option {
+    std::string name;
+    bool takes_value;
+    std::function<void(const std::string&)> set;
+  };
+
+  Cli& add(const std::string& name, bool takes_value, std::function<void(const std::string&)> set) {
+    options_.push_back({name, takes_value, std::move(set)});
+    return *this;
+  }
+
+  static std::string number(double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", v);
+    return buf;
+  }
+
+  long long parse_integer(const std::string& name, const std::string& s, long long lo, long long hi) const {
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(s.c_str(), &end, 10);
+    if (s.empty() || end != s.c_str() + s.size() || errno == ERANGE)
+      fail(name + " expects an integer, got '" + s + "'");
+    if (v < lo || v > hi)
+      fail(name + " is " + s + ", expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return v;
+  }
+
+  double parse_real(const std::string& name, const std::string& s, double lo, double hi, bool lo_open) const {
+    char* end = nullptr;
+    errno = 0;
+    const double v = std::strtod(s.c_str(), &end);
+    if (s.empty() || end != s.c_str() + s.size() || errno == ERANGE || !std::isfinite(v))
+      fail(name + " expects a finite number, got '" + s + "'");
+    if ((lo_open ? !(v > lo) : !(v >= lo)) || !(v <= hi))
+      fail(name + " is " + s + ", expected a number in " + (lo_open ? "(" : "[") + number(lo) + ", " + number(hi) +
+           "]");
+    return v;
+  }
+
+  std::string program_;
+  std::function<void()> usage_;
+  std::vector<Option> options_;
+};
+
+}  // namespace titans_example
