@@ -923,6 +923,28 @@ TEST(BlockErrors, NonFiniteParameterIsNamed) {
   }
 }
 
+// A memory state that is no longer finite (its test-time updates diverged at the end of an
+// earlier call or segment, while that call's reads were still finite) is reported as a divergence
+// by every kind with a memory, MAC's retrieval included, not as a bad input of a later stage.
+TEST(BlockErrors, DivergedMemoryStateIsReportedAsSuch) {
+  const Mat x = random_matrix<double>(kDim, 5, 8);
+  for (BlockKind kind : {BlockKind::lmm, BlockKind::mac, BlockKind::mag, BlockKind::mal}) {
+    SCOPED_TRACE(kind_name(kind));
+    const Block<double> blk(small_config(kind));
+    const auto p = blk.init(1);
+    auto s = blk.initial_state(p);
+    s.memory.heads[1].weights[0](0, 0) = std::numeric_limits<double>::infinity();
+    expect_throw_naming<titans::NumericError>([&] { blk.forward(p, x, s); }, "diverged");
+    if (kind != BlockKind::mac) continue;
+    // MAC at a segment boundary: the next segment reads the diverged state (its snapshot) before
+    // the memory layer runs again.
+    auto s2 = blk.initial_state(p);
+    blk.forward(p, x.leftCols(4), s2);  // one whole segment
+    s2.snapshot[1][0](0, 0) = std::numeric_limits<double>::infinity();
+    expect_throw_naming<titans::NumericError>([&] { blk.forward(p, x, s2); }, "diverged");
+  }
+}
+
 // Finite parameters that overflow float are reported as an overflow, not as a bad parameter.
 TEST(BlockErrors, FloatOverflowIsReported) {
   const Block<float> blk(small_config(BlockKind::swa));

@@ -523,6 +523,13 @@ class Block {
     Mat r(D, T), rinv;
     for (Index h = 0; h < H; ++h)
       r.middleRows(h * d, d) = memory_apply<Scalar>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d));
+    // q is finite (finite inputs); a non-finite read means the memory state itself is not: its
+    // test-time updates diverged at the end of an earlier segment (its reads were still finite).
+    if (!r.allFinite())
+      detail::raise<NumericError>("titans::Block (MAC retrieval)",
+                                  "the memory's state is not finite: its test-time updates diverged; lower ",
+                                  "memory.theta_max (now ", cfg_.memory.theta_max, ") or memory.chunk_size (now ",
+                                  cfg_.memory.chunk_size, "), or use a shallower memory");
     Mat n = detail::rms_normalize<Scalar>(r, H, cfg_.memory.norm_eps, &rinv);
     Mat out = p.retrieve_gain.col(0).asDiagonal() * n;
     if (sc) {
