@@ -53,6 +53,7 @@
 // cache keeps every softmax weight: H·T²/2 floats, 2.1 GB); filter it out on small machines,
 // e.g. --benchmark_filter='-BM_BlockTrain/full/T:16384'.
 #include "bench_gemm_yardstick.hpp"
+#include "bench_process.hpp"
 
 #include <titans/blocks.hpp>
 #include <titans/memory_kernel.hpp>
@@ -62,11 +63,6 @@
 
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-
-#if defined(__unix__) || defined(__APPLE__)
-#include <sys/resource.h>
-#define TITANS_BENCH_HAVE_RUSAGE 1
 #endif
 
 #include <algorithm>
@@ -168,43 +164,15 @@ double block_forward_flops(const BlockConfig& cfg, Index T) {
 
 int g_threads = 1;
 
+using titans_bench::minor_faults;
+using titans_bench::peak_rss_mib;
+using titans_bench::reset_peak_rss;
+
 void set_threads(int n) {
   Eigen::setNbThreads(n);
 #ifdef _OPENMP
   omp_set_num_threads(n);
 #endif
-}
-
-/// Minor page faults of the process so far (0 where getrusage is unavailable).
-double minor_faults() {
-#ifdef TITANS_BENCH_HAVE_RUSAGE
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_minflt);
-#else
-  return 0;
-#endif
-}
-
-/// Resets the process's peak resident set size (Linux: "5" to /proc/self/clear_refs); false
-/// where that is not possible.
-bool reset_peak_rss() {
-  std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
-  if (!f) return false;
-  const bool ok = std::fputs("5", f) >= 0;
-  return std::fclose(f) == 0 && ok;
-}
-
-/// Peak resident set size of the process in MiB (VmHWM), -1 where unavailable.
-double peak_rss_mib() {
-  std::FILE* f = std::fopen("/proc/self/status", "r");
-  if (!f) return -1;
-  char line[256];
-  double kib = -1;
-  while (std::fgets(line, sizeof line, f))
-    if (std::strncmp(line, "VmHWM:", 6) == 0) kib = std::atof(line + 6);
-  std::fclose(f);
-  return kib < 0 ? -1 : kib / 1024.0;
 }
 
 /// Records the peak RSS of the timed loop as "peak_MiB" (the whole process's, so it includes

@@ -17,6 +17,7 @@
 // Built with EIGEN_USE_BLAS (TITANS_USE_BLAS=ON), Eigen hands its large products to OpenBLAS;
 // the run's context then names the OpenBLAS kernels in use.
 #include "bench_gemm_yardstick.hpp"
+#include "bench_process.hpp"
 
 #include <titans/memory_kernel.hpp>
 
@@ -24,11 +25,6 @@
 
 #ifdef EIGEN_USE_BLAS
 #include <cblas.h>
-#endif
-
-#if defined(__unix__) || defined(__APPLE__)
-#include <sys/resource.h>
-#define TITANS_BENCH_HAVE_RUSAGE 1
 #endif
 
 #include <cmath>
@@ -40,6 +36,7 @@ namespace {
 
 using titans::Index;
 using titans_bench::GemmYardstick;
+using titans_bench::minor_faults;
 
 // Gates of every run: α (forget), η (momentum), θ (step). θ is 0.01, not 0.05: with θ = 0.05
 // the float state of a depth-2 memory overflows to inf/NaN within T = 4096 tokens for every
@@ -114,19 +111,6 @@ bool state_is_finite(const titans::MemoryState<Scalar>& s) {
   for (const auto& m : s.momentum)
     if (!m.allFinite()) return false;
   return true;
-}
-
-/// Minor page faults of the process so far (0 where getrusage is unavailable). Eigen's GEMM
-/// allocates its packing buffers per product; when the allocator hands them back to the OS
-/// every time, each product page-faults them in again (README, "Power-of-two sizes").
-double minor_faults() {
-#ifdef TITANS_BENCH_HAVE_RUSAGE
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_minflt);
-#else
-  return 0;
-#endif
 }
 
 /// Reports page faults per iteration of the timed loop.

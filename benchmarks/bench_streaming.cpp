@@ -6,32 +6,19 @@
 //
 // Arguments: total tokens (default 1,000,000 via the registered benchmark), piece size 512,
 // D = 256, H = 1 (memory width d = 256), L = 2, E = 4, b = 64, float.
+#include "bench_process.hpp"
+
 #include <titans/titans.hpp>
 
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
-#include <fstream>
 #include <string>
 
 namespace {
 
-// Resident set size in MiB, from /proc/self/statm (Linux); -1 where unavailable.
-double rss_mib() {
-  std::ifstream f("/proc/self/statm");
-  long pages_total = 0, pages_resident = 0;
-  if (!(f >> pages_total >> pages_resident)) return -1;
-  return static_cast<double>(pages_resident) * 4096.0 / (1024.0 * 1024.0);
-}
-
-// Peak resident set size in MiB (VmHWM), -1 where unavailable.
-double peak_rss_mib() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-  return -1;
-}
+using titans_bench::peak_rss_mib;
+using titans_bench::rss_mib;
 
 void BM_StreamLayer(benchmark::State& st) {
   const long total = st.range(0), piece = st.range(1);
