@@ -157,55 +157,25 @@ class Attention {
   const AttentionConfig& config() const { return cfg_; }
 
   /// \brief Deterministic initialisation: projections N(0, 1/D).
-  Params init(std::uint64_t seed) const {
-    detail::Rng rng(seed);
-    const double sd = 1.0 / std::sqrt(static_cast<double>(cfg_.dim));
-    Params p;
-    for (Mat* m : {&p.w_q, &p.w_k, &p.w_v, &p.w_o}) {
-      m->resize(cfg_.dim, cfg_.dim);
-      rng.fill_normal(*m, sd);
-    }
-    return p;
-  }
+  Params init(std::uint64_t seed) const;
 
-  void check_params(const Params& p, const char* where = "titans::Attention::check_params") const {
-    detail::check_shape(where, "params.w_q", p.w_q, cfg_.dim, cfg_.dim);
-    detail::check_shape(where, "params.w_k", p.w_k, cfg_.dim, cfg_.dim);
-    detail::check_shape(where, "params.w_v", p.w_v, cfg_.dim, cfg_.dim);
-    detail::check_shape(where, "params.w_o", p.w_o, cfg_.dim, cfg_.dim);
-  }
+  void check_params(const Params& p, const char* where = "titans::Attention::check_params") const;
 
   /// \brief An empty KV cache at position 0.
-  State initial_state() const {
-    State s;
-    s.k.resize(cfg_.dim, 0);
-    s.v.resize(cfg_.dim, 0);
-    return s;
-  }
+  State initial_state() const;
 
-  void check_state(const State& s, const char* where = "titans::Attention::check_state") const {
-    detail::check_shape(where, "state.k", s.k, cfg_.dim, -1);
-    detail::check_shape(where, "state.v", s.v, cfg_.dim, s.k.cols());
-    if (s.position < 0) detail::raise<InvalidArgument>(where, "state.position is ", s.position, ", expected >= 0");
-    if (cfg_.window > 0 && s.k.cols() > cfg_.window - 1)
-      detail::raise<InvalidArgument>(where, "state holds ", s.k.cols(), " cached tokens, a window of ", cfg_.window,
-                                     " keeps at most ", cfg_.window - 1);
-  }
+  void check_state(const State& s, const char* where = "titans::Attention::check_state") const;
 
   /// \brief Causal attention over T new tokens continuing `state`: token t (absolute position
   /// state.position + t) sees every persistent token and the last w tokens up to itself (all of
   /// them when window = 0). Persistent tokens carry no position. Advances the KV cache.
   Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const Eigen::Ref<const Mat>& persistent /* (D, N_p) */,
-              State& state) const {
-    return causal_impl("titans::Attention::forward", p, x, persistent, state, nullptr);
-  }
+              State& state) const;
 
   /// \brief forward that also fills `cache` for backward. The state carried in is a constant
   /// of the backward (gradients stop at the call boundary).
   Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */,
-                    const Eigen::Ref<const Mat>& persistent /* (D, N_p) */, State& state, Cache& cache) const {
-    return causal_impl("titans::Attention::forward_train", p, x, persistent, state, &cache);
-  }
+                    const Eigen::Ref<const Mat>& persistent /* (D, N_p) */, State& state, Cache& cache) const;
 
   /// \brief The general form every block builds on. Queries xq (D, Tq) at rotary positions qpos;
   /// keys/values: the persistent tokens (always visible, no position), then the `cached` keys
@@ -217,225 +187,312 @@ class Attention {
   Mat attend(const char* where, const Params& p, const Eigen::Ref<const Mat>& xq, const std::vector<Index>& qpos,
              const Eigen::Ref<const Mat>& xkv, const std::vector<Index>& kpos, const Eigen::Ref<const Mat>& persistent,
              const Mat& cached_k, const Mat& cached_v, const std::vector<Index>& lo, const std::vector<Index>& hi,
-             Cache* cache, Mat* new_k = nullptr, Mat* new_v = nullptr) const {
-    check_params(p, where);
-    const Index D = cfg_.dim, Tq = xq.cols(), Tkv = xkv.cols(), np = persistent.cols(), nc = cached_k.cols();
-    detail::check_shape(where, "queries", xq, D, -1);
-    detail::check_shape(where, "key/value tokens", xkv, D, -1);
-    detail::check_shape(where, "persistent tokens", persistent, D, -1);
-    detail::check_shape(where, "cached keys", cached_k, D, -1);
-    detail::check_shape(where, "cached values", cached_v, D, nc);
-    detail::check_finite(where, "queries", xq);
-    detail::check_finite(where, "key/value tokens", xkv);
-    detail::check_finite(where, "persistent tokens", persistent);
-    const Index nmain = nc + Tkv;
-    if (static_cast<Index>(qpos.size()) != Tq || static_cast<Index>(lo.size()) != Tq ||
-        static_cast<Index>(hi.size()) != Tq || static_cast<Index>(kpos.size()) != Tkv)
-      detail::raise<InvalidArgument>(where, "position or range lists do not match the token counts");
-    for (Index i = 0; i < Tq; ++i) {
-      const auto u = static_cast<std::size_t>(i);
-      if (lo[u] < 0 || lo[u] > nmain || hi[u] >= nmain || (hi[u] < lo[u] && np == 0) ||
-          (i > 0 && (lo[u] < lo[u - 1] || hi[u] < hi[u - 1])))
-        detail::raise<InvalidArgument>(where, "query ", i, " has key range [", lo[u], ", ", hi[u], "] of ", nmain,
-                                       " keys (ranges must be non-empty, in bounds and non-decreasing)");
-    }
-
-    const Index H = cfg_.heads, dh = cfg_.head_dim();
-    Mat q = p.w_q * xq;
-    detail::rope_rotate<Scalar>(q, qpos, H, cfg_.rope_base, false);
-    Mat k(D, np + nmain), v(D, np + nmain);
-    k.leftCols(np).noalias() = p.w_k * persistent;
-    v.leftCols(np).noalias() = p.w_v * persistent;
-    k.middleCols(np, nc) = cached_k;
-    v.middleCols(np, nc) = cached_v;
-    k.rightCols(Tkv).noalias() = p.w_k * xkv;
-    v.rightCols(Tkv).noalias() = p.w_v * xkv;
-    {
-      auto knew = k.rightCols(Tkv);
-      detail::rope_rotate<Scalar>(knew, kpos, H, cfg_.rope_base, false);
-    }
-    if (new_k) *new_k = k.rightCols(Tkv);
-    if (new_v) *new_v = v.rightCols(Tkv);
-
-    const Index B = cfg_.block, nblocks = (Tq + B - 1) / B;
-    std::vector<Index> k0(static_cast<std::size_t>(nblocks)), k1(static_cast<std::size_t>(nblocks));
-    for (Index b = 0; b < nblocks; ++b) {
-      const Index i0 = b * B, i1 = std::min(Tq, i0 + B);
-      k0[static_cast<std::size_t>(b)] = lo[static_cast<std::size_t>(i0)];
-      k1[static_cast<std::size_t>(b)] = std::max(lo[static_cast<std::size_t>(i0)], hi[static_cast<std::size_t>(i1 - 1)] + 1);
-    }
-    Mat a(D, Tq);
-    std::vector<Mat> probs;
-    if (cache) probs.resize(static_cast<std::size_t>(H * nblocks));
-    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh));
-    detail::for_each_head(H, [&](Index h) {
-      Mat kc, vc, s;
-      for (Index b = 0; b < nblocks; ++b) {
-        const Index i0 = b * B, nb = std::min(Tq, i0 + B) - i0;
-        const Index m0 = k0[static_cast<std::size_t>(b)], nm = k1[static_cast<std::size_t>(b)] - m0;
-        gather(k, h * dh, dh, np, m0, nm, kc);
-        gather(v, h * dh, dh, np, m0, nm, vc);
-        s.noalias() = (kc.transpose() * q.block(h * dh, i0, dh, nb)) * scale;  // (keys, queries)
-        for (Index c = 0; c < nb; ++c) {
-          const auto u = static_cast<std::size_t>(i0 + c);
-          auto col = s.col(c);
-          Scalar mx = -std::numeric_limits<Scalar>::infinity();
-          for (Index r = 0; r < np + nm; ++r) {
-            const bool visible = r < np || (m0 + r - np >= lo[u] && m0 + r - np <= hi[u]);
-            if (!visible) col(r) = -std::numeric_limits<Scalar>::infinity();
-            mx = std::max(mx, col(r));
-          }
-          col = (col.array() - mx).exp().matrix();
-          col /= col.sum();
-        }
-        a.block(h * dh, i0, dh, nb).noalias() = vc * s;
-        if (cache) probs[static_cast<std::size_t>(h * nblocks + b)] = s;
-      }
-    });
-    Mat out = p.w_o * a;
-    detail::check_finite_output(where, p, out);
-    if (cache) {
-      cache->xq = xq;
-      cache->xkv = xkv;
-      cache->prefix = persistent;
-      cache->q = std::move(q);
-      cache->k = std::move(k);
-      cache->v = std::move(v);
-      cache->a = std::move(a);
-      cache->qpos = qpos;
-      cache->kpos = kpos;
-      cache->lo = lo;
-      cache->hi = hi;
-      cache->cached = nc;
-      cache->probs = std::move(probs);
-      cache->block_k0 = std::move(k0);
-      cache->block_k1 = std::move(k1);
-    }
-    return out;
-  }
+             Cache* cache, Mat* new_k = nullptr, Mat* new_v = nullptr) const;
 
   /// \brief Backward of forward_train / attend: adds into grads, dxq (D, Tq), dxkv (D, Tkv) and
   /// dpersistent (D, N_p). For forward_train, xq and xkv are the same tokens: pass the same
   /// matrix as dxq and dxkv, or use backward_causal.
   void backward(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dout /* (D, Tq) */, Params& grads,
-                Eigen::Ref<Mat> dxq, Eigen::Ref<Mat> dxkv, Eigen::Ref<Mat> dpersistent) const {
-    constexpr const char* where = "titans::Attention::backward";
-    check_params(p, where);
-    check_params(grads, where);
-    const Index D = cfg_.dim, H = cfg_.heads, dh = cfg_.head_dim();
-    const Index Tq = cache.xq.cols(), Tkv = cache.xkv.cols(), np = cache.prefix.cols();
-    const Index B = cfg_.block, nblocks = (Tq + B - 1) / B;
-    if (cache.q.rows() != D || cache.q.cols() != Tq || cache.k.rows() != D || cache.k.cols() != np + cache.cached + Tkv ||
-        cache.v.rows() != D || cache.v.cols() != np + cache.cached + Tkv || cache.a.rows() != D || cache.a.cols() != Tq ||
-        static_cast<Index>(cache.probs.size()) != H * nblocks ||
-        static_cast<Index>(cache.block_k0.size()) != nblocks || static_cast<Index>(cache.block_k1.size()) != nblocks ||
-        static_cast<Index>(cache.qpos.size()) != Tq || static_cast<Index>(cache.kpos.size()) != Tkv)
-      detail::raise<InvalidArgument>(where, "cache was not filled by a training call of this layer");
-    detail::check_shape(where, "dout", dout, D, Tq);
-    detail::check_shape(where, "dxq", dxq, D, Tq);
-    detail::check_shape(where, "dxkv", dxkv, D, Tkv);
-    detail::check_shape(where, "dpersistent", dpersistent, D, np);
-
-    grads.w_o.noalias() += dout * cache.a.transpose();
-    const Mat da = p.w_o.transpose() * dout;
-    Mat dq = Mat::Zero(D, Tq), dk = Mat::Zero(D, cache.k.cols()), dv = Mat::Zero(D, cache.k.cols());
-    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh));
-    detail::for_each_head(H, [&](Index h) {
-      Mat kc, vc, dkc, dvc, dp;
-      for (Index b = 0; b < nblocks; ++b) {
-        const Index i0 = b * B, nb = std::min(Tq, i0 + B) - i0;
-        const Index m0 = cache.block_k0[static_cast<std::size_t>(b)], nm = cache.block_k1[static_cast<std::size_t>(b)] - m0;
-        const Mat& P = cache.probs[static_cast<std::size_t>(h * nblocks + b)];
-        gather(cache.k, h * dh, dh, np, m0, nm, kc);
-        gather(cache.v, h * dh, dh, np, m0, nm, vc);
-        const auto dab = da.block(h * dh, i0, dh, nb);
-        dvc.noalias() = dab * P.transpose();
-        dp.noalias() = vc.transpose() * dab;  // (keys, queries)
-        const Eigen::Matrix<Scalar, 1, Eigen::Dynamic> dots = P.cwiseProduct(dp).colwise().sum();
-        dp = P.cwiseProduct(dp - Mat::Ones(dp.rows(), 1) * dots) * scale;  // dS
-        dq.block(h * dh, i0, dh, nb).noalias() += kc * dp;
-        dkc.noalias() = cache.q.block(h * dh, i0, dh, nb) * dp.transpose();
-        scatter_add(dk, h * dh, dh, np, m0, nm, dkc);
-        scatter_add(dv, h * dh, dh, np, m0, nm, dvc);
-      }
-    });
-    detail::rope_rotate<Scalar>(dq, cache.qpos, H, cfg_.rope_base, true);
-    auto dknew = dk.rightCols(Tkv);
-    detail::rope_rotate<Scalar>(dknew, cache.kpos, H, cfg_.rope_base, true);
-    grads.w_q.noalias() += dq * cache.xq.transpose();
-    dxq.noalias() += p.w_q.transpose() * dq;
-    grads.w_k.noalias() += dk.rightCols(Tkv) * cache.xkv.transpose();
-    grads.w_v.noalias() += dv.rightCols(Tkv) * cache.xkv.transpose();
-    dxkv.noalias() += p.w_k.transpose() * dk.rightCols(Tkv) + p.w_v.transpose() * dv.rightCols(Tkv);
-    if (np > 0) {
-      grads.w_k.noalias() += dk.leftCols(np) * cache.prefix.transpose();
-      grads.w_v.noalias() += dv.leftCols(np) * cache.prefix.transpose();
-      dpersistent.noalias() += p.w_k.transpose() * dk.leftCols(np) + p.w_v.transpose() * dv.leftCols(np);
-    }
-  }
+                Eigen::Ref<Mat> dxq, Eigen::Ref<Mat> dxkv, Eigen::Ref<Mat> dpersistent) const;
 
   /// \brief Backward of forward_train: adds into grads, dx (D, T) and dpersistent (D, N_p).
   void backward_causal(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dout /* (D, T) */,
-                       Params& grads, Eigen::Ref<Mat> dx, Eigen::Ref<Mat> dpersistent) const {
-    detail::check_shape("titans::Attention::backward_causal", "dx", dx, cfg_.dim, cache.xq.cols());
-    Mat dkv = Mat::Zero(cfg_.dim, cache.xkv.cols());
-    backward(p, cache, dout, grads, dx, dkv, dpersistent);
-    dx += dkv;
-  }
+                       Params& grads, Eigen::Ref<Mat> dx, Eigen::Ref<Mat> dpersistent) const;
 
   /// \brief FLOPs of one causal call of T tokens starting with `cached` KV entries and N_p
   /// persistent tokens: projections plus the scores and weighted sums actually visible.
-  double flops(Index T, Index cached, Index np) const {
-    const double D = static_cast<double>(cfg_.dim);
-    double pairs = 0;
-    for (Index t = 0; t < T; ++t) {
-      const Index seen = cached + t + 1;
-      pairs += static_cast<double>(np + (cfg_.window > 0 ? std::min(seen, cfg_.window) : seen));
-    }
-    return 8.0 * D * D * static_cast<double>(T) + 4.0 * D * pairs;
-  }
+  double flops(Index T, Index cached, Index np) const;
 
  private:
   Mat causal_impl(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const Eigen::Ref<const Mat>& persistent,
-                  State& state, Cache* cache) const {
-    check_state(state, where);
-    detail::check_shape(where, "x", x, cfg_.dim, -1);
-    const Index T = x.cols(), nc = state.k.cols(), w = cfg_.window;
-    std::vector<Index> qpos(static_cast<std::size_t>(T)), lo(qpos.size()), hi(qpos.size());
-    for (Index t = 0; t < T; ++t) {
-      const auto u = static_cast<std::size_t>(t);
-      qpos[u] = state.position + t;
-      hi[u] = nc + t;
-      lo[u] = w > 0 ? std::max<Index>(0, nc + t - w + 1) : 0;
-    }
-    Mat nk, nv;
-    Mat out = attend(where, p, x, qpos, x, qpos, persistent, state.k, state.v, lo, hi, cache, &nk, &nv);
-    // Keep what later tokens may still see: the last w − 1 keys (all of them without a window).
-    const Index total = nc + T, keep = w > 0 ? std::min(total, w - 1) : total;
-    Mat k(cfg_.dim, keep), v(cfg_.dim, keep);
-    const Index from_new = std::min(keep, T), from_old = keep - from_new;
-    k.leftCols(from_old) = state.k.rightCols(from_old);
-    v.leftCols(from_old) = state.v.rightCols(from_old);
-    k.rightCols(from_new) = nk.rightCols(from_new);
-    v.rightCols(from_new) = nv.rightCols(from_new);
-    state.k = std::move(k);
-    state.v = std::move(v);
-    state.position += T;
-    return out;
-  }
+                  State& state, Cache* cache) const;
 
   // out = head rows [r0, r0 + n) of [m's first np columns | columns np + m0 .. np + m0 + nm).
-  static void gather(const Mat& m, Index r0, Index n, Index np, Index m0, Index nm, Mat& out) {
-    out.resize(n, np + nm);
-    out.leftCols(np) = m.block(r0, 0, n, np);
-    out.rightCols(nm) = m.block(r0, np + m0, n, nm);
-  }
-  static void scatter_add(Mat& m, Index r0, Index n, Index np, Index m0, Index nm, const Mat& src) {
-    m.block(r0, 0, n, np) += src.leftCols(np);
-    m.block(r0, np + m0, n, nm) += src.rightCols(nm);
-  }
+  static void gather(const Mat& m, Index r0, Index n, Index np, Index m0, Index nm, Mat& out);
+  static void scatter_add(Mat& m, Index r0, Index n, Index np, Index m0, Index nm, const Mat& src);
 
   AttentionConfig cfg_;
 };
+
+template <class Scalar>
+auto Attention<Scalar>::init(std::uint64_t seed) const -> Params {
+  detail::Rng rng(seed);
+  const double sd = 1.0 / std::sqrt(static_cast<double>(cfg_.dim));
+  Params p;
+  for (Mat* m : {&p.w_q, &p.w_k, &p.w_v, &p.w_o}) {
+    m->resize(cfg_.dim, cfg_.dim);
+    rng.fill_normal(*m, sd);
+  }
+  return p;
+}
+
+template <class Scalar>
+void Attention<Scalar>::check_params(const Params& p, const char* where) const {
+  detail::check_shape(where, "params.w_q", p.w_q, cfg_.dim, cfg_.dim);
+  detail::check_shape(where, "params.w_k", p.w_k, cfg_.dim, cfg_.dim);
+  detail::check_shape(where, "params.w_v", p.w_v, cfg_.dim, cfg_.dim);
+  detail::check_shape(where, "params.w_o", p.w_o, cfg_.dim, cfg_.dim);
+}
+
+template <class Scalar>
+auto Attention<Scalar>::initial_state() const -> State {
+  State s;
+  s.k.resize(cfg_.dim, 0);
+  s.v.resize(cfg_.dim, 0);
+  return s;
+}
+
+template <class Scalar>
+void Attention<Scalar>::check_state(const State& s, const char* where) const {
+  detail::check_shape(where, "state.k", s.k, cfg_.dim, -1);
+  detail::check_shape(where, "state.v", s.v, cfg_.dim, s.k.cols());
+  if (s.position < 0) detail::raise<InvalidArgument>(where, "state.position is ", s.position, ", expected >= 0");
+  if (cfg_.window > 0 && s.k.cols() > cfg_.window - 1)
+    detail::raise<InvalidArgument>(where, "state holds ", s.k.cols(), " cached tokens, a window of ", cfg_.window,
+                                   " keeps at most ", cfg_.window - 1);
+}
+
+template <class Scalar>
+auto Attention<Scalar>::forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const Eigen::Ref<const Mat>& persistent /* (D, N_p) */,
+                                State& state) const -> Mat {
+  return causal_impl("titans::Attention::forward", p, x, persistent, state, nullptr);
+}
+
+template <class Scalar>
+auto Attention<Scalar>::forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */,
+                                      const Eigen::Ref<const Mat>& persistent /* (D, N_p) */, State& state, Cache& cache) const -> Mat {
+  return causal_impl("titans::Attention::forward_train", p, x, persistent, state, &cache);
+}
+
+template <class Scalar>
+auto Attention<Scalar>::attend(const char* where, const Params& p, const Eigen::Ref<const Mat>& xq, const std::vector<Index>& qpos,
+                               const Eigen::Ref<const Mat>& xkv, const std::vector<Index>& kpos, const Eigen::Ref<const Mat>& persistent,
+                               const Mat& cached_k, const Mat& cached_v, const std::vector<Index>& lo, const std::vector<Index>& hi,
+                               Cache* cache, Mat* new_k, Mat* new_v) const -> Mat {
+  check_params(p, where);
+  const Index D = cfg_.dim, Tq = xq.cols(), Tkv = xkv.cols(), np = persistent.cols(), nc = cached_k.cols();
+  detail::check_shape(where, "queries", xq, D, -1);
+  detail::check_shape(where, "key/value tokens", xkv, D, -1);
+  detail::check_shape(where, "persistent tokens", persistent, D, -1);
+  detail::check_shape(where, "cached keys", cached_k, D, -1);
+  detail::check_shape(where, "cached values", cached_v, D, nc);
+  detail::check_finite(where, "queries", xq);
+  detail::check_finite(where, "key/value tokens", xkv);
+  detail::check_finite(where, "persistent tokens", persistent);
+  const Index nmain = nc + Tkv;
+  if (static_cast<Index>(qpos.size()) != Tq || static_cast<Index>(lo.size()) != Tq ||
+      static_cast<Index>(hi.size()) != Tq || static_cast<Index>(kpos.size()) != Tkv)
+    detail::raise<InvalidArgument>(where, "position or range lists do not match the token counts");
+  for (Index i = 0; i < Tq; ++i) {
+    const auto u = static_cast<std::size_t>(i);
+    if (lo[u] < 0 || lo[u] > nmain || hi[u] >= nmain || (hi[u] < lo[u] && np == 0) ||
+        (i > 0 && (lo[u] < lo[u - 1] || hi[u] < hi[u - 1])))
+      detail::raise<InvalidArgument>(where, "query ", i, " has key range [", lo[u], ", ", hi[u], "] of ", nmain,
+                                     " keys (ranges must be non-empty, in bounds and non-decreasing)");
+  }
+
+  const Index H = cfg_.heads, dh = cfg_.head_dim();
+  Mat q = p.w_q * xq;
+  detail::rope_rotate<Scalar>(q, qpos, H, cfg_.rope_base, false);
+  Mat k(D, np + nmain), v(D, np + nmain);
+  k.leftCols(np).noalias() = p.w_k * persistent;
+  v.leftCols(np).noalias() = p.w_v * persistent;
+  k.middleCols(np, nc) = cached_k;
+  v.middleCols(np, nc) = cached_v;
+  k.rightCols(Tkv).noalias() = p.w_k * xkv;
+  v.rightCols(Tkv).noalias() = p.w_v * xkv;
+  {
+    auto knew = k.rightCols(Tkv);
+    detail::rope_rotate<Scalar>(knew, kpos, H, cfg_.rope_base, false);
+  }
+  if (new_k) *new_k = k.rightCols(Tkv);
+  if (new_v) *new_v = v.rightCols(Tkv);
+
+  const Index B = cfg_.block, nblocks = (Tq + B - 1) / B;
+  std::vector<Index> k0(static_cast<std::size_t>(nblocks)), k1(static_cast<std::size_t>(nblocks));
+  for (Index b = 0; b < nblocks; ++b) {
+    const Index i0 = b * B, i1 = std::min(Tq, i0 + B);
+    k0[static_cast<std::size_t>(b)] = lo[static_cast<std::size_t>(i0)];
+    k1[static_cast<std::size_t>(b)] = std::max(lo[static_cast<std::size_t>(i0)], hi[static_cast<std::size_t>(i1 - 1)] + 1);
+  }
+  Mat a(D, Tq);
+  std::vector<Mat> probs;
+  if (cache) probs.resize(static_cast<std::size_t>(H * nblocks));
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh));
+  detail::for_each_head(H, [&](Index h) {
+    Mat kc, vc, s;
+    for (Index b = 0; b < nblocks; ++b) {
+      const Index i0 = b * B, nb = std::min(Tq, i0 + B) - i0;
+      const Index m0 = k0[static_cast<std::size_t>(b)], nm = k1[static_cast<std::size_t>(b)] - m0;
+      gather(k, h * dh, dh, np, m0, nm, kc);
+      gather(v, h * dh, dh, np, m0, nm, vc);
+      s.noalias() = (kc.transpose() * q.block(h * dh, i0, dh, nb)) * scale;  // (keys, queries)
+      for (Index c = 0; c < nb; ++c) {
+        const auto u = static_cast<std::size_t>(i0 + c);
+        auto col = s.col(c);
+        Scalar mx = -std::numeric_limits<Scalar>::infinity();
+        for (Index r = 0; r < np + nm; ++r) {
+          const bool visible = r < np || (m0 + r - np >= lo[u] && m0 + r - np <= hi[u]);
+          if (!visible) col(r) = -std::numeric_limits<Scalar>::infinity();
+          mx = std::max(mx, col(r));
+        }
+        col = (col.array() - mx).exp().matrix();
+        col /= col.sum();
+      }
+      a.block(h * dh, i0, dh, nb).noalias() = vc * s;
+      if (cache) probs[static_cast<std::size_t>(h * nblocks + b)] = s;
+    }
+  });
+  Mat out = p.w_o * a;
+  detail::check_finite_output(where, p, out);
+  if (cache) {
+    cache->xq = xq;
+    cache->xkv = xkv;
+    cache->prefix = persistent;
+    cache->q = std::move(q);
+    cache->k = std::move(k);
+    cache->v = std::move(v);
+    cache->a = std::move(a);
+    cache->qpos = qpos;
+    cache->kpos = kpos;
+    cache->lo = lo;
+    cache->hi = hi;
+    cache->cached = nc;
+    cache->probs = std::move(probs);
+    cache->block_k0 = std::move(k0);
+    cache->block_k1 = std::move(k1);
+  }
+  return out;
+}
+
+template <class Scalar>
+void Attention<Scalar>::backward(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dout /* (D, Tq) */, Params& grads,
+                                 Eigen::Ref<Mat> dxq, Eigen::Ref<Mat> dxkv, Eigen::Ref<Mat> dpersistent) const {
+  constexpr const char* where = "titans::Attention::backward";
+  check_params(p, where);
+  check_params(grads, where);
+  const Index D = cfg_.dim, H = cfg_.heads, dh = cfg_.head_dim();
+  const Index Tq = cache.xq.cols(), Tkv = cache.xkv.cols(), np = cache.prefix.cols();
+  const Index B = cfg_.block, nblocks = (Tq + B - 1) / B;
+  if (cache.q.rows() != D || cache.q.cols() != Tq || cache.k.rows() != D || cache.k.cols() != np + cache.cached + Tkv ||
+      cache.v.rows() != D || cache.v.cols() != np + cache.cached + Tkv || cache.a.rows() != D || cache.a.cols() != Tq ||
+      static_cast<Index>(cache.probs.size()) != H * nblocks ||
+      static_cast<Index>(cache.block_k0.size()) != nblocks || static_cast<Index>(cache.block_k1.size()) != nblocks ||
+      static_cast<Index>(cache.qpos.size()) != Tq || static_cast<Index>(cache.kpos.size()) != Tkv)
+    detail::raise<InvalidArgument>(where, "cache was not filled by a training call of this layer");
+  detail::check_shape(where, "dout", dout, D, Tq);
+  detail::check_shape(where, "dxq", dxq, D, Tq);
+  detail::check_shape(where, "dxkv", dxkv, D, Tkv);
+  detail::check_shape(where, "dpersistent", dpersistent, D, np);
+
+  grads.w_o.noalias() += dout * cache.a.transpose();
+  const Mat da = p.w_o.transpose() * dout;
+  Mat dq = Mat::Zero(D, Tq), dk = Mat::Zero(D, cache.k.cols()), dv = Mat::Zero(D, cache.k.cols());
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh));
+  detail::for_each_head(H, [&](Index h) {
+    Mat kc, vc, dkc, dvc, dp;
+    for (Index b = 0; b < nblocks; ++b) {
+      const Index i0 = b * B, nb = std::min(Tq, i0 + B) - i0;
+      const Index m0 = cache.block_k0[static_cast<std::size_t>(b)], nm = cache.block_k1[static_cast<std::size_t>(b)] - m0;
+      const Mat& P = cache.probs[static_cast<std::size_t>(h * nblocks + b)];
+      gather(cache.k, h * dh, dh, np, m0, nm, kc);
+      gather(cache.v, h * dh, dh, np, m0, nm, vc);
+      const auto dab = da.block(h * dh, i0, dh, nb);
+      dvc.noalias() = dab * P.transpose();
+      dp.noalias() = vc.transpose() * dab;  // (keys, queries)
+      const Eigen::Matrix<Scalar, 1, Eigen::Dynamic> dots = P.cwiseProduct(dp).colwise().sum();
+      dp = P.cwiseProduct(dp - Mat::Ones(dp.rows(), 1) * dots) * scale;  // dS
+      dq.block(h * dh, i0, dh, nb).noalias() += kc * dp;
+      dkc.noalias() = cache.q.block(h * dh, i0, dh, nb) * dp.transpose();
+      scatter_add(dk, h * dh, dh, np, m0, nm, dkc);
+      scatter_add(dv, h * dh, dh, np, m0, nm, dvc);
+    }
+  });
+  detail::rope_rotate<Scalar>(dq, cache.qpos, H, cfg_.rope_base, true);
+  auto dknew = dk.rightCols(Tkv);
+  detail::rope_rotate<Scalar>(dknew, cache.kpos, H, cfg_.rope_base, true);
+  grads.w_q.noalias() += dq * cache.xq.transpose();
+  dxq.noalias() += p.w_q.transpose() * dq;
+  grads.w_k.noalias() += dk.rightCols(Tkv) * cache.xkv.transpose();
+  grads.w_v.noalias() += dv.rightCols(Tkv) * cache.xkv.transpose();
+  dxkv.noalias() += p.w_k.transpose() * dk.rightCols(Tkv) + p.w_v.transpose() * dv.rightCols(Tkv);
+  if (np > 0) {
+    grads.w_k.noalias() += dk.leftCols(np) * cache.prefix.transpose();
+    grads.w_v.noalias() += dv.leftCols(np) * cache.prefix.transpose();
+    dpersistent.noalias() += p.w_k.transpose() * dk.leftCols(np) + p.w_v.transpose() * dv.leftCols(np);
+  }
+}
+
+template <class Scalar>
+void Attention<Scalar>::backward_causal(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dout /* (D, T) */,
+                                        Params& grads, Eigen::Ref<Mat> dx, Eigen::Ref<Mat> dpersistent) const {
+  detail::check_shape("titans::Attention::backward_causal", "dx", dx, cfg_.dim, cache.xq.cols());
+  Mat dkv = Mat::Zero(cfg_.dim, cache.xkv.cols());
+  backward(p, cache, dout, grads, dx, dkv, dpersistent);
+  dx += dkv;
+}
+
+template <class Scalar>
+auto Attention<Scalar>::flops(Index T, Index cached, Index np) const -> double {
+  const double D = static_cast<double>(cfg_.dim);
+  double pairs = 0;
+  for (Index t = 0; t < T; ++t) {
+    const Index seen = cached + t + 1;
+    pairs += static_cast<double>(np + (cfg_.window > 0 ? std::min(seen, cfg_.window) : seen));
+  }
+  return 8.0 * D * D * static_cast<double>(T) + 4.0 * D * pairs;
+}
+
+template <class Scalar>
+auto Attention<Scalar>::causal_impl(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const Eigen::Ref<const Mat>& persistent,
+                                    State& state, Cache* cache) const -> Mat {
+  check_state(state, where);
+  detail::check_shape(where, "x", x, cfg_.dim, -1);
+  const Index T = x.cols(), nc = state.k.cols(), w = cfg_.window;
+  std::vector<Index> qpos(static_cast<std::size_t>(T)), lo(qpos.size()), hi(qpos.size());
+  for (Index t = 0; t < T; ++t) {
+    const auto u = static_cast<std::size_t>(t);
+    qpos[u] = state.position + t;
+    hi[u] = nc + t;
+    lo[u] = w > 0 ? std::max<Index>(0, nc + t - w + 1) : 0;
+  }
+  Mat nk, nv;
+  Mat out = attend(where, p, x, qpos, x, qpos, persistent, state.k, state.v, lo, hi, cache, &nk, &nv);
+  // Keep what later tokens may still see: the last w − 1 keys (all of them without a window).
+  const Index total = nc + T, keep = w > 0 ? std::min(total, w - 1) : total;
+  Mat k(cfg_.dim, keep), v(cfg_.dim, keep);
+  const Index from_new = std::min(keep, T), from_old = keep - from_new;
+  k.leftCols(from_old) = state.k.rightCols(from_old);
+  v.leftCols(from_old) = state.v.rightCols(from_old);
+  k.rightCols(from_new) = nk.rightCols(from_new);
+  v.rightCols(from_new) = nv.rightCols(from_new);
+  state.k = std::move(k);
+  state.v = std::move(v);
+  state.position += T;
+  return out;
+}
+
+template <class Scalar>
+void Attention<Scalar>::gather(const Mat& m, Index r0, Index n, Index np, Index m0, Index nm, Mat& out) {
+  out.resize(n, np + nm);
+  out.leftCols(np) = m.block(r0, 0, n, np);
+  out.rightCols(nm) = m.block(r0, np + m0, n, nm);
+}
+
+template <class Scalar>
+void Attention<Scalar>::scatter_add(Mat& m, Index r0, Index n, Index np, Index m0, Index nm, const Mat& src) {
+  m.block(r0, 0, n, np) += src.leftCols(np);
+  m.block(r0, np + m0, n, nm) += src.rightCols(nm);
+}
+
+// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// declarations below and empty in src/instantiate_*.cpp, which define them.
+#define TITANS_INSTANTIATE_ATTENTION(PREFIX, S) \
+  PREFIX template class Attention<S>;
+
+#ifdef TITANS_EXTERN_TEMPLATES
+TITANS_INSTANTIATE_ATTENTION(extern, float)
+TITANS_INSTANTIATE_ATTENTION(extern, double)
+#endif
 
 }  // namespace titans

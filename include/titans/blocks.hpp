@@ -231,488 +231,563 @@ class Block {
   BlockKind kind() const { return cfg_.kind; }
 
   /// \brief Deterministic initialisation from `seed`.
-  Params init(std::uint64_t seed) const {
-    const Index D = cfg_.dim, F = cfg_.ffn_width();
-    detail::Rng rng(seed);
-    Params p;
-    p.has_attention = cfg_.has_attention();
-    p.has_memory = cfg_.has_memory();
-    p.has_gate = cfg_.has_gate();
-    p.has_retrieve = cfg_.kind == BlockKind::mac;
-    auto normal = [&](Index r, Index c, double sd) {
-      Mat m(r, c);
-      rng.fill_normal(m, sd);
-      return m;
-    };
-    p.norm_mixer = Mat::Ones(D, 1);
-    p.norm_ffn = Mat::Ones(D, 1);
-    p.persistent = normal(D, cfg_.persistent, 1.0);
-    if (p.has_attention) p.attention = attn_.init(seed * 0x9E3779B97F4A7C15ULL + 1);
-    if (p.has_memory) p.memory = mem_.init(seed * 0x9E3779B97F4A7C15ULL + 2);
-    if (p.has_gate) {
-      p.gate_y = Mat::Ones(D, 1);
-      p.gate_m = Mat::Ones(D, 1);
-    }
-    if (p.has_retrieve) {
-      p.retrieve_w = normal(D, D, 1.0 / std::sqrt(static_cast<double>(D)));
-      p.retrieve_gain = Mat::Ones(D, 1);
-    }
-    p.ffn_w1 = normal(F, D, 1.0 / std::sqrt(static_cast<double>(D)));
-    p.ffn_w3 = normal(F, D, 1.0 / std::sqrt(static_cast<double>(D)));
-    p.ffn_w2 = normal(D, F, 1.0 / std::sqrt(static_cast<double>(F)));
-    return p;
-  }
+  Params init(std::uint64_t seed) const;
 
   /// \brief Throws ShapeError naming the tensor if `p` does not fit this block.
-  void check_params(const Params& p, const char* where = "titans::Block::check_params") const {
-    const Index D = cfg_.dim, F = cfg_.ffn_width();
-    if (p.has_attention != cfg_.has_attention() || p.has_memory != cfg_.has_memory() ||
-        p.has_gate != cfg_.has_gate() || p.has_retrieve != (cfg_.kind == BlockKind::mac))
-      detail::raise<ShapeError>(where, "params were not made for a ", to_string(cfg_.kind), " block");
-    detail::check_shape(where, "params.norm_mixer", p.norm_mixer, D, 1);
-    detail::check_shape(where, "params.norm_ffn", p.norm_ffn, D, 1);
-    detail::check_shape(where, "params.persistent", p.persistent, D, cfg_.persistent);
-    if (p.has_attention) attn_.check_params(p.attention, where);
-    if (p.has_memory) mem_.check_params(p.memory, where);
-    if (p.has_gate) {
-      detail::check_shape(where, "params.gate_y", p.gate_y, D, 1);
-      detail::check_shape(where, "params.gate_m", p.gate_m, D, 1);
-    }
-    if (p.has_retrieve) {
-      detail::check_shape(where, "params.retrieve_w", p.retrieve_w, D, D);
-      detail::check_shape(where, "params.retrieve_gain", p.retrieve_gain, D, 1);
-    }
-    detail::check_shape(where, "params.ffn_w1", p.ffn_w1, F, D);
-    detail::check_shape(where, "params.ffn_w3", p.ffn_w3, F, D);
-    detail::check_shape(where, "params.ffn_w2", p.ffn_w2, D, F);
-  }
+  void check_params(const Params& p, const char* where = "titans::Block::check_params") const;
 
   /// \brief A fresh per-sequence state (position 0).
-  State initial_state(const Params& p) const {
-    check_params(p, "titans::Block::initial_state");
-    State s;
-    if (cfg_.has_memory()) s.memory = mem_.initial_state(p.memory);
-    s.attention = attn_.initial_state();
-    if (cfg_.kind == BlockKind::mac) s.snapshot = weights_of(s.memory);
-    s.persistent_y.resize(cfg_.dim, 0);
-    s.primed = false;
-    return s;
-  }
+  State initial_state(const Params& p) const;
 
   /// \brief Throws unless `s` is a state of this block.
-  void check_state(const State& s, const char* where = "titans::Block::check_state") const {
-    if (cfg_.has_memory()) mem_.check_state(s.memory, where);
-    attn_.check_state(s.attention, where);
-    if (s.position < 0) detail::raise<InvalidArgument>(where, "state.position is ", s.position, ", expected >= 0");
-    if (cfg_.kind == BlockKind::mac) {
-      if (static_cast<Index>(s.snapshot.size()) != cfg_.memory.heads)
-        detail::raise<ShapeError>(where, "state.snapshot has ", s.snapshot.size(), " heads, expected ",
-                                  cfg_.memory.heads);
-      for (const auto& w : s.snapshot) check_memory_weights(where, "state.snapshot[h]", cfg_.memory.memory(), w);
-      if (s.attention.k.cols() > 2 * cfg_.segment)
-        detail::raise<ShapeError>(where, "state.attention holds ", s.attention.k.cols(), " keys, a segment has at most ",
-                                  2 * cfg_.segment);
-    }
-    if (cfg_.kind == BlockKind::mal && s.primed)
-      detail::check_shape(where, "state.persistent_y", s.persistent_y, cfg_.dim, cfg_.persistent);
-  }
+  void check_state(const State& s, const char* where = "titans::Block::check_state") const;
 
   /// \brief Runs T tokens through the block, continuing `state`: returns (D, T).
-  Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const {
-    constexpr const char* where = "titans::Block::forward";
-    return detail::naming_bad_parameters(where, p, [&] { return run(where, p, x, state, nullptr); });
-  }
+  Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const;
 
   /// \brief One decode step; identical to forward on a single column.
-  Vector<Scalar> step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const {
-    const Mat out = forward(p, x, state);
-    return out.col(0);
-  }
+  Vector<Scalar> step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const;
 
   /// \brief forward that also fills `cache` for backward.
-  Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const {
-    constexpr const char* where = "titans::Block::forward_train";
-    cache = Cache{};
-    return detail::naming_bad_parameters(where, p, [&] { return run(where, p, x, state, &cache); });
-  }
+  Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const;
 
   /// \brief Backward of forward_train: adds dL/d(params) into grads and dL/dx into dx (D, T).
   void backward(const Params& p, const Cache& c, const Eigen::Ref<const Mat>& dout /* (D, T) */, Params& grads,
-                Eigen::Ref<Mat> dx) const {
-    constexpr const char* where = "titans::Block::backward";
-    check_params(p, where);
-    check_params(grads, where);
-    const Index D = cfg_.dim, T = c.x.cols();
-    if (c.x.rows() != D || c.u2.cols() != T)
-      detail::raise<InvalidArgument>(where, "cache was not filled by forward_train of this block");
-    detail::check_shape(where, "dout", dout, D, T);
-    detail::check_shape(where, "dx", dx, D, T);
-    // FFN: out = x1 + W2 (silu(a1) ⊙ a3), a1 = W1 u2, a3 = W3 u2, u2 = RMSNorm(x1).
-    const Mat sig = detail::sigmoid<Scalar>(c.ffn_a1);
-    const Mat silu = c.ffn_a1.cwiseProduct(sig);
-    const Mat hmid = silu.cwiseProduct(c.ffn_a3);
-    grads.ffn_w2.noalias() += dout * hmid.transpose();
-    const Mat dh = p.ffn_w2.transpose() * dout;
-    const Mat da3 = dh.cwiseProduct(silu);
-    const Mat da1 = (dh.cwiseProduct(c.ffn_a3).array() * sig.array() * (Scalar(1) + c.ffn_a1.array() * (Scalar(1) - sig.array())))
-                        .matrix();
-    grads.ffn_w1.noalias() += da1 * c.u2.transpose();
-    grads.ffn_w3.noalias() += da3 * c.u2.transpose();
-    const Mat du2 = p.ffn_w1.transpose() * da1 + p.ffn_w3.transpose() * da3;
-    Mat dx1 = dout;
-    detail::rms_norm_backward<Scalar>(c.x1, p.norm_ffn, c.n2_rinv, du2, dx1, grads.norm_ffn);
-    // Mixer: x1 = x + mixer(u), u = RMSNorm(x).
-    Mat du = Mat::Zero(D, T);
-    mixer_backward(p, c, dx1, grads, du);
-    Mat dxl = dx1;
-    detail::rms_norm_backward<Scalar>(c.x, p.norm_mixer, c.n1_rinv, du, dxl, grads.norm_mixer);
-    dx += dxl;
-  }
+                Eigen::Ref<Mat> dx) const;
 
   /// \brief Forward over a batch: sequence i continues states[i]; sequences never share state.
-  std::vector<Mat> forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const {
-    if (xs.size() != states.size())
-      detail::raise<InvalidArgument>("titans::Block::forward_batch", "got ", xs.size(), " sequences and ",
-                                     states.size(), " states");
-    std::vector<Mat> ys(xs.size());
-    for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = forward(p, xs[i], states[i]);
-    return ys;
-  }
+  std::vector<Mat> forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const;
 
  private:
-  static BlockConfig validated(const BlockConfig& c) {
-    c.validate("titans::Block");
-    return c;
-  }
+  static BlockConfig validated(const BlockConfig& c);
 
-  MemoryTrainOptions train_options() const {
-    MemoryTrainOptions o;
-    o.checkpoint_every = cfg_.checkpoint_every;
-    return o;
-  }
+  MemoryTrainOptions train_options() const;
 
-  static std::vector<std::vector<Mat>> weights_of(const NeuralMemoryState<Scalar>& m) {
-    std::vector<std::vector<Mat>> w;
-    for (const auto& h : m.heads) w.push_back(h.weights);
-    return w;
-  }
+  static std::vector<std::vector<Mat>> weights_of(const NeuralMemoryState<Scalar>& m);
 
-  Mat run(const char* where, const Params& p, const Eigen::Ref<const Mat>& xin, State& state, Cache* c) const {
-    check_params(p, where);
-    check_state(state, where);
-    detail::check_shape(where, "x", xin, cfg_.dim, -1);
-    detail::check_finite(where, "x", xin);
-    const Index T = xin.cols();
-    const Mat x = xin;
-    Mat n1_rinv, n2_rinv;
-    const Mat u = detail::rms_norm<Scalar>(x, p.norm_mixer, cfg_.norm_eps, c ? &n1_rinv : nullptr);
-    if (c) c->fresh = state.position == 0;
-    Mat mix = mixer(p, u, state, c);
-    Mat x1 = x + mix;
-    const Mat u2 = detail::rms_norm<Scalar>(x1, p.norm_ffn, cfg_.norm_eps, c ? &n2_rinv : nullptr);
-    Mat a1 = p.ffn_w1 * u2, a3 = p.ffn_w3 * u2;
-    const Mat hmid = (a1.array() / (Scalar(1) + (-a1.array()).exp()) * a3.array()).matrix();
-    Mat out = x1;
-    out.noalias() += p.ffn_w2 * hmid;
-    detail::check_finite_output(where, p, out);
-    state.position += T;
-    if (c) {
-      c->x = x;
-      c->u = u;
-      c->n1_rinv = std::move(n1_rinv);
-      c->x1 = std::move(x1);
-      c->u2 = u2;
-      c->n2_rinv = std::move(n2_rinv);
-      c->ffn_a1 = std::move(a1);
-      c->ffn_a3 = std::move(a3);
-    }
-    return out;
-  }
+  Mat run(const char* where, const Params& p, const Eigen::Ref<const Mat>& xin, State& state, Cache* c) const;
 
   // y ⊗ m = RMSNorm_{gy}(y) ⊙ σ(RMSNorm_{gm}(m)).
-  Mat gate(const Params& p, const Mat& y, const Mat& m, Mat* y_rinv, Mat* m_rinv) const {
-    const Mat yn = detail::rms_norm<Scalar>(y, p.gate_y, cfg_.norm_eps, y_rinv);
-    const Mat mn = detail::rms_norm<Scalar>(m, p.gate_m, cfg_.norm_eps, m_rinv);
-    return yn.cwiseProduct(detail::sigmoid<Scalar>(mn));
-  }
+  Mat gate(const Params& p, const Mat& y, const Mat& m, Mat* y_rinv, Mat* m_rinv) const;
   void gate_backward(const Params& p, const Mat& y, const Mat& m, const Mat& y_rinv, const Mat& m_rinv,
-                     const Mat& dout, Params& grads, Mat& dy, Mat& dm) const {
-    const Mat yn = detail::rms_norm<Scalar>(y, p.gate_y, cfg_.norm_eps, nullptr);
-    const Mat mn = detail::rms_norm<Scalar>(m, p.gate_m, cfg_.norm_eps, nullptr);
-    const Mat s = detail::sigmoid<Scalar>(mn);
-    const Mat dyn = dout.cwiseProduct(s);
-    const Mat dmn = (dout.array() * yn.array() * s.array() * (Scalar(1) - s.array())).matrix();
-    detail::rms_norm_backward<Scalar>(y, p.gate_y, y_rinv, dyn, dy, grads.gate_y);
-    detail::rms_norm_backward<Scalar>(m, p.gate_m, m_rinv, dmn, dm, grads.gate_m);
-  }
+                     const Mat& dout, Params& grads, Mat& dy, Mat& dm) const;
 
   // The memory over u, primed with the persistent tokens on a fresh state: returns (D, T) and,
   // when it primes, the outputs at the persistent tokens in *primed_out.
-  Mat memory_run(const Params& p, const Mat& u, State& state, Cache* c, Mat* primed_out) const {
-    const Index np = cfg_.persistent, T = u.cols();
-    const bool prime = !state.primed && np > 0 && T > 0;  // an empty call leaves a fresh state fresh
-    Mat in;
-    if (prime) {
-      in.resize(cfg_.dim, np + T);
-      in << p.persistent, u;
-    }
-    const Mat& src = prime ? in : u;
-    Mat out;
-    if (c) {
-      c->memory_start_zero = zeros_like(state.memory);
-      out = mem_.forward_train(p.memory, src, state.memory, c->memory, train_options());
-      c->primed_here = prime;
-    } else {
-      out = mem_.forward(p.memory, src, state.memory);
-    }
-    if (T > 0) state.primed = true;
-    if (prime) {
-      if (primed_out) *primed_out = out.leftCols(np);
-      return out.rightCols(T);
-    }
-    return out;
-  }
+  Mat memory_run(const Params& p, const Mat& u, State& state, Cache* c, Mat* primed_out) const;
 
-  Mat mixer(const Params& p, const Mat& u, State& state, Cache* c) const {
-    switch (cfg_.kind) {
-      case BlockKind::lmm:
-        return memory_run(p, u, state, c, nullptr);
-      case BlockKind::swa:
-        return c ? attn_.forward_train(p.attention, u, p.persistent, state.attention, c->attention)
-                 : attn_.forward(p.attention, u, p.persistent, state.attention);
-      case BlockKind::mag: {
-        Mat y = c ? attn_.forward_train(p.attention, u, p.persistent, state.attention, c->attention)
-                  : attn_.forward(p.attention, u, p.persistent, state.attention);
-        Mat m = memory_run(p, u, state, c, nullptr);
-        Mat o = gate(p, y, m, c ? &c->y_rinv : nullptr, c ? &c->m_rinv : nullptr);
-        if (c) {
-          c->y = std::move(y);
-          c->m = std::move(m);
-        }
-        return o;
-      }
-      case BlockKind::mal: {
-        // [choice] The memory's outputs at the persistent tokens are the attention's persistent
-        // (always visible) tokens, as the persistent tokens themselves are in MAG.
-        Mat py;
-        Mat y = memory_run(p, u, state, c, &py);
-        if (py.size() > 0 || cfg_.persistent == 0) state.persistent_y = py.size() > 0 ? py : Mat(cfg_.dim, 0);
-        Mat o = c ? attn_.forward_train(p.attention, y, state.persistent_y, state.attention, c->attention)
-                  : attn_.forward(p.attention, y, state.persistent_y, state.attention);
-        if (c) c->y = std::move(y);
-        return o;
-      }
-      case BlockKind::mac:
-        return mac(p, u, state, c);
-    }
-    return Mat();
-  }
+  Mat mixer(const Params& p, const Mat& u, State& state, Cache* c) const;
 
   // MAC retrieval: q = ℓ2norm_head(SiLU(W_R u)), r = M*_snapshot(q) per head,
   // h = gain ⊙ RMSNorm_head(r).  [choice] the retrieval query path has its own projection (the
   // paper's q_t = S^(t) W_Q) and no convolution, so it reads only the segment's own tokens.
   // Both norms use the memory's ε, as the memory's own query path does.
   Mat retrieve(const Params& p, const Mat& u, const std::vector<std::vector<Mat>>& snap,
-               typename Cache::Segment* sc) const {
-    const Index D = cfg_.dim, T = u.cols(), H = cfg_.memory.heads, d = D / H;
-    const MemoryConfig mc = cfg_.memory.memory();
-    const Mat pre = p.retrieve_w * u;
-    const Mat silu = pre.cwiseProduct(detail::sigmoid<Scalar>(pre));
-    Mat q = silu;
-    detail::l2_normalize<Scalar>(q, H, cfg_.memory.norm_eps);
-    Mat r(D, T), rinv;
-    for (Index h = 0; h < H; ++h)
-      r.middleRows(h * d, d) = memory_apply<Scalar>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d));
-    // q is finite (finite inputs); a non-finite read means the memory state itself is not: its
-    // test-time updates diverged at the end of an earlier segment (its reads were still finite).
-    if (!r.allFinite())
-      detail::raise<NumericError>("titans::Block (MAC retrieval)",
-                                  "the memory's state is not finite: its test-time updates diverged; lower ",
-                                  "memory.theta_max (now ", cfg_.memory.theta_max, ") or memory.chunk_size (now ",
-                                  cfg_.memory.chunk_size, "), or use a shallower memory");
-    Mat n = detail::rms_normalize<Scalar>(r, H, cfg_.memory.norm_eps, &rinv);
-    Mat out = p.retrieve_gain.col(0).asDiagonal() * n;
-    if (sc) {
-      sc->q_pre = pre;
-      sc->q_silu = silu;
-      sc->q = std::move(q);
-      sc->r_n = std::move(n);
-      sc->r_rinv = std::move(rinv);
-      sc->snapshot = snap;
-    }
-    return out;
-  }
+               typename Cache::Segment* sc) const;
 
   // Adds into du (D, n), grads, and (when dsnap is given) the snapshot weights' gradient.
   void retrieve_backward(const Params& p, const typename Cache::Segment& sc, const Eigen::Ref<const Mat>& u /* (D, n) */,
                          const Mat& dh, Params& grads, Mat& du,
-                         std::vector<MemoryState<Scalar>>* dsnap) const {
-    const Index D = cfg_.dim, T = dh.cols(), H = cfg_.memory.heads, d = D / H;
-    const MemoryConfig mc = cfg_.memory.memory();
-    grads.retrieve_gain.col(0) += dh.cwiseProduct(sc.r_n).rowwise().sum();
-    Mat dr = Mat::Zero(D, T);
-    detail::rms_normalize_backward<Scalar>(p.retrieve_gain.col(0).asDiagonal() * dh, sc.r_n, sc.r_rinv, H, dr);
-    Mat dq = Mat::Zero(D, T);
-    for (Index h = 0; h < H; ++h) {
-      const auto& w = sc.snapshot[static_cast<std::size_t>(h)];
-      std::vector<Mat> scratch;
-      if (!dsnap)
-        for (const auto& wl : w) scratch.push_back(Mat::Zero(wl.rows(), wl.cols()));
-      memory_apply_backward<Scalar>(mc, w, sc.q.middleRows(h * d, d), dr.middleRows(h * d, d),
-                                    dsnap ? (*dsnap)[static_cast<std::size_t>(h)].weights : scratch,
-                                    dq.middleRows(h * d, d));
-    }
-    detail::l2_normalize_backward<Scalar>(dq, sc.q, sc.q_silu, H, cfg_.memory.norm_eps);
-    Mat dsilu;
-    detail::activation_derivative(Activation::silu, sc.q_pre, dsilu);
-    const Mat dpre = dq.cwiseProduct(dsilu);
-    grads.retrieve_w.noalias() += dpre * u.transpose();
-    du.noalias() += p.retrieve_w.transpose() * dpre;
-  }
+                         std::vector<MemoryState<Scalar>>* dsnap) const;
 
   // MAC over u, segment by segment (segments aligned to the absolute position).
-  Mat mac(const Params& p, const Mat& u, State& state, Cache* c) const {
-    const Index D = cfg_.dim, T = u.cols(), C = cfg_.segment;
-    Mat out(D, T);
-    Index t = 0;
-    while (t < T) {
-      const Index pos = state.position + t, in_seg = pos % C, n = std::min(T - t, C - in_seg);
-      typename Cache::Segment* sc = nullptr;
-      if (c) {
-        c->segments.emplace_back();
-        sc = &c->segments.back();
-        sc->t0 = t;
-        sc->n = n;
-        sc->starts_segment = in_seg == 0;
-      }
-      const Mat useg = u.middleCols(t, n);
-      const Mat h = retrieve(p, useg, state.snapshot, sc);
-      Mat kv(D, 2 * n);
-      std::vector<Index> qpos(static_cast<std::size_t>(n)), kpos(static_cast<std::size_t>(2 * n)),
-          lo(qpos.size(), 0), hi(qpos.size());
-      const Index nc = state.attention.k.cols();
-      for (Index j = 0; j < n; ++j) {
-        kv.col(2 * j) = h.col(j);
-        kv.col(2 * j + 1) = useg.col(j);
-        qpos[static_cast<std::size_t>(j)] = in_seg + j;
-        kpos[static_cast<std::size_t>(2 * j)] = in_seg + j;
-        kpos[static_cast<std::size_t>(2 * j + 1)] = in_seg + j;
-        hi[static_cast<std::size_t>(j)] = nc + 2 * j + 1;
-      }
-      Mat nk, nv;
-      Mat y = attn_.attend(c ? "titans::Block::forward_train (MAC attention)" : "titans::Block::forward (MAC attention)", p.attention, useg, qpos, kv, kpos, p.persistent,
-                           state.attention.k, state.attention.v, lo, hi, sc ? &sc->attention : nullptr, &nk, &nv);
-      Mat z;
-      if (sc) {
-        sc->memory_start_zero = zeros_like(state.memory);
-        z = mem_.forward_train(p.memory, y, state.memory, sc->memory, train_options());
-      } else {
-        z = mem_.forward(p.memory, y, state.memory);
-      }
-      out.middleCols(t, n) = gate(p, y, z, sc ? &sc->y_rinv : nullptr, sc ? &sc->z_rinv : nullptr);
-      if (sc) {
-        sc->y = std::move(y);
-        sc->z = std::move(z);
-      }
-      if (in_seg + n == C) {
-        state.snapshot = weights_of(state.memory);
-        state.attention.k.resize(D, 0);
-        state.attention.v.resize(D, 0);
-      } else {
-        Mat k(D, nc + 2 * n), v(D, nc + 2 * n);
-        k << state.attention.k, nk;
-        v << state.attention.v, nv;
-        state.attention.k = std::move(k);
-        state.attention.v = std::move(v);
-      }
-      state.attention.position += n;
-      t += n;
-    }
-    return out;
-  }
+  Mat mac(const Params& p, const Mat& u, State& state, Cache* c) const;
 
-  void mixer_backward(const Params& p, const Cache& c, const Mat& dmix, Params& grads, Mat& du) const {
-    const Index D = cfg_.dim, T = c.u.cols(), np = cfg_.persistent;
-    switch (cfg_.kind) {
-      case BlockKind::swa: {
-        Mat dp = Mat::Zero(D, np);
-        attn_.backward_causal(p.attention, c.attention, dmix, grads.attention, du, dp);
-        grads.persistent += dp;
-        return;
-      }
-      case BlockKind::lmm:
-        memory_backward_primed(p, c, dmix, grads, du, nullptr);
-        return;
-      case BlockKind::mag: {
-        Mat dy = Mat::Zero(D, T), dm = Mat::Zero(D, T);
-        gate_backward(p, c.y, c.m, c.y_rinv, c.m_rinv, dmix, grads, dy, dm);
-        Mat dp = Mat::Zero(D, np);
-        attn_.backward_causal(p.attention, c.attention, dy, grads.attention, du, dp);
-        grads.persistent += dp;
-        memory_backward_primed(p, c, dm, grads, du, nullptr);
-        return;
-      }
-      case BlockKind::mal: {
-        Mat dy = Mat::Zero(D, T), dpy = Mat::Zero(D, c.attention.prefix.cols());
-        attn_.backward_causal(p.attention, c.attention, dmix, grads.attention, dy, dpy);
-        memory_backward_primed(p, c, dy, grads, du, c.primed_here ? &dpy : nullptr);
-        return;
-      }
-      case BlockKind::mac:
-        mac_backward(p, c, dmix, grads, du);
-        return;
-    }
-  }
+  void mixer_backward(const Params& p, const Cache& c, const Mat& dmix, Params& grads, Mat& du) const;
 
   // Backward of memory_run: dm (D, T) for the outputs at u; dprimed (D, N_p) for the outputs at
   // the persistent tokens when the call primed the memory.
   void memory_backward_primed(const Params& p, const Cache& c, const Mat& dm, Params& grads, Mat& du,
-                              const Mat* dprimed) const {
-    const Index np = cfg_.persistent, T = dm.cols(), D = cfg_.dim;
-    const Index lead = c.primed_here ? np : 0;
-    Mat dout = Mat::Zero(D, lead + T);
-    dout.rightCols(T) = dm;
-    if (dprimed) dout.leftCols(np) = *dprimed;
-    Mat dsrc = Mat::Zero(D, lead + T);
-    NeuralMemoryState<Scalar> dinit = c.memory_start_zero;
-    mem_.backward(p.memory, c.memory, dout, nullptr, grads.memory, dsrc, c.fresh ? &dinit : nullptr);
-    if (c.fresh) mem_.initial_state_backward(dinit, grads.memory);
-    du += dsrc.rightCols(T);
-    if (lead > 0) grads.persistent += dsrc.leftCols(np);
-  }
+                              const Mat* dprimed) const;
 
-  void mac_backward(const Params& p, const Cache& c, const Mat& dmix, Params& grads, Mat& du) const {
-    const Index D = cfg_.dim, np = cfg_.persistent;
-    NeuralMemoryState<Scalar> dnext;  // gradient of the memory state after the current segment
-    bool have_next = false;
-    Mat dp = Mat::Zero(D, np);
-    for (auto it = c.segments.rbegin(); it != c.segments.rend(); ++it) {
-      const auto& sc = *it;
-      const Index n = sc.n;
-      Mat dy = Mat::Zero(D, n), dz = Mat::Zero(D, n);
-      gate_backward(p, sc.y, sc.z, sc.y_rinv, sc.z_rinv, dmix.middleCols(sc.t0, n), grads, dy, dz);
-      NeuralMemoryState<Scalar> dstart = sc.memory_start_zero;
-      mem_.backward(p.memory, sc.memory, dz, have_next ? &dnext : nullptr, grads.memory, dy, &dstart);
-      Mat duseg = Mat::Zero(D, n), dkv = Mat::Zero(D, 2 * n);
-      attn_.backward(p.attention, sc.attention, dy, grads.attention, duseg, dkv, dp);
-      Mat dh(D, n);
-      for (Index j = 0; j < n; ++j) {
-        dh.col(j) = dkv.col(2 * j);
-        duseg.col(j) += dkv.col(2 * j + 1);
-      }
-      retrieve_backward(p, sc, c.u.middleCols(sc.t0, n), dh, grads, duseg, sc.starts_segment ? &dstart.heads : nullptr);
-      du.middleCols(sc.t0, n) += duseg;
-      dnext = std::move(dstart);
-      have_next = true;
-    }
-    grads.persistent += dp;
-    if (c.fresh && have_next) mem_.initial_state_backward(dnext, grads.memory);
-  }
+  void mac_backward(const Params& p, const Cache& c, const Mat& dmix, Params& grads, Mat& du) const;
 
   BlockConfig cfg_;
   Attention<Scalar> attn_;
   NeuralMemory<Scalar> mem_;
 };
+
+template <class Scalar>
+auto Block<Scalar>::init(std::uint64_t seed) const -> Params {
+  const Index D = cfg_.dim, F = cfg_.ffn_width();
+  detail::Rng rng(seed);
+  Params p;
+  p.has_attention = cfg_.has_attention();
+  p.has_memory = cfg_.has_memory();
+  p.has_gate = cfg_.has_gate();
+  p.has_retrieve = cfg_.kind == BlockKind::mac;
+  auto normal = [&](Index r, Index c, double sd) {
+    Mat m(r, c);
+    rng.fill_normal(m, sd);
+    return m;
+  };
+  p.norm_mixer = Mat::Ones(D, 1);
+  p.norm_ffn = Mat::Ones(D, 1);
+  p.persistent = normal(D, cfg_.persistent, 1.0);
+  if (p.has_attention) p.attention = attn_.init(seed * 0x9E3779B97F4A7C15ULL + 1);
+  if (p.has_memory) p.memory = mem_.init(seed * 0x9E3779B97F4A7C15ULL + 2);
+  if (p.has_gate) {
+    p.gate_y = Mat::Ones(D, 1);
+    p.gate_m = Mat::Ones(D, 1);
+  }
+  if (p.has_retrieve) {
+    p.retrieve_w = normal(D, D, 1.0 / std::sqrt(static_cast<double>(D)));
+    p.retrieve_gain = Mat::Ones(D, 1);
+  }
+  p.ffn_w1 = normal(F, D, 1.0 / std::sqrt(static_cast<double>(D)));
+  p.ffn_w3 = normal(F, D, 1.0 / std::sqrt(static_cast<double>(D)));
+  p.ffn_w2 = normal(D, F, 1.0 / std::sqrt(static_cast<double>(F)));
+  return p;
+}
+
+template <class Scalar>
+void Block<Scalar>::check_params(const Params& p, const char* where) const {
+  const Index D = cfg_.dim, F = cfg_.ffn_width();
+  if (p.has_attention != cfg_.has_attention() || p.has_memory != cfg_.has_memory() ||
+      p.has_gate != cfg_.has_gate() || p.has_retrieve != (cfg_.kind == BlockKind::mac))
+    detail::raise<ShapeError>(where, "params were not made for a ", to_string(cfg_.kind), " block");
+  detail::check_shape(where, "params.norm_mixer", p.norm_mixer, D, 1);
+  detail::check_shape(where, "params.norm_ffn", p.norm_ffn, D, 1);
+  detail::check_shape(where, "params.persistent", p.persistent, D, cfg_.persistent);
+  if (p.has_attention) attn_.check_params(p.attention, where);
+  if (p.has_memory) mem_.check_params(p.memory, where);
+  if (p.has_gate) {
+    detail::check_shape(where, "params.gate_y", p.gate_y, D, 1);
+    detail::check_shape(where, "params.gate_m", p.gate_m, D, 1);
+  }
+  if (p.has_retrieve) {
+    detail::check_shape(where, "params.retrieve_w", p.retrieve_w, D, D);
+    detail::check_shape(where, "params.retrieve_gain", p.retrieve_gain, D, 1);
+  }
+  detail::check_shape(where, "params.ffn_w1", p.ffn_w1, F, D);
+  detail::check_shape(where, "params.ffn_w3", p.ffn_w3, F, D);
+  detail::check_shape(where, "params.ffn_w2", p.ffn_w2, D, F);
+}
+
+template <class Scalar>
+auto Block<Scalar>::initial_state(const Params& p) const -> State {
+  check_params(p, "titans::Block::initial_state");
+  State s;
+  if (cfg_.has_memory()) s.memory = mem_.initial_state(p.memory);
+  s.attention = attn_.initial_state();
+  if (cfg_.kind == BlockKind::mac) s.snapshot = weights_of(s.memory);
+  s.persistent_y.resize(cfg_.dim, 0);
+  s.primed = false;
+  return s;
+}
+
+template <class Scalar>
+void Block<Scalar>::check_state(const State& s, const char* where) const {
+  if (cfg_.has_memory()) mem_.check_state(s.memory, where);
+  attn_.check_state(s.attention, where);
+  if (s.position < 0) detail::raise<InvalidArgument>(where, "state.position is ", s.position, ", expected >= 0");
+  if (cfg_.kind == BlockKind::mac) {
+    if (static_cast<Index>(s.snapshot.size()) != cfg_.memory.heads)
+      detail::raise<ShapeError>(where, "state.snapshot has ", s.snapshot.size(), " heads, expected ",
+                                cfg_.memory.heads);
+    for (const auto& w : s.snapshot) check_memory_weights(where, "state.snapshot[h]", cfg_.memory.memory(), w);
+    if (s.attention.k.cols() > 2 * cfg_.segment)
+      detail::raise<ShapeError>(where, "state.attention holds ", s.attention.k.cols(), " keys, a segment has at most ",
+                                2 * cfg_.segment);
+  }
+  if (cfg_.kind == BlockKind::mal && s.primed)
+    detail::check_shape(where, "state.persistent_y", s.persistent_y, cfg_.dim, cfg_.persistent);
+}
+
+template <class Scalar>
+auto Block<Scalar>::forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const -> Mat {
+  constexpr const char* where = "titans::Block::forward";
+  return detail::naming_bad_parameters(where, p, [&] { return run(where, p, x, state, nullptr); });
+}
+
+template <class Scalar>
+auto Block<Scalar>::step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const -> Vector<Scalar> {
+  const Mat out = forward(p, x, state);
+  return out.col(0);
+}
+
+template <class Scalar>
+auto Block<Scalar>::forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const -> Mat {
+  constexpr const char* where = "titans::Block::forward_train";
+  cache = Cache{};
+  return detail::naming_bad_parameters(where, p, [&] { return run(where, p, x, state, &cache); });
+}
+
+template <class Scalar>
+void Block<Scalar>::backward(const Params& p, const Cache& c, const Eigen::Ref<const Mat>& dout /* (D, T) */, Params& grads,
+                             Eigen::Ref<Mat> dx) const {
+  constexpr const char* where = "titans::Block::backward";
+  check_params(p, where);
+  check_params(grads, where);
+  const Index D = cfg_.dim, T = c.x.cols();
+  if (c.x.rows() != D || c.u2.cols() != T)
+    detail::raise<InvalidArgument>(where, "cache was not filled by forward_train of this block");
+  detail::check_shape(where, "dout", dout, D, T);
+  detail::check_shape(where, "dx", dx, D, T);
+  // FFN: out = x1 + W2 (silu(a1) ⊙ a3), a1 = W1 u2, a3 = W3 u2, u2 = RMSNorm(x1).
+  const Mat sig = detail::sigmoid<Scalar>(c.ffn_a1);
+  const Mat silu = c.ffn_a1.cwiseProduct(sig);
+  const Mat hmid = silu.cwiseProduct(c.ffn_a3);
+  grads.ffn_w2.noalias() += dout * hmid.transpose();
+  const Mat dh = p.ffn_w2.transpose() * dout;
+  const Mat da3 = dh.cwiseProduct(silu);
+  const Mat da1 = (dh.cwiseProduct(c.ffn_a3).array() * sig.array() * (Scalar(1) + c.ffn_a1.array() * (Scalar(1) - sig.array())))
+                      .matrix();
+  grads.ffn_w1.noalias() += da1 * c.u2.transpose();
+  grads.ffn_w3.noalias() += da3 * c.u2.transpose();
+  const Mat du2 = p.ffn_w1.transpose() * da1 + p.ffn_w3.transpose() * da3;
+  Mat dx1 = dout;
+  detail::rms_norm_backward<Scalar>(c.x1, p.norm_ffn, c.n2_rinv, du2, dx1, grads.norm_ffn);
+  // Mixer: x1 = x + mixer(u), u = RMSNorm(x).
+  Mat du = Mat::Zero(D, T);
+  mixer_backward(p, c, dx1, grads, du);
+  Mat dxl = dx1;
+  detail::rms_norm_backward<Scalar>(c.x, p.norm_mixer, c.n1_rinv, du, dxl, grads.norm_mixer);
+  dx += dxl;
+}
+
+template <class Scalar>
+auto Block<Scalar>::forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const -> std::vector<Mat> {
+  if (xs.size() != states.size())
+    detail::raise<InvalidArgument>("titans::Block::forward_batch", "got ", xs.size(), " sequences and ",
+                                   states.size(), " states");
+  std::vector<Mat> ys(xs.size());
+  for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = forward(p, xs[i], states[i]);
+  return ys;
+}
+
+template <class Scalar>
+auto Block<Scalar>::validated(const BlockConfig& c) -> BlockConfig {
+  c.validate("titans::Block");
+  return c;
+}
+
+template <class Scalar>
+auto Block<Scalar>::train_options() const -> MemoryTrainOptions {
+  MemoryTrainOptions o;
+  o.checkpoint_every = cfg_.checkpoint_every;
+  return o;
+}
+
+template <class Scalar>
+auto Block<Scalar>::weights_of(const NeuralMemoryState<Scalar>& m) -> std::vector<std::vector<Mat>> {
+  std::vector<std::vector<Mat>> w;
+  for (const auto& h : m.heads) w.push_back(h.weights);
+  return w;
+}
+
+template <class Scalar>
+auto Block<Scalar>::run(const char* where, const Params& p, const Eigen::Ref<const Mat>& xin, State& state, Cache* c) const -> Mat {
+  check_params(p, where);
+  check_state(state, where);
+  detail::check_shape(where, "x", xin, cfg_.dim, -1);
+  detail::check_finite(where, "x", xin);
+  const Index T = xin.cols();
+  const Mat x = xin;
+  Mat n1_rinv, n2_rinv;
+  const Mat u = detail::rms_norm<Scalar>(x, p.norm_mixer, cfg_.norm_eps, c ? &n1_rinv : nullptr);
+  if (c) c->fresh = state.position == 0;
+  Mat mix = mixer(p, u, state, c);
+  Mat x1 = x + mix;
+  const Mat u2 = detail::rms_norm<Scalar>(x1, p.norm_ffn, cfg_.norm_eps, c ? &n2_rinv : nullptr);
+  Mat a1 = p.ffn_w1 * u2, a3 = p.ffn_w3 * u2;
+  const Mat hmid = (a1.array() / (Scalar(1) + (-a1.array()).exp()) * a3.array()).matrix();
+  Mat out = x1;
+  out.noalias() += p.ffn_w2 * hmid;
+  detail::check_finite_output(where, p, out);
+  state.position += T;
+  if (c) {
+    c->x = x;
+    c->u = u;
+    c->n1_rinv = std::move(n1_rinv);
+    c->x1 = std::move(x1);
+    c->u2 = u2;
+    c->n2_rinv = std::move(n2_rinv);
+    c->ffn_a1 = std::move(a1);
+    c->ffn_a3 = std::move(a3);
+  }
+  return out;
+}
+
+template <class Scalar>
+auto Block<Scalar>::gate(const Params& p, const Mat& y, const Mat& m, Mat* y_rinv, Mat* m_rinv) const -> Mat {
+  const Mat yn = detail::rms_norm<Scalar>(y, p.gate_y, cfg_.norm_eps, y_rinv);
+  const Mat mn = detail::rms_norm<Scalar>(m, p.gate_m, cfg_.norm_eps, m_rinv);
+  return yn.cwiseProduct(detail::sigmoid<Scalar>(mn));
+}
+
+template <class Scalar>
+void Block<Scalar>::gate_backward(const Params& p, const Mat& y, const Mat& m, const Mat& y_rinv, const Mat& m_rinv,
+                                  const Mat& dout, Params& grads, Mat& dy, Mat& dm) const {
+  const Mat yn = detail::rms_norm<Scalar>(y, p.gate_y, cfg_.norm_eps, nullptr);
+  const Mat mn = detail::rms_norm<Scalar>(m, p.gate_m, cfg_.norm_eps, nullptr);
+  const Mat s = detail::sigmoid<Scalar>(mn);
+  const Mat dyn = dout.cwiseProduct(s);
+  const Mat dmn = (dout.array() * yn.array() * s.array() * (Scalar(1) - s.array())).matrix();
+  detail::rms_norm_backward<Scalar>(y, p.gate_y, y_rinv, dyn, dy, grads.gate_y);
+  detail::rms_norm_backward<Scalar>(m, p.gate_m, m_rinv, dmn, dm, grads.gate_m);
+}
+
+template <class Scalar>
+auto Block<Scalar>::memory_run(const Params& p, const Mat& u, State& state, Cache* c, Mat* primed_out) const -> Mat {
+  const Index np = cfg_.persistent, T = u.cols();
+  const bool prime = !state.primed && np > 0 && T > 0;  // an empty call leaves a fresh state fresh
+  Mat in;
+  if (prime) {
+    in.resize(cfg_.dim, np + T);
+    in << p.persistent, u;
+  }
+  const Mat& src = prime ? in : u;
+  Mat out;
+  if (c) {
+    c->memory_start_zero = zeros_like(state.memory);
+    out = mem_.forward_train(p.memory, src, state.memory, c->memory, train_options());
+    c->primed_here = prime;
+  } else {
+    out = mem_.forward(p.memory, src, state.memory);
+  }
+  if (T > 0) state.primed = true;
+  if (prime) {
+    if (primed_out) *primed_out = out.leftCols(np);
+    return out.rightCols(T);
+  }
+  return out;
+}
+
+template <class Scalar>
+auto Block<Scalar>::mixer(const Params& p, const Mat& u, State& state, Cache* c) const -> Mat {
+  switch (cfg_.kind) {
+    case BlockKind::lmm:
+      return memory_run(p, u, state, c, nullptr);
+    case BlockKind::swa:
+      return c ? attn_.forward_train(p.attention, u, p.persistent, state.attention, c->attention)
+               : attn_.forward(p.attention, u, p.persistent, state.attention);
+    case BlockKind::mag: {
+      Mat y = c ? attn_.forward_train(p.attention, u, p.persistent, state.attention, c->attention)
+                : attn_.forward(p.attention, u, p.persistent, state.attention);
+      Mat m = memory_run(p, u, state, c, nullptr);
+      Mat o = gate(p, y, m, c ? &c->y_rinv : nullptr, c ? &c->m_rinv : nullptr);
+      if (c) {
+        c->y = std::move(y);
+        c->m = std::move(m);
+      }
+      return o;
+    }
+    case BlockKind::mal: {
+      // [choice] The memory's outputs at the persistent tokens are the attention's persistent
+      // (always visible) tokens, as the persistent tokens themselves are in MAG.
+      Mat py;
+      Mat y = memory_run(p, u, state, c, &py);
+      if (py.size() > 0 || cfg_.persistent == 0) state.persistent_y = py.size() > 0 ? py : Mat(cfg_.dim, 0);
+      Mat o = c ? attn_.forward_train(p.attention, y, state.persistent_y, state.attention, c->attention)
+                : attn_.forward(p.attention, y, state.persistent_y, state.attention);
+      if (c) c->y = std::move(y);
+      return o;
+    }
+    case BlockKind::mac:
+      return mac(p, u, state, c);
+  }
+  return Mat();
+}
+
+template <class Scalar>
+auto Block<Scalar>::retrieve(const Params& p, const Mat& u, const std::vector<std::vector<Mat>>& snap,
+                             typename Cache::Segment* sc) const -> Mat {
+  const Index D = cfg_.dim, T = u.cols(), H = cfg_.memory.heads, d = D / H;
+  const MemoryConfig mc = cfg_.memory.memory();
+  const Mat pre = p.retrieve_w * u;
+  const Mat silu = pre.cwiseProduct(detail::sigmoid<Scalar>(pre));
+  Mat q = silu;
+  detail::l2_normalize<Scalar>(q, H, cfg_.memory.norm_eps);
+  Mat r(D, T), rinv;
+  for (Index h = 0; h < H; ++h)
+    r.middleRows(h * d, d) = memory_apply<Scalar>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d));
+  // q is finite (finite inputs); a non-finite read means the memory state itself is not: its
+  // test-time updates diverged at the end of an earlier segment (its reads were still finite).
+  if (!r.allFinite())
+    detail::raise<NumericError>("titans::Block (MAC retrieval)",
+                                "the memory's state is not finite: its test-time updates diverged; lower ",
+                                "memory.theta_max (now ", cfg_.memory.theta_max, ") or memory.chunk_size (now ",
+                                cfg_.memory.chunk_size, "), or use a shallower memory");
+  Mat n = detail::rms_normalize<Scalar>(r, H, cfg_.memory.norm_eps, &rinv);
+  Mat out = p.retrieve_gain.col(0).asDiagonal() * n;
+  if (sc) {
+    sc->q_pre = pre;
+    sc->q_silu = silu;
+    sc->q = std::move(q);
+    sc->r_n = std::move(n);
+    sc->r_rinv = std::move(rinv);
+    sc->snapshot = snap;
+  }
+  return out;
+}
+
+template <class Scalar>
+void Block<Scalar>::retrieve_backward(const Params& p, const typename Cache::Segment& sc, const Eigen::Ref<const Mat>& u /* (D, n) */,
+                                      const Mat& dh, Params& grads, Mat& du,
+                                      std::vector<MemoryState<Scalar>>* dsnap) const {
+  const Index D = cfg_.dim, T = dh.cols(), H = cfg_.memory.heads, d = D / H;
+  const MemoryConfig mc = cfg_.memory.memory();
+  grads.retrieve_gain.col(0) += dh.cwiseProduct(sc.r_n).rowwise().sum();
+  Mat dr = Mat::Zero(D, T);
+  detail::rms_normalize_backward<Scalar>(p.retrieve_gain.col(0).asDiagonal() * dh, sc.r_n, sc.r_rinv, H, dr);
+  Mat dq = Mat::Zero(D, T);
+  for (Index h = 0; h < H; ++h) {
+    const auto& w = sc.snapshot[static_cast<std::size_t>(h)];
+    std::vector<Mat> scratch;
+    if (!dsnap)
+      for (const auto& wl : w) scratch.push_back(Mat::Zero(wl.rows(), wl.cols()));
+    memory_apply_backward<Scalar>(mc, w, sc.q.middleRows(h * d, d), dr.middleRows(h * d, d),
+                                  dsnap ? (*dsnap)[static_cast<std::size_t>(h)].weights : scratch,
+                                  dq.middleRows(h * d, d));
+  }
+  detail::l2_normalize_backward<Scalar>(dq, sc.q, sc.q_silu, H, cfg_.memory.norm_eps);
+  Mat dsilu;
+  detail::activation_derivative(Activation::silu, sc.q_pre, dsilu);
+  const Mat dpre = dq.cwiseProduct(dsilu);
+  grads.retrieve_w.noalias() += dpre * u.transpose();
+  du.noalias() += p.retrieve_w.transpose() * dpre;
+}
+
+template <class Scalar>
+auto Block<Scalar>::mac(const Params& p, const Mat& u, State& state, Cache* c) const -> Mat {
+  const Index D = cfg_.dim, T = u.cols(), C = cfg_.segment;
+  Mat out(D, T);
+  Index t = 0;
+  while (t < T) {
+    const Index pos = state.position + t, in_seg = pos % C, n = std::min(T - t, C - in_seg);
+    typename Cache::Segment* sc = nullptr;
+    if (c) {
+      c->segments.emplace_back();
+      sc = &c->segments.back();
+      sc->t0 = t;
+      sc->n = n;
+      sc->starts_segment = in_seg == 0;
+    }
+    const Mat useg = u.middleCols(t, n);
+    const Mat h = retrieve(p, useg, state.snapshot, sc);
+    Mat kv(D, 2 * n);
+    std::vector<Index> qpos(static_cast<std::size_t>(n)), kpos(static_cast<std::size_t>(2 * n)),
+        lo(qpos.size(), 0), hi(qpos.size());
+    const Index nc = state.attention.k.cols();
+    for (Index j = 0; j < n; ++j) {
+      kv.col(2 * j) = h.col(j);
+      kv.col(2 * j + 1) = useg.col(j);
+      qpos[static_cast<std::size_t>(j)] = in_seg + j;
+      kpos[static_cast<std::size_t>(2 * j)] = in_seg + j;
+      kpos[static_cast<std::size_t>(2 * j + 1)] = in_seg + j;
+      hi[static_cast<std::size_t>(j)] = nc + 2 * j + 1;
+    }
+    Mat nk, nv;
+    Mat y = attn_.attend(c ? "titans::Block::forward_train (MAC attention)" : "titans::Block::forward (MAC attention)", p.attention, useg, qpos, kv, kpos, p.persistent,
+                         state.attention.k, state.attention.v, lo, hi, sc ? &sc->attention : nullptr, &nk, &nv);
+    Mat z;
+    if (sc) {
+      sc->memory_start_zero = zeros_like(state.memory);
+      z = mem_.forward_train(p.memory, y, state.memory, sc->memory, train_options());
+    } else {
+      z = mem_.forward(p.memory, y, state.memory);
+    }
+    out.middleCols(t, n) = gate(p, y, z, sc ? &sc->y_rinv : nullptr, sc ? &sc->z_rinv : nullptr);
+    if (sc) {
+      sc->y = std::move(y);
+      sc->z = std::move(z);
+    }
+    if (in_seg + n == C) {
+      state.snapshot = weights_of(state.memory);
+      state.attention.k.resize(D, 0);
+      state.attention.v.resize(D, 0);
+    } else {
+      Mat k(D, nc + 2 * n), v(D, nc + 2 * n);
+      k << state.attention.k, nk;
+      v << state.attention.v, nv;
+      state.attention.k = std::move(k);
+      state.attention.v = std::move(v);
+    }
+    state.attention.position += n;
+    t += n;
+  }
+  return out;
+}
+
+template <class Scalar>
+void Block<Scalar>::mixer_backward(const Params& p, const Cache& c, const Mat& dmix, Params& grads, Mat& du) const {
+  const Index D = cfg_.dim, T = c.u.cols(), np = cfg_.persistent;
+  switch (cfg_.kind) {
+    case BlockKind::swa: {
+      Mat dp = Mat::Zero(D, np);
+      attn_.backward_causal(p.attention, c.attention, dmix, grads.attention, du, dp);
+      grads.persistent += dp;
+      return;
+    }
+    case BlockKind::lmm:
+      memory_backward_primed(p, c, dmix, grads, du, nullptr);
+      return;
+    case BlockKind::mag: {
+      Mat dy = Mat::Zero(D, T), dm = Mat::Zero(D, T);
+      gate_backward(p, c.y, c.m, c.y_rinv, c.m_rinv, dmix, grads, dy, dm);
+      Mat dp = Mat::Zero(D, np);
+      attn_.backward_causal(p.attention, c.attention, dy, grads.attention, du, dp);
+      grads.persistent += dp;
+      memory_backward_primed(p, c, dm, grads, du, nullptr);
+      return;
+    }
+    case BlockKind::mal: {
+      Mat dy = Mat::Zero(D, T), dpy = Mat::Zero(D, c.attention.prefix.cols());
+      attn_.backward_causal(p.attention, c.attention, dmix, grads.attention, dy, dpy);
+      memory_backward_primed(p, c, dy, grads, du, c.primed_here ? &dpy : nullptr);
+      return;
+    }
+    case BlockKind::mac:
+      mac_backward(p, c, dmix, grads, du);
+      return;
+  }
+}
+
+template <class Scalar>
+void Block<Scalar>::memory_backward_primed(const Params& p, const Cache& c, const Mat& dm, Params& grads, Mat& du,
+                                           const Mat* dprimed) const {
+  const Index np = cfg_.persistent, T = dm.cols(), D = cfg_.dim;
+  const Index lead = c.primed_here ? np : 0;
+  Mat dout = Mat::Zero(D, lead + T);
+  dout.rightCols(T) = dm;
+  if (dprimed) dout.leftCols(np) = *dprimed;
+  Mat dsrc = Mat::Zero(D, lead + T);
+  NeuralMemoryState<Scalar> dinit = c.memory_start_zero;
+  mem_.backward(p.memory, c.memory, dout, nullptr, grads.memory, dsrc, c.fresh ? &dinit : nullptr);
+  if (c.fresh) mem_.initial_state_backward(dinit, grads.memory);
+  du += dsrc.rightCols(T);
+  if (lead > 0) grads.persistent += dsrc.leftCols(np);
+}
+
+template <class Scalar>
+void Block<Scalar>::mac_backward(const Params& p, const Cache& c, const Mat& dmix, Params& grads, Mat& du) const {
+  const Index D = cfg_.dim, np = cfg_.persistent;
+  NeuralMemoryState<Scalar> dnext;  // gradient of the memory state after the current segment
+  bool have_next = false;
+  Mat dp = Mat::Zero(D, np);
+  for (auto it = c.segments.rbegin(); it != c.segments.rend(); ++it) {
+    const auto& sc = *it;
+    const Index n = sc.n;
+    Mat dy = Mat::Zero(D, n), dz = Mat::Zero(D, n);
+    gate_backward(p, sc.y, sc.z, sc.y_rinv, sc.z_rinv, dmix.middleCols(sc.t0, n), grads, dy, dz);
+    NeuralMemoryState<Scalar> dstart = sc.memory_start_zero;
+    mem_.backward(p.memory, sc.memory, dz, have_next ? &dnext : nullptr, grads.memory, dy, &dstart);
+    Mat duseg = Mat::Zero(D, n), dkv = Mat::Zero(D, 2 * n);
+    attn_.backward(p.attention, sc.attention, dy, grads.attention, duseg, dkv, dp);
+    Mat dh(D, n);
+    for (Index j = 0; j < n; ++j) {
+      dh.col(j) = dkv.col(2 * j);
+      duseg.col(j) += dkv.col(2 * j + 1);
+    }
+    retrieve_backward(p, sc, c.u.middleCols(sc.t0, n), dh, grads, duseg, sc.starts_segment ? &dstart.heads : nullptr);
+    du.middleCols(sc.t0, n) += duseg;
+    dnext = std::move(dstart);
+    have_next = true;
+  }
+  grads.persistent += dp;
+  if (c.fresh && have_next) mem_.initial_state_backward(dnext, grads.memory);
+}
 
 /// \brief One item (parameters or state) per block of a BlockStack, enumerated with the prefix
 /// "block{i}." ("block0.attention.w_q", …).
@@ -749,16 +824,7 @@ class BlockStack {
   using Mat = Matrix<Scalar>;
 
   /// One config per block; all must share dim.
-  explicit BlockStack(const std::vector<BlockConfig>& configs) {
-    constexpr const char* where = "titans::BlockStack";
-    if (configs.empty()) detail::raise<InvalidArgument>(where, "a stack needs at least one block");
-    for (std::size_t i = 0; i < configs.size(); ++i) {
-      if (configs[i].dim != configs[0].dim)
-        detail::raise<InvalidArgument>(where, "block ", i, " has dim ", configs[i].dim, ", block 0 has ",
-                                       configs[0].dim);
-      blocks_.emplace_back(configs[i]);
-    }
-  }
+  explicit BlockStack(const std::vector<BlockConfig>& configs);
   /// The same config for every block, with the kinds given.
   BlockStack(const BlockConfig& base, const std::vector<BlockKind>& kinds) : BlockStack(expand(base, kinds)) {}
 
@@ -767,88 +833,139 @@ class BlockStack {
   const Block<Scalar>& block(Index i) const { return blocks_.at(static_cast<std::size_t>(i)); }
 
   /// Block i is initialised from a seed derived from `seed` and i.
-  Params init(std::uint64_t seed) const {
-    Params p;
-    for (std::size_t i = 0; i < blocks_.size(); ++i) p.blocks.push_back(blocks_[i].init(seed + 1000003ULL * (i + 1)));
-    return p;
-  }
+  Params init(std::uint64_t seed) const;
 
-  void check_params(const Params& p, const char* where = "titans::BlockStack::check_params") const {
-    if (p.blocks.size() != blocks_.size())
-      detail::raise<ShapeError>(where, "params hold ", p.blocks.size(), " blocks, the stack has ", blocks_.size());
-    for (std::size_t i = 0; i < blocks_.size(); ++i) blocks_[i].check_params(p.blocks[i], where);
-  }
+  void check_params(const Params& p, const char* where = "titans::BlockStack::check_params") const;
 
-  State initial_state(const Params& p) const {
-    check_params(p, "titans::BlockStack::initial_state");
-    State s;
-    for (std::size_t i = 0; i < blocks_.size(); ++i) s.blocks.push_back(blocks_[i].initial_state(p.blocks[i]));
-    return s;
-  }
+  State initial_state(const Params& p) const;
 
-  Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const {
-    constexpr const char* where = "titans::BlockStack::forward";
-    check_sizes(where, p, state);
-    return detail::naming_bad_parameters(where, p, [&] {
-      Mat h = x;
-      for (std::size_t i = 0; i < blocks_.size(); ++i) h = blocks_[i].forward(p.blocks[i], h, state.blocks[i]);
-      return h;
-    });
-  }
+  Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const;
 
-  Vector<Scalar> step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const {
-    const Mat out = forward(p, x, state);
-    return out.col(0);
-  }
+  Vector<Scalar> step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const;
 
-  Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const {
-    constexpr const char* where = "titans::BlockStack::forward_train";
-    check_sizes(where, p, state);
-    cache.assign(blocks_.size(), BlockCache<Scalar>{});
-    return detail::naming_bad_parameters(where, p, [&] {
-      Mat h = x;
-      for (std::size_t i = 0; i < blocks_.size(); ++i)
-        h = blocks_[i].forward_train(p.blocks[i], h, state.blocks[i], cache[i]);
-      return h;
-    });
-  }
+  Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const;
 
   /// Adds dL/d(params) into grads and dL/dx into dx (D, T).
   void backward(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dout /* (D, T) */, Params& grads,
-                Eigen::Ref<Mat> dx) const {
-    constexpr const char* where = "titans::BlockStack::backward";
-    check_params(p, where);
-    check_params(grads, where);
-    if (cache.size() != blocks_.size())
-      detail::raise<InvalidArgument>(where, "cache holds ", cache.size(), " blocks, the stack has ", blocks_.size());
-    Mat d = dout;
-    for (std::size_t i = blocks_.size(); i-- > 0;) {
-      Mat di = Mat::Zero(d.rows(), d.cols());
-      blocks_[i].backward(p.blocks[i], cache[i], d, grads.blocks[i], di);
-      d = std::move(di);
-    }
-    detail::check_shape(where, "dx", dx, d.rows(), d.cols());
-    dx += d;
-  }
+                Eigen::Ref<Mat> dx) const;
 
  private:
-  static std::vector<BlockConfig> expand(const BlockConfig& base, const std::vector<BlockKind>& kinds) {
-    std::vector<BlockConfig> out;
-    for (BlockKind k : kinds) {
-      BlockConfig c = base;
-      c.kind = k;
-      out.push_back(c);
-    }
-    return out;
-  }
-  void check_sizes(const char* where, const Params& p, const State& s) const {
-    if (p.blocks.size() != blocks_.size())
-      detail::raise<ShapeError>(where, "params hold ", p.blocks.size(), " blocks, the stack has ", blocks_.size());
-    if (s.blocks.size() != blocks_.size())
-      detail::raise<ShapeError>(where, "state holds ", s.blocks.size(), " blocks, the stack has ", blocks_.size());
-  }
+  static std::vector<BlockConfig> expand(const BlockConfig& base, const std::vector<BlockKind>& kinds);
+  void check_sizes(const char* where, const Params& p, const State& s) const;
 
   std::vector<Block<Scalar>> blocks_;
 };
+
+template <class Scalar>
+BlockStack<Scalar>::BlockStack(const std::vector<BlockConfig>& configs) {
+  constexpr const char* where = "titans::BlockStack";
+  if (configs.empty()) detail::raise<InvalidArgument>(where, "a stack needs at least one block");
+  for (std::size_t i = 0; i < configs.size(); ++i) {
+    if (configs[i].dim != configs[0].dim)
+      detail::raise<InvalidArgument>(where, "block ", i, " has dim ", configs[i].dim, ", block 0 has ",
+                                     configs[0].dim);
+    blocks_.emplace_back(configs[i]);
+  }
+}
+
+template <class Scalar>
+auto BlockStack<Scalar>::init(std::uint64_t seed) const -> Params {
+  Params p;
+  for (std::size_t i = 0; i < blocks_.size(); ++i) p.blocks.push_back(blocks_[i].init(seed + 1000003ULL * (i + 1)));
+  return p;
+}
+
+template <class Scalar>
+void BlockStack<Scalar>::check_params(const Params& p, const char* where) const {
+  if (p.blocks.size() != blocks_.size())
+    detail::raise<ShapeError>(where, "params hold ", p.blocks.size(), " blocks, the stack has ", blocks_.size());
+  for (std::size_t i = 0; i < blocks_.size(); ++i) blocks_[i].check_params(p.blocks[i], where);
+}
+
+template <class Scalar>
+auto BlockStack<Scalar>::initial_state(const Params& p) const -> State {
+  check_params(p, "titans::BlockStack::initial_state");
+  State s;
+  for (std::size_t i = 0; i < blocks_.size(); ++i) s.blocks.push_back(blocks_[i].initial_state(p.blocks[i]));
+  return s;
+}
+
+template <class Scalar>
+auto BlockStack<Scalar>::forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const -> Mat {
+  constexpr const char* where = "titans::BlockStack::forward";
+  check_sizes(where, p, state);
+  return detail::naming_bad_parameters(where, p, [&] {
+    Mat h = x;
+    for (std::size_t i = 0; i < blocks_.size(); ++i) h = blocks_[i].forward(p.blocks[i], h, state.blocks[i]);
+    return h;
+  });
+}
+
+template <class Scalar>
+auto BlockStack<Scalar>::step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const -> Vector<Scalar> {
+  const Mat out = forward(p, x, state);
+  return out.col(0);
+}
+
+template <class Scalar>
+auto BlockStack<Scalar>::forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const -> Mat {
+  constexpr const char* where = "titans::BlockStack::forward_train";
+  check_sizes(where, p, state);
+  cache.assign(blocks_.size(), BlockCache<Scalar>{});
+  return detail::naming_bad_parameters(where, p, [&] {
+    Mat h = x;
+    for (std::size_t i = 0; i < blocks_.size(); ++i)
+      h = blocks_[i].forward_train(p.blocks[i], h, state.blocks[i], cache[i]);
+    return h;
+  });
+}
+
+template <class Scalar>
+void BlockStack<Scalar>::backward(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dout /* (D, T) */, Params& grads,
+                                  Eigen::Ref<Mat> dx) const {
+  constexpr const char* where = "titans::BlockStack::backward";
+  check_params(p, where);
+  check_params(grads, where);
+  if (cache.size() != blocks_.size())
+    detail::raise<InvalidArgument>(where, "cache holds ", cache.size(), " blocks, the stack has ", blocks_.size());
+  Mat d = dout;
+  for (std::size_t i = blocks_.size(); i-- > 0;) {
+    Mat di = Mat::Zero(d.rows(), d.cols());
+    blocks_[i].backward(p.blocks[i], cache[i], d, grads.blocks[i], di);
+    d = std::move(di);
+  }
+  detail::check_shape(where, "dx", dx, d.rows(), d.cols());
+  dx += d;
+}
+
+template <class Scalar>
+auto BlockStack<Scalar>::expand(const BlockConfig& base, const std::vector<BlockKind>& kinds) -> std::vector<BlockConfig> {
+  std::vector<BlockConfig> out;
+  for (BlockKind k : kinds) {
+    BlockConfig c = base;
+    c.kind = k;
+    out.push_back(c);
+  }
+  return out;
+}
+
+template <class Scalar>
+void BlockStack<Scalar>::check_sizes(const char* where, const Params& p, const State& s) const {
+  if (p.blocks.size() != blocks_.size())
+    detail::raise<ShapeError>(where, "params hold ", p.blocks.size(), " blocks, the stack has ", blocks_.size());
+  if (s.blocks.size() != blocks_.size())
+    detail::raise<ShapeError>(where, "state holds ", s.blocks.size(), " blocks, the stack has ", blocks_.size());
+}
+
+// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// declarations below and empty in src/instantiate_*.cpp, which define them.
+#define TITANS_INSTANTIATE_BLOCKS(PREFIX, S) \
+  PREFIX template class Block<S>;                                                                                \
+  PREFIX template class BlockStack<S>;
+
+#ifdef TITANS_EXTERN_TEMPLATES
+TITANS_INSTANTIATE_BLOCKS(extern, float)
+TITANS_INSTANTIATE_BLOCKS(extern, double)
+#endif
 
 }  // namespace titans

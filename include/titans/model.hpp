@@ -222,192 +222,234 @@ class TitansModel {
 
   /// \brief Deterministic initialisation: embedding N(0, 1/D) (so tied logits start near unit
   /// scale), blocks as Block::init, untied head N(0, 1/D), final norm gain 1.
-  Params init(std::uint64_t seed) const {
-    const Index D = cfg_.dim(), V = cfg_.vocab;
-    detail::Rng rng(seed);
-    Params p;
-    p.tied = cfg_.tied;
-    p.embedding.resize(D, V);
-    rng.fill_normal(p.embedding, 1.0 / std::sqrt(static_cast<double>(D)));
-    p.blocks = stack_.init(seed * 31 + 17);
-    p.norm_final = Mat::Ones(D, 1);
-    if (!cfg_.tied) {
-      p.head.resize(V, D);
-      rng.fill_normal(p.head, 1.0 / std::sqrt(static_cast<double>(D)));
-    }
-    return p;
-  }
+  Params init(std::uint64_t seed) const;
 
-  void check_params(const Params& p, const char* where = "titans::TitansModel::check_params") const {
-    const Index D = cfg_.dim(), V = cfg_.vocab;
-    if (p.tied != cfg_.tied)
-      detail::raise<ShapeError>(where, "params are ", p.tied ? "tied" : "untied", ", the model is ",
-                                cfg_.tied ? "tied" : "untied");
-    detail::check_shape(where, "params.embedding", p.embedding, D, V);
-    stack_.check_params(p.blocks, where);
-    detail::check_shape(where, "params.norm_final", p.norm_final, D, 1);
-    if (!cfg_.tied) detail::check_shape(where, "params.head", p.head, V, D);
-  }
+  void check_params(const Params& p, const char* where = "titans::TitansModel::check_params") const;
 
-  State initial_state(const Params& p) const {
-    check_params(p, "titans::TitansModel::initial_state");
-    State s;
-    s.blocks = stack_.initial_state(p.blocks);
-    return s;
-  }
+  State initial_state(const Params& p) const;
 
   /// \brief Logits (V, T) for the tokens, continuing `state`.
-  Mat forward(const Params& p, const std::vector<int>& tokens, State& state) const {
-    constexpr const char* where = "titans::TitansModel::forward";
-    check_params(p, where);
-    return detail::naming_bad_parameters(where, p, [&] {
-      const Mat h = stack_.forward(p.blocks, embed(where, p, tokens), state.blocks);
-      state.position += static_cast<Index>(tokens.size());
-      Mat logits = head(p, h, nullptr, nullptr);
-      detail::check_finite_output(where, p, logits);
-      return logits;
-    });
-  }
+  Mat forward(const Params& p, const std::vector<int>& tokens, State& state) const;
 
   /// \brief One decode step: the logits (V) after `token`. Equal to the prefill logits.
-  Vector<Scalar> step(const Params& p, int token, State& state) const {
-    const Mat out = forward(p, std::vector<int>{token}, state);
-    return out.col(0);
-  }
+  Vector<Scalar> step(const Params& p, int token, State& state) const;
 
-  Mat forward_train(const Params& p, const std::vector<int>& tokens, State& state, Cache& cache) const {
-    constexpr const char* where = "titans::TitansModel::forward_train";
-    check_params(p, where);
-    cache.tokens = tokens;
-    return detail::naming_bad_parameters(where, p, [&] {
-      cache.h = stack_.forward_train(p.blocks, embed(where, p, tokens), state.blocks, cache.blocks);
-      state.position += static_cast<Index>(tokens.size());
-      Mat logits = head(p, cache.h, &cache.rinv, &cache.u);
-      detail::check_finite_output(where, p, logits);
-      return logits;
-    });
-  }
+  Mat forward_train(const Params& p, const std::vector<int>& tokens, State& state, Cache& cache) const;
 
   /// \brief Adds dL/d(params) into grads, given dL/dlogits (V, T).
-  void backward(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dlogits, Params& grads) const {
-    constexpr const char* where = "titans::TitansModel::backward";
-    check_params(p, where);
-    check_params(grads, where);
-    const Index D = cfg_.dim(), T = static_cast<Index>(cache.tokens.size());
-    detail::check_shape(where, "dlogits", dlogits, cfg_.vocab, T);
-    if (cache.h.cols() != T) detail::raise<InvalidArgument>(where, "cache was not filled by forward_train");
-    const Mat& W = cfg_.tied ? p.embedding : p.head;  // tied: logits = Eᵀ u
-    Mat du;
-    if (cfg_.tied) {
-      grads.embedding.noalias() += cache.u * dlogits.transpose();
-      du.noalias() = W * dlogits;
-    } else {
-      grads.head.noalias() += dlogits * cache.u.transpose();
-      du.noalias() = W.transpose() * dlogits;
-    }
-    Mat dh = Mat::Zero(D, T);
-    detail::rms_norm_backward<Scalar>(cache.h, p.norm_final, cache.rinv, du, dh, grads.norm_final);
-    Mat dx = Mat::Zero(D, T);
-    stack_.backward(p.blocks, cache.blocks, dh, grads.blocks, dx);
-    for (Index t = 0; t < T; ++t) grads.embedding.col(cache.tokens[static_cast<std::size_t>(t)]) += dx.col(t);
-  }
+  void backward(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dlogits, Params& grads) const;
 
   /// \brief Mean next-token cross-entropy over a batch of sequences, each from its own fresh
   /// state (targets[i][t] = −1 ignores a position); adds its gradient into grads.
   Scalar loss_and_gradient(const Params& p, const std::vector<std::vector<int>>& inputs,
-                           const std::vector<std::vector<int>>& targets, Params& grads) const {
-    return batch_loss("titans::TitansModel::loss_and_gradient", p, inputs, targets, &grads);
-  }
+                           const std::vector<std::vector<int>>& targets, Params& grads) const;
 
   /// \brief The same loss without gradients (evaluation).
   Scalar loss(const Params& p, const std::vector<std::vector<int>>& inputs,
-              const std::vector<std::vector<int>>& targets) const {
-    return batch_loss("titans::TitansModel::loss", p, inputs, targets, nullptr);
-  }
+              const std::vector<std::vector<int>>& targets) const;
 
  private:
-  static ModelConfig validated(const ModelConfig& c) {
-    c.validate("titans::TitansModel");
-    return c;
-  }
+  static ModelConfig validated(const ModelConfig& c);
 
-  Mat embed(const char* where, const Params& p, const std::vector<int>& tokens) const {
-    Mat x(cfg_.dim(), static_cast<Index>(tokens.size()));
-    for (std::size_t t = 0; t < tokens.size(); ++t) {
-      if (tokens[t] < 0 || tokens[t] >= cfg_.vocab)
-        detail::raise<InvalidArgument>(where, "token ", tokens[t], " at position ", t, " is outside [0, ", cfg_.vocab,
-                                       ")");
-      x.col(static_cast<Index>(t)) = p.embedding.col(tokens[t]);
-    }
-    return x;
-  }
+  Mat embed(const char* where, const Params& p, const std::vector<int>& tokens) const;
 
-  Mat head(const Params& p, const Mat& h, Mat* rinv, Mat* u_out) const {
-    Mat u = detail::rms_norm<Scalar>(h, p.norm_final, cfg_.norm_eps, rinv);
-    Mat logits = cfg_.tied ? Mat(p.embedding.transpose() * u) : Mat(p.head * u);
-    if (u_out) *u_out = std::move(u);
-    return logits;
-  }
+  Mat head(const Params& p, const Mat& h, Mat* rinv, Mat* u_out) const;
 
   Scalar batch_loss(const char* where, const Params& p, const std::vector<std::vector<int>>& inputs,
-                    const std::vector<std::vector<int>>& targets, Params* grads) const {
-    check_params(p, where);
-    if (inputs.size() != targets.size())
-      detail::raise<InvalidArgument>(where, "got ", inputs.size(), " input sequences and ", targets.size(),
-                                     " target sequences");
-    Index total = 0;
-    for (std::size_t i = 0; i < inputs.size(); ++i) {
-      if (inputs[i].size() != targets[i].size())
-        detail::raise<ShapeError>(where, "sequence ", i, " has ", inputs[i].size(), " inputs and ", targets[i].size(),
-                                  " targets");
-      for (int t : targets[i]) total += t >= 0;
-    }
-    if (total == 0) return Scalar(0);
-    // Sequences are independent: under OpenMP each thread takes whole sequences and its own
-    // gradient buffer; the buffers are summed in a fixed order, so results do not depend on timing.
-    const Index n_seq = static_cast<Index>(inputs.size());
-    Index n_parts = 1;
-#ifdef _OPENMP
-    n_parts = std::min<Index>(n_seq, static_cast<Index>(omp_get_max_threads()));
-#endif
-    if (n_parts < 1) n_parts = 1;
-    std::vector<double> part_sum(static_cast<std::size_t>(n_parts), 0.0);
-    std::vector<Params> part_grads;
-    if (grads && n_parts > 1) part_grads.assign(static_cast<std::size_t>(n_parts), zeros_like(p));
-    detail::for_each_head(n_parts, [&](Index part) {
-      Params* g = grads ? (n_parts > 1 ? &part_grads[static_cast<std::size_t>(part)] : grads) : nullptr;
-      for (Index i = part; i < n_seq; i += n_parts) {
-        const auto u = static_cast<std::size_t>(i);
-        State s = initial_state(p);
-        Index n = 0;
-        if (g) {
-          Cache c;
-          const Mat logits = forward_train(p, inputs[u], s, c);
-          Mat dl = Mat::Zero(logits.rows(), logits.cols());
-          Index ni = 0;
-          for (int t : targets[u]) ni += t >= 0;
-          // Each sequence's mean is weighted by its share of the batch's targets.
-          const Scalar scale = static_cast<Scalar>(static_cast<double>(ni) / static_cast<double>(total));
-          const Scalar l = cross_entropy<Scalar>(logits, targets[u], &dl, scale, &n);
-          part_sum[static_cast<std::size_t>(part)] += static_cast<double>(l) * static_cast<double>(n);
-          if (n > 0) backward(p, c, dl, *g);
-        } else {
-          const Mat logits = forward(p, inputs[u], s);
-          const Scalar l = cross_entropy<Scalar>(logits, targets[u], nullptr, Scalar(1), &n);
-          part_sum[static_cast<std::size_t>(part)] += static_cast<double>(l) * static_cast<double>(n);
-        }
-      }
-    });
-    if (grads && n_parts > 1)
-      for (const Params& g : part_grads) add_to(*grads, g);
-    double sum = 0;
-    for (double v : part_sum) sum += v;
-    return static_cast<Scalar>(sum / static_cast<double>(total));
-  }
+                    const std::vector<std::vector<int>>& targets, Params* grads) const;
 
   ModelConfig cfg_;
   BlockStack<Scalar> stack_;
 };
+
+template <class Scalar>
+auto TitansModel<Scalar>::init(std::uint64_t seed) const -> Params {
+  const Index D = cfg_.dim(), V = cfg_.vocab;
+  detail::Rng rng(seed);
+  Params p;
+  p.tied = cfg_.tied;
+  p.embedding.resize(D, V);
+  rng.fill_normal(p.embedding, 1.0 / std::sqrt(static_cast<double>(D)));
+  p.blocks = stack_.init(seed * 31 + 17);
+  p.norm_final = Mat::Ones(D, 1);
+  if (!cfg_.tied) {
+    p.head.resize(V, D);
+    rng.fill_normal(p.head, 1.0 / std::sqrt(static_cast<double>(D)));
+  }
+  return p;
+}
+
+template <class Scalar>
+void TitansModel<Scalar>::check_params(const Params& p, const char* where) const {
+  const Index D = cfg_.dim(), V = cfg_.vocab;
+  if (p.tied != cfg_.tied)
+    detail::raise<ShapeError>(where, "params are ", p.tied ? "tied" : "untied", ", the model is ",
+                              cfg_.tied ? "tied" : "untied");
+  detail::check_shape(where, "params.embedding", p.embedding, D, V);
+  stack_.check_params(p.blocks, where);
+  detail::check_shape(where, "params.norm_final", p.norm_final, D, 1);
+  if (!cfg_.tied) detail::check_shape(where, "params.head", p.head, V, D);
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::initial_state(const Params& p) const -> State {
+  check_params(p, "titans::TitansModel::initial_state");
+  State s;
+  s.blocks = stack_.initial_state(p.blocks);
+  return s;
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::forward(const Params& p, const std::vector<int>& tokens, State& state) const -> Mat {
+  constexpr const char* where = "titans::TitansModel::forward";
+  check_params(p, where);
+  return detail::naming_bad_parameters(where, p, [&] {
+    const Mat h = stack_.forward(p.blocks, embed(where, p, tokens), state.blocks);
+    state.position += static_cast<Index>(tokens.size());
+    Mat logits = head(p, h, nullptr, nullptr);
+    detail::check_finite_output(where, p, logits);
+    return logits;
+  });
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::step(const Params& p, int token, State& state) const -> Vector<Scalar> {
+  const Mat out = forward(p, std::vector<int>{token}, state);
+  return out.col(0);
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::forward_train(const Params& p, const std::vector<int>& tokens, State& state, Cache& cache) const -> Mat {
+  constexpr const char* where = "titans::TitansModel::forward_train";
+  check_params(p, where);
+  cache.tokens = tokens;
+  return detail::naming_bad_parameters(where, p, [&] {
+    cache.h = stack_.forward_train(p.blocks, embed(where, p, tokens), state.blocks, cache.blocks);
+    state.position += static_cast<Index>(tokens.size());
+    Mat logits = head(p, cache.h, &cache.rinv, &cache.u);
+    detail::check_finite_output(where, p, logits);
+    return logits;
+  });
+}
+
+template <class Scalar>
+void TitansModel<Scalar>::backward(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dlogits, Params& grads) const {
+  constexpr const char* where = "titans::TitansModel::backward";
+  check_params(p, where);
+  check_params(grads, where);
+  const Index D = cfg_.dim(), T = static_cast<Index>(cache.tokens.size());
+  detail::check_shape(where, "dlogits", dlogits, cfg_.vocab, T);
+  if (cache.h.cols() != T) detail::raise<InvalidArgument>(where, "cache was not filled by forward_train");
+  const Mat& W = cfg_.tied ? p.embedding : p.head;  // tied: logits = Eᵀ u
+  Mat du;
+  if (cfg_.tied) {
+    grads.embedding.noalias() += cache.u * dlogits.transpose();
+    du.noalias() = W * dlogits;
+  } else {
+    grads.head.noalias() += dlogits * cache.u.transpose();
+    du.noalias() = W.transpose() * dlogits;
+  }
+  Mat dh = Mat::Zero(D, T);
+  detail::rms_norm_backward<Scalar>(cache.h, p.norm_final, cache.rinv, du, dh, grads.norm_final);
+  Mat dx = Mat::Zero(D, T);
+  stack_.backward(p.blocks, cache.blocks, dh, grads.blocks, dx);
+  for (Index t = 0; t < T; ++t) grads.embedding.col(cache.tokens[static_cast<std::size_t>(t)]) += dx.col(t);
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::loss_and_gradient(const Params& p, const std::vector<std::vector<int>>& inputs,
+                                            const std::vector<std::vector<int>>& targets, Params& grads) const -> Scalar {
+  return batch_loss("titans::TitansModel::loss_and_gradient", p, inputs, targets, &grads);
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::loss(const Params& p, const std::vector<std::vector<int>>& inputs,
+                               const std::vector<std::vector<int>>& targets) const -> Scalar {
+  return batch_loss("titans::TitansModel::loss", p, inputs, targets, nullptr);
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::validated(const ModelConfig& c) -> ModelConfig {
+  c.validate("titans::TitansModel");
+  return c;
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::embed(const char* where, const Params& p, const std::vector<int>& tokens) const -> Mat {
+  Mat x(cfg_.dim(), static_cast<Index>(tokens.size()));
+  for (std::size_t t = 0; t < tokens.size(); ++t) {
+    if (tokens[t] < 0 || tokens[t] >= cfg_.vocab)
+      detail::raise<InvalidArgument>(where, "token ", tokens[t], " at position ", t, " is outside [0, ", cfg_.vocab,
+                                     ")");
+    x.col(static_cast<Index>(t)) = p.embedding.col(tokens[t]);
+  }
+  return x;
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::head(const Params& p, const Mat& h, Mat* rinv, Mat* u_out) const -> Mat {
+  Mat u = detail::rms_norm<Scalar>(h, p.norm_final, cfg_.norm_eps, rinv);
+  Mat logits = cfg_.tied ? Mat(p.embedding.transpose() * u) : Mat(p.head * u);
+  if (u_out) *u_out = std::move(u);
+  return logits;
+}
+
+template <class Scalar>
+auto TitansModel<Scalar>::batch_loss(const char* where, const Params& p, const std::vector<std::vector<int>>& inputs,
+                                     const std::vector<std::vector<int>>& targets, Params* grads) const -> Scalar {
+  check_params(p, where);
+  if (inputs.size() != targets.size())
+    detail::raise<InvalidArgument>(where, "got ", inputs.size(), " input sequences and ", targets.size(),
+                                   " target sequences");
+  Index total = 0;
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].size() != targets[i].size())
+      detail::raise<ShapeError>(where, "sequence ", i, " has ", inputs[i].size(), " inputs and ", targets[i].size(),
+                                " targets");
+    for (int t : targets[i]) total += t >= 0;
+  }
+  if (total == 0) return Scalar(0);
+  // Sequences are independent: under OpenMP each thread takes whole sequences and its own
+  // gradient buffer; the buffers are summed in a fixed order, so results do not depend on timing.
+  const Index n_seq = static_cast<Index>(inputs.size());
+  Index n_parts = 1;
+#ifdef _OPENMP
+  n_parts = std::min<Index>(n_seq, static_cast<Index>(omp_get_max_threads()));
+#endif
+  if (n_parts < 1) n_parts = 1;
+  std::vector<double> part_sum(static_cast<std::size_t>(n_parts), 0.0);
+  std::vector<Params> part_grads;
+  if (grads && n_parts > 1) part_grads.assign(static_cast<std::size_t>(n_parts), zeros_like(p));
+  detail::for_each_head(n_parts, [&](Index part) {
+    Params* g = grads ? (n_parts > 1 ? &part_grads[static_cast<std::size_t>(part)] : grads) : nullptr;
+    for (Index i = part; i < n_seq; i += n_parts) {
+      const auto u = static_cast<std::size_t>(i);
+      State s = initial_state(p);
+      Index n = 0;
+      if (g) {
+        Cache c;
+        const Mat logits = forward_train(p, inputs[u], s, c);
+        Mat dl = Mat::Zero(logits.rows(), logits.cols());
+        Index ni = 0;
+        for (int t : targets[u]) ni += t >= 0;
+        // Each sequence's mean is weighted by its share of the batch's targets.
+        const Scalar scale = static_cast<Scalar>(static_cast<double>(ni) / static_cast<double>(total));
+        const Scalar l = cross_entropy<Scalar>(logits, targets[u], &dl, scale, &n);
+        part_sum[static_cast<std::size_t>(part)] += static_cast<double>(l) * static_cast<double>(n);
+        if (n > 0) backward(p, c, dl, *g);
+      } else {
+        const Mat logits = forward(p, inputs[u], s);
+        const Scalar l = cross_entropy<Scalar>(logits, targets[u], nullptr, Scalar(1), &n);
+        part_sum[static_cast<std::size_t>(part)] += static_cast<double>(l) * static_cast<double>(n);
+      }
+    }
+  });
+  if (grads && n_parts > 1)
+    for (const Params& g : part_grads) add_to(*grads, g);
+  double sum = 0;
+  for (double v : part_sum) sum += v;
+  return static_cast<Scalar>(sum / static_cast<double>(total));
+}
 
 /// \brief How generate picks tokens: temperature 0 is greedy; top_k > 0 keeps the k likeliest.
 struct SamplingOptions {
@@ -474,5 +516,20 @@ std::vector<int> generate(const TitansModel<Scalar>& model, const ModelParams<Sc
   }
   return out;
 }
+
+// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// declarations below and empty in src/instantiate_*.cpp, which define them.
+#define TITANS_INSTANTIATE_MODEL(PREFIX, S) \
+  PREFIX template class TitansModel<S>;                                                                          \
+  PREFIX template S cross_entropy<S>(const Eigen::Ref<const Matrix<S>>&, const std::vector<int>&, Matrix<S>*, S, \
+                                     Index*);                                                                   \
+  PREFIX template int sample_token<S>(const Eigen::Ref<const Vector<S>>&, const SamplingOptions&, detail::Rng&); \
+  PREFIX template std::vector<int> generate<S>(const TitansModel<S>&, const ModelParams<S>&, ModelState<S>&,     \
+                                               const std::vector<int>&, Index, const SamplingOptions&);
+
+#ifdef TITANS_EXTERN_TEMPLATES
+TITANS_INSTANTIATE_MODEL(extern, float)
+TITANS_INSTANTIATE_MODEL(extern, double)
+#endif
 
 }  // namespace titans

@@ -246,10 +246,7 @@ class NeuralMemory {
   using State = NeuralMemoryState<Scalar>;
   using Mat = Matrix<Scalar>;
 
-  explicit NeuralMemory(const NeuralMemoryConfig& cfg) : cfg_(cfg) {
-    cfg_.validate("titans::NeuralMemory");
-    mem_ = cfg_.memory();
-  }
+  explicit NeuralMemory(const NeuralMemoryConfig& cfg);
 
   const NeuralMemoryConfig& config() const { return cfg_; }
 
@@ -260,153 +257,26 @@ class NeuralMemory {
   /// η ≈ 0.73, θ ≈ θ_max·min(0.12, 1/hidden width);
   /// memory N(0, 1/n_{l−1});
   /// norm gains 1.
-  Params init(std::uint64_t seed) const {
-    detail::Rng rng(seed);
-    const Index D = cfg_.dim, H = cfg_.heads, K = cfg_.conv_kernel;
-    const double proj = 1.0 / std::sqrt(static_cast<double>(D));
-    Params p;
-    auto normal = [&](Index r, Index c, double sd) {
-      Mat m(r, c);
-      rng.fill_normal(m, sd);
-      return m;
-    };
-    p.w_k = normal(D, D, proj);
-    p.w_v = normal(D, D, proj);
-    p.w_q = normal(D, D, proj);
-    for (Mat* c : {&p.conv_k, &p.conv_v, &p.conv_q}) {
-      *c = normal(D, K, 0.02);
-      c->col(K - 1).array() += Scalar(1);
-    }
-    p.w_alpha = normal(H, D, 0.02);
-    p.w_eta = normal(H, D, 0.02);
-    p.w_theta = normal(H, D, 0.02);
-    p.b_alpha = Mat::Constant(H, 1, Scalar(-8));
-    p.b_eta = Mat::Constant(H, 1, Scalar(1));
-    // θ starts at θ_max·min(0.12, 1/n_hidden): the inner loss's curvature in the last layer grows
-    // with the hidden width (‖a_{L−1}‖² ~ E·d), and a fixed step diverges on wide memories.
-    const double hidden = static_cast<double>(mem_.depth > 1 ? mem_.layer_in(mem_.depth - 1) : mem_.dim);
-    const double s_theta = std::min(0.12, 1.0 / hidden);
-    p.b_theta = Mat::Constant(H, 1, static_cast<Scalar>(std::log(s_theta / (1 - s_theta))));
-    for (Index l = 0; l < mem_.depth; ++l)
-      p.memory_init.push_back(normal(H * mem_.layer_out(l), mem_.layer_in(l),
-                                     1.0 / std::sqrt(static_cast<double>(mem_.layer_in(l)))));
-    p.w_gate = normal(D, D, proj);
-    p.norm_gain = Mat::Ones(D, 1);
-    p.w_out = normal(D, D, proj);
-    return p;
-  }
+  Params init(std::uint64_t seed) const;
 
   /// \brief Throws ShapeError naming the tensor if `p` does not fit this layer's config.
-  void check_params(const Params& p, const char* where = "titans::NeuralMemory::check_params") const {
-    const Index D = cfg_.dim, H = cfg_.heads, K = cfg_.conv_kernel;
-    detail::check_shape(where, "params.w_k", p.w_k, D, D);
-    detail::check_shape(where, "params.w_v", p.w_v, D, D);
-    detail::check_shape(where, "params.w_q", p.w_q, D, D);
-    detail::check_shape(where, "params.conv_k", p.conv_k, D, K);
-    detail::check_shape(where, "params.conv_v", p.conv_v, D, K);
-    detail::check_shape(where, "params.conv_q", p.conv_q, D, K);
-    detail::check_shape(where, "params.w_alpha", p.w_alpha, H, D);
-    detail::check_shape(where, "params.w_eta", p.w_eta, H, D);
-    detail::check_shape(where, "params.w_theta", p.w_theta, H, D);
-    detail::check_shape(where, "params.b_alpha", p.b_alpha, H, 1);
-    detail::check_shape(where, "params.b_eta", p.b_eta, H, 1);
-    detail::check_shape(where, "params.b_theta", p.b_theta, H, 1);
-    if (static_cast<Index>(p.memory_init.size()) != mem_.depth)
-      detail::raise<ShapeError>(where, "params.memory_init has ", p.memory_init.size(), " layers, expected depth ",
-                                mem_.depth);
-    for (Index l = 0; l < mem_.depth; ++l) {
-      const std::string name = "params.memory_init[" + std::to_string(l) + "]";
-      detail::check_shape(where, name.c_str(), p.memory_init[l], H * mem_.layer_out(l), mem_.layer_in(l));
-    }
-    detail::check_shape(where, "params.w_gate", p.w_gate, D, D);
-    detail::check_shape(where, "params.norm_gain", p.norm_gain, D, 1);
-    detail::check_shape(where, "params.w_out", p.w_out, D, D);
-  }
+  void check_params(const Params& p, const char* where = "titans::NeuralMemory::check_params") const;
 
   /// \brief A fresh per-sequence state: every head's memory at Θ_init, S = 0, empty history.
-  State initial_state(const Params& p) const {
-    check_params(p, "titans::NeuralMemory::initial_state");
-    State s;
-    const Index H = cfg_.heads;
-    for (Index h = 0; h < H; ++h) {
-      MemoryWeights<Scalar> w;
-      for (Index l = 0; l < mem_.depth; ++l) {
-        const Index rows = mem_.layer_out(l);
-        w.w.push_back(p.memory_init[l].middleRows(h * rows, rows));
-      }
-      s.heads.push_back(make_memory_state(mem_, w));
-    }
-    s.conv_tail = Mat::Zero(3 * cfg_.dim, cfg_.conv_kernel - 1);
-    s.chunk_gates = Mat::Zero(3 * H, 1);
-    return s;
-  }
+  State initial_state(const Params& p) const;
 
   /// \brief Throws unless `s` is a state of this layer.
-  void check_state(const State& s, const char* where = "titans::NeuralMemory::check_state") const {
-    if (static_cast<Index>(s.heads.size()) != cfg_.heads)
-      detail::raise<ShapeError>(where, "state.heads has ", s.heads.size(), " memories, expected heads = ", cfg_.heads);
-    for (const auto& h : s.heads) {
-      check_memory_state(where, mem_, cfg_.chunk_size, h);
-      if (h.position != s.position)
-        detail::raise<InvalidArgument>(where, "a head's position (", h.position, ") differs from state.position (",
-                                       s.position, ")");
-    }
-    detail::check_shape(where, "state.conv_tail", s.conv_tail, 3 * cfg_.dim, cfg_.conv_kernel - 1);
-    detail::check_shape(where, "state.chunk_gates", s.chunk_gates, 3 * cfg_.heads, 1);
-  }
+  void check_state(const State& s, const char* where = "titans::NeuralMemory::check_state") const;
 
   /// \brief Reads and writes T tokens: returns the layer output o (D, T) and advances `state`.
   /// Any split of a sequence into calls gives the same outputs as one call.
-  Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const {
-    constexpr const char* where = "titans::NeuralMemory::forward";
-    check_call(where, p, x, state);
-    MemoryInputs<Scalar> in = inputs_unchecked(p, x, state, /*advance=*/true, nullptr);
-    Mat y(cfg_.dim, x.cols());
-    const Index H = cfg_.heads, d = mem_.dim;
-    detail::for_each_head(H, [&](Index h) {
-      detail::memory_forward_unchecked(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
-                                       in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
-                                       in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
-                                       y.middleRows(h * d, d));
-    });
-    state.position += x.cols();
-    check_diverged(where, p, y);
-    Mat o = output(p, x, y, nullptr);
-    detail::check_finite_output(where, p, o);
-    return o;
-  }
+  Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const;
 
   /// \brief forward that also fills `cache` for backward (same outputs and state advance).
   /// `options.checkpoint_every = r > 1` keeps only every r-th chunk-start memory state per head
   /// and recomputes the rest during backward (less memory for long sequences).
   Mat forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state,
-                    NeuralMemoryCache<Scalar>& cache, const MemoryTrainOptions& options = {}) const {
-    constexpr const char* where = "titans::NeuralMemory::forward_train";
-    check_call(where, p, x, state);
-    if (options.checkpoint_every < 1)
-      detail::raise<InvalidArgument>(where, "options.checkpoint_every is ", options.checkpoint_every,
-                                     ", expected >= 1");
-    cache.x = x;
-    cache.start_conv_tail = state.conv_tail;
-    cache.start_position = state.position;
-    cache.in = inputs_unchecked(p, x, state, /*advance=*/true, &cache);
-    const MemoryInputs<Scalar>& in = cache.in;
-    const Index H = cfg_.heads, d = mem_.dim;
-    cache.heads.resize(static_cast<std::size_t>(H));
-    cache.y.resize(cfg_.dim, x.cols());
-    detail::for_each_head(H, [&](Index h) {
-      memory_forward_train_into<Scalar>(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
-                                        in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
-                                        in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
-                                        cache.heads[static_cast<std::size_t>(h)], options,
-                                        cache.y.middleRows(h * d, d));
-    });
-    state.position += x.cols();
-    check_diverged(where, p, cache.y);
-    Mat o = output(p, x, cache.y, &cache);
-    detail::check_finite_output(where, p, o);
-    return o;
-  }
+                    NeuralMemoryCache<Scalar>& cache, const MemoryTrainOptions& options = {}) const;
 
   /// \brief Backward of forward_train, through the test-time updates (second order).
   ///
@@ -417,305 +287,507 @@ class NeuralMemory {
   /// initial_state(params), pass its gradient to initial_state_backward to reach memory_init.
   void backward(const Params& p, const NeuralMemoryCache<Scalar>& cache, const Eigen::Ref<const Mat>& dout /* (D, T) */,
                 const State* dfinal, Params& grads, Eigen::Ref<Mat> dx /* (D, T), accumulated */,
-                State* dinitial = nullptr) const {
-    constexpr const char* where = "titans::NeuralMemory::backward";
-    check_params(p, where);
-    check_params(grads, where);
-    const Index D = cfg_.dim, H = cfg_.heads, T = cache.x.cols(), K = cfg_.conv_kernel, d = mem_.dim;
-    if (static_cast<Index>(cache.heads.size()) != H || cache.x.rows() != D)
-      detail::raise<InvalidArgument>(where, "cache was not filled by forward_train of this layer");
-    detail::check_shape(where, "dout", dout, D, T);
-    detail::check_shape(where, "dx", dx, D, T);
-    if (dfinal) {
-      detail::check_shape(where, "dfinal->conv_tail", dfinal->conv_tail, 3 * D, K - 1);
-      detail::check_shape(where, "dfinal->chunk_gates", dfinal->chunk_gates, 3 * H, 1);
-      if (static_cast<Index>(dfinal->heads.size()) != H)
-        detail::raise<ShapeError>(where, "dfinal->heads has ", dfinal->heads.size(), " memories, expected ", H);
-    }
-    if (dinitial) {
-      detail::check_shape(where, "dinitial->conv_tail", dinitial->conv_tail, 3 * D, K - 1);
-      detail::check_shape(where, "dinitial->chunk_gates", dinitial->chunk_gates, 3 * H, 1);
-      if (static_cast<Index>(dinitial->heads.size()) != H)
-        detail::raise<ShapeError>(where, "dinitial->heads has ", dinitial->heads.size(), " memories, expected ", H);
-    }
-    const Scalar one(1);
-
-    // Output path: o = W_O h, h = gain ⊙ n ⊙ g, g = σ(W_G x), n = y / rms (per head).
-    const Mat ng = cache.n.cwiseProduct(cache.g);
-    grads.w_out.noalias() += dout * (p.norm_gain.col(0).asDiagonal() * ng).transpose();
-    const Mat dh = p.w_out.transpose() * dout;
-    grads.norm_gain.col(0) += dh.cwiseProduct(ng).rowwise().sum();
-    const Mat dn = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.g);
-    Mat dag = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.n);
-    dag = (dag.array() * cache.g.array() * (one - cache.g.array())).matrix();
-    grads.w_gate.noalias() += dag * cache.x.transpose();
-    dx.noalias() += p.w_gate.transpose() * dag;
-    Mat dy = Mat::Zero(D, T);
-    detail::rms_normalize_backward<Scalar>(dn, cache.n, cache.rinv, H, dy);
-
-    // The memories, per head, through the test-time updates.
-    Mat dk(D, T), dv(D, T), dq(D, T), dgate[3] = {Mat(H, T), Mat(H, T), Mat(H, T)};
-    const MemoryState<Scalar> no_state;
-    detail::for_each_head(H, [&](Index h) {
-      const auto& hc = cache.heads[static_cast<std::size_t>(h)];
-      auto kg = make_kernel_gradients(hc);
-      memory_backward<Scalar>(hc, dy.middleRows(h * d, d), dfinal ? dfinal->heads[static_cast<std::size_t>(h)] : no_state, kg);
-      dk.middleRows(h * d, d) = kg.k;
-      dv.middleRows(h * d, d) = kg.v;
-      dq.middleRows(h * d, d) = kg.q;
-      dgate[0].row(h) = kg.alpha.transpose();
-      dgate[1].row(h) = kg.eta.transpose();
-      dgate[2].row(h) = kg.theta.transpose();
-      if (dinitial) add_state_gradient(dinitial->heads[static_cast<std::size_t>(h)], kg.state);
-    });
-
-    // Gates: α = σ(a), η = σ(e), θ = θ_max σ(t); then the per-chunk routing and the projections.
-    dgate[0] = (dgate[0].array() * cache.in.alpha.array() * (one - cache.in.alpha.array())).matrix();
-    dgate[1] = (dgate[1].array() * cache.in.eta.array() * (one - cache.in.eta.array())).matrix();
-    dgate[2] = (dgate[2].array() * static_cast<Scalar>(cfg_.theta_max) * cache.sig_theta.array() *
-                (one - cache.sig_theta.array()))
-                   .matrix();
-    Mat dchunk_gates = Mat::Zero(3 * H, 1);
-    if (dfinal) {
-      for (int gi = 0; gi < 3; ++gi) {
-        if (cache.final_gate_source >= 0) {
-          dgate[gi].col(cache.final_gate_source) += dfinal->chunk_gates.middleRows(gi * H, H);
-        } else {
-          dchunk_gates.middleRows(gi * H, H) += dfinal->chunk_gates.middleRows(gi * H, H);
-        }
-      }
-    }
-    for (Index t = 0; t < T; ++t) {
-      const Index src = cache.gate_source[static_cast<std::size_t>(t)];
-      if (src == t) continue;
-      for (int gi = 0; gi < 3; ++gi) {
-        if (src >= 0) {
-          dgate[gi].col(src) += dgate[gi].col(t);
-        } else {
-          dchunk_gates.middleRows(gi * H, H) += dgate[gi].col(t);
-        }
-        dgate[gi].col(t).setZero();
-      }
-    }
-    if (dinitial) dinitial->chunk_gates += dchunk_gates;
-    Mat* gw[3] = {&grads.w_alpha, &grads.w_eta, &grads.w_theta};
-    Mat* gb[3] = {&grads.b_alpha, &grads.b_eta, &grads.b_theta};
-    const Mat* pw[3] = {&p.w_alpha, &p.w_eta, &p.w_theta};
-    for (int gi = 0; gi < 3; ++gi) {
-      gw[gi]->noalias() += dgate[gi] * cache.x.transpose();
-      gb[gi]->col(0) += dgate[gi].rowwise().sum();
-      dx.noalias() += pw[gi]->transpose() * dgate[gi];
-    }
-
-    // ℓ2 normalisation of k and q.
-    detail::l2_normalize_backward<Scalar>(dk, cache.in.k, cache.silu_k, H, cfg_.norm_eps);
-    detail::l2_normalize_backward<Scalar>(dq, cache.in.q, cache.silu_q, H, cfg_.norm_eps);
-
-    // SiLU, causal depthwise conv, projections.
-    Mat* dstream[3] = {&dk, &dv, &dq};
-    Mat* gproj[3] = {&grads.w_k, &grads.w_v, &grads.w_q};
-    Mat* gconv[3] = {&grads.conv_k, &grads.conv_v, &grads.conv_q};
-    const Mat* pproj[3] = {&p.w_k, &p.w_v, &p.w_q};
-    const Mat* pconv[3] = {&p.conv_k, &p.conv_v, &p.conv_q};
-    Mat dext(D, K - 1 + T);
-    for (int si = 0; si < 3; ++si) {
-      const Mat& c = cache.conv[si];
-      const auto sig = (one / (one + (-c.array()).exp()));
-      const Mat dc = (dstream[si]->array() * sig * (one + c.array() * (one - sig))).matrix();
-      dext.setZero();
-      for (Index j = 0; j < K; ++j) {
-        dext.middleCols(j, T).noalias() += pconv[si]->col(j).asDiagonal() * dc;
-        gconv[si]->col(j) += dc.cwiseProduct(cache.ext[si].middleCols(j, T)).rowwise().sum();
-      }
-      if (dfinal && K > 1) dext.rightCols(K - 1) += dfinal->conv_tail.middleRows(si * D, D);
-      // The final tail is the last K−1 columns of ext; its gradient joins before the split below.
-      gproj[si]->noalias() += dext.rightCols(T) * cache.x.transpose();
-      dx.noalias() += pproj[si]->transpose() * dext.rightCols(T);
-      if (dinitial && K > 1) dinitial->conv_tail.middleRows(si * D, D) += dext.leftCols(K - 1);
-    }
-  }
+                State* dinitial = nullptr) const;
 
   /// \brief Adds the gradient of a state made by initial_state(params) into params' gradient:
   /// each head's initial weights are its rows of memory_init (momentum and history start at 0).
-  void initial_state_backward(const State& dstate, Params& grads) const {
-    constexpr const char* where = "titans::NeuralMemory::initial_state_backward";
-    check_params(grads, where);
-    if (static_cast<Index>(dstate.heads.size()) != cfg_.heads)
-      detail::raise<ShapeError>(where, "dstate.heads has ", dstate.heads.size(), " memories, expected ", cfg_.heads);
-    for (Index h = 0; h < cfg_.heads; ++h) {
-      const auto& w = dstate.heads[static_cast<std::size_t>(h)].weights;
-      check_memory_weights(where, "dstate.heads[h].weights", mem_, w);
-      for (Index l = 0; l < mem_.depth; ++l)
-        grads.memory_init[l].middleRows(h * mem_.layer_out(l), mem_.layer_out(l)) += w[l];
-    }
-  }
+  void initial_state_backward(const State& dstate, Params& grads) const;
 
   /// \brief One decode step: x (D) → o (D); identical to forward on a single column.
-  Vector<Scalar> step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const {
-    const Mat out = forward(p, x, state);
-    return out.col(0);
-  }
+  Vector<Scalar> step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const;
 
   /// \brief Forward over a batch: sequence i continues `states[i]`. Sequences never share memory.
-  std::vector<Mat> forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const {
-    constexpr const char* where = "titans::NeuralMemory::forward_batch";
-    if (xs.size() != states.size())
-      detail::raise<InvalidArgument>(where, "got ", xs.size(), " sequences and ", states.size(), " states");
-    std::vector<Mat> ys(xs.size());
-    for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = forward(p, xs[i], states[i]);
-    return ys;
-  }
+  std::vector<Mat> forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const;
 
   /// \brief Retrieval without update (M*, Eq 15) through the full output path: queries are made
   /// from x (using the state's convolution history, which is not advanced), read from each
   /// head's current weights, then normalised, gated and projected. Nothing is written.
-  Mat retrieve(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const {
-    return output(p, x, read(p, x, state), nullptr);
-  }
+  Mat retrieve(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const;
 
   /// \brief The raw memory read M*_Θ(q) per head, stacked (D, T), before norm, gate and
   /// projection. Nothing is written.
-  Mat read(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const {
-    constexpr const char* where = "titans::NeuralMemory::read";
-    check_call(where, p, x, state);
-    State scratch_tail;  // only the conv history is used
-    scratch_tail.conv_tail = state.conv_tail;
-    scratch_tail.chunk_gates = state.chunk_gates;
-    scratch_tail.position = state.position;
-    const MemoryInputs<Scalar> in = inputs_unchecked(p, x, scratch_tail, /*advance=*/false, nullptr);
-    Mat y(cfg_.dim, x.cols());
-    const Index d = mem_.dim;
-    for (Index h = 0; h < cfg_.heads; ++h)
-      y.middleRows(h * d, d) = memory_apply<Scalar>(mem_, state.heads[h].weights, in.q.middleRows(h * d, d));
-    return y;
-  }
+  Mat read(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const;
 
   /// \brief The keys, values, queries and gates the layer would feed its memories for x, given
   /// the state's history. The state is not changed.
   MemoryInputs<Scalar> memory_inputs(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */,
-                                     const State& state) const {
-    constexpr const char* where = "titans::NeuralMemory::memory_inputs";
-    check_call(where, p, x, state);
-    State copy;
-    copy.conv_tail = state.conv_tail;
-    copy.chunk_gates = state.chunk_gates;
-    copy.position = state.position;
-    return inputs_unchecked(p, x, copy, /*advance=*/false, nullptr);
-  }
+                                     const State& state) const;
 
  private:
   // dst += src for a memory state's gradient; chunk_start only where the call started inside a chunk.
-  static void add_state_gradient(MemoryState<Scalar>& dst, const MemoryState<Scalar>& src) {
-    constexpr const char* where = "titans::NeuralMemory::backward";
-    if (dst.weights.size() != src.weights.size() || dst.momentum.size() != src.momentum.size() ||
-        dst.chunk_start.size() != src.chunk_start.size())
-      detail::raise<ShapeError>(where, "dinitial->heads does not have the shape of the state at the call start ",
-                                "(make it with zeros_like of that state)");
-    for (std::size_t l = 0; l < src.weights.size(); ++l) {
-      dst.weights[l] += src.weights[l];
-      dst.momentum[l] += src.momentum[l];
-      if (!src.chunk_start.empty()) dst.chunk_start[l] += src.chunk_start[l];
-    }
-  }
+  static void add_state_gradient(MemoryState<Scalar>& dst, const MemoryState<Scalar>& src);
 
   // With finite inputs and parameters, the memory's reads are non-finite only when its
   // test-time updates diverged.
-  void check_diverged(const char* where, const Params& p, const Mat& y) const {
-    if (y.allFinite()) return;
-    check_finite_tensors(where, "parameter", p);
-    detail::raise<NumericError>(where, "the memory's test-time updates diverged (its reads are not finite): the ",
-                                  "effective step θ·chunk_size times the inner loss's curvature is too large; lower ",
-                                  "theta_max (now ", cfg_.theta_max, ") or chunk_size (now ", cfg_.chunk_size,
-                                  "), or use a shallower memory");
-  }
+  void check_diverged(const char* where, const Params& p, const Mat& y) const;
 
-  void check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const State& state) const {
-    check_params(p, where);
-    check_state(state, where);
-    detail::check_shape(where, "x", x, cfg_.dim, -1);
-    detail::check_finite(where, "x", x);
-  }
+  void check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const State& state) const;
 
   /// Projections, causal convolutions (continuing state.conv_tail), SiLU, ℓ2 normalisation per
   /// head, and the gates. With advance, the conv tail and chunk gates of `state` move on.
   MemoryInputs<Scalar> inputs_unchecked(const Params& p, const Eigen::Ref<const Mat>& x, State& state,
-                                        bool advance, NeuralMemoryCache<Scalar>* cache) const {
-    const Index D = cfg_.dim, H = cfg_.heads, T = x.cols(), K = cfg_.conv_kernel;
-    MemoryInputs<Scalar> in;
-    Mat* outs[3] = {&in.k, &in.v, &in.q};
-    const Mat* w[3] = {&p.w_k, &p.w_v, &p.w_q};
-    const Mat* conv[3] = {&p.conv_k, &p.conv_v, &p.conv_q};
-    Mat ext(D, K - 1 + T);
-    for (int s = 0; s < 3; ++s) {
-      // ext = [tail | W x]; out_t = Σ_j conv[:, j] ⊙ ext[:, t + j]  (causal, width K)
-      ext.leftCols(K - 1) = state.conv_tail.middleRows(s * D, D);
-      ext.rightCols(T).noalias() = *w[s] * x;
-      Mat& o = *outs[s];
-      o.noalias() = conv[s]->col(K - 1).asDiagonal() * ext.rightCols(T);
-      for (Index j = 0; j + 1 < K; ++j) o.noalias() += conv[s]->col(j).asDiagonal() * ext.middleCols(j, T);
-      if (advance && K > 1) state.conv_tail.middleRows(s * D, D) = ext.rightCols(K - 1);
-      if (cache) {
-        cache->ext[s] = ext;
-        cache->conv[s] = o;
-      }
-      o = (o.array() / (Scalar(1) + (-o.array()).exp())).matrix();  // SiLU
-    }
-    if (cache) {
-      cache->silu_k = in.k;
-      cache->silu_q = in.q;
-    }
-    detail::l2_normalize<Scalar>(in.k, H, cfg_.norm_eps);
-    detail::l2_normalize<Scalar>(in.q, H, cfg_.norm_eps);
-    // Gates: pre-activations (H, T) per gate, optionally held constant within each chunk.
-    Mat pre[3];
-    pre[0] = (p.w_alpha * x).colwise() + p.b_alpha.col(0);
-    pre[1] = (p.w_eta * x).colwise() + p.b_eta.col(0);
-    pre[2] = (p.w_theta * x).colwise() + p.b_theta.col(0);
-    if (cache) {
-      cache->gate_source.resize(static_cast<std::size_t>(T));
-      for (Index t = 0; t < T; ++t) cache->gate_source[static_cast<std::size_t>(t)] = t;
-      cache->final_gate_source = -1;
-    }
-    if (cfg_.per_chunk_gates) {
-      const Index b = cfg_.chunk_size;
-      Index source = -1;  // the column holding the current chunk's first token; −1: the state's
-      for (Index t = 0; t < T; ++t) {
-        const Index pos = state.position + t;
-        if (pos % b == 0) source = t;
-        for (int g = 0; g < 3; ++g) {
-          if (pos % b == 0) {
-            state.chunk_gates.middleRows(g * H, H) = pre[g].col(t);
-          } else {
-            pre[g].col(t) = state.chunk_gates.middleRows(g * H, H);
-          }
-        }
-        if (cache) cache->gate_source[static_cast<std::size_t>(t)] = source;
-      }
-      if (cache) cache->final_gate_source = source;
-    }
-    in.alpha = detail::sigmoid<Scalar>(pre[0]);
-    in.eta = detail::sigmoid<Scalar>(pre[1]);
-    in.theta = detail::sigmoid<Scalar>(pre[2]);
-    if (cache) cache->sig_theta = in.theta;
-    in.theta *= static_cast<Scalar>(cfg_.theta_max);
-    return in;
-  }
+                                        bool advance, NeuralMemoryCache<Scalar>* cache) const;
 
   /// o = W_O (RMSNorm_head(y) ⊙ gain ⊙ σ(W_G x)).
-  Mat output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y, NeuralMemoryCache<Scalar>* cache) const {
-    const Mat g = detail::sigmoid<Scalar>(p.w_gate * x);
-    Mat n = detail::rms_normalize<Scalar>(y, cfg_.heads, cfg_.norm_eps, cache ? &cache->rinv : nullptr);
-    if (cache) {
-      cache->n = n;
-      cache->g = g;
-    }
-    n = (n.array() * g.array()).matrix();
-    n = p.norm_gain.col(0).asDiagonal() * n;
-    return p.w_out * n;
-  }
+  Mat output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y, NeuralMemoryCache<Scalar>* cache) const;
 
   NeuralMemoryConfig cfg_;
   MemoryConfig mem_;
 };
+
+template <class Scalar>
+NeuralMemory<Scalar>::NeuralMemory(const NeuralMemoryConfig& cfg) : cfg_(cfg) {
+  cfg_.validate("titans::NeuralMemory");
+  mem_ = cfg_.memory();
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::init(std::uint64_t seed) const -> Params {
+  detail::Rng rng(seed);
+  const Index D = cfg_.dim, H = cfg_.heads, K = cfg_.conv_kernel;
+  const double proj = 1.0 / std::sqrt(static_cast<double>(D));
+  Params p;
+  auto normal = [&](Index r, Index c, double sd) {
+    Mat m(r, c);
+    rng.fill_normal(m, sd);
+    return m;
+  };
+  p.w_k = normal(D, D, proj);
+  p.w_v = normal(D, D, proj);
+  p.w_q = normal(D, D, proj);
+  for (Mat* c : {&p.conv_k, &p.conv_v, &p.conv_q}) {
+    *c = normal(D, K, 0.02);
+    c->col(K - 1).array() += Scalar(1);
+  }
+  p.w_alpha = normal(H, D, 0.02);
+  p.w_eta = normal(H, D, 0.02);
+  p.w_theta = normal(H, D, 0.02);
+  p.b_alpha = Mat::Constant(H, 1, Scalar(-8));
+  p.b_eta = Mat::Constant(H, 1, Scalar(1));
+  // θ starts at θ_max·min(0.12, 1/n_hidden): the inner loss's curvature in the last layer grows
+  // with the hidden width (‖a_{L−1}‖² ~ E·d), and a fixed step diverges on wide memories.
+  const double hidden = static_cast<double>(mem_.depth > 1 ? mem_.layer_in(mem_.depth - 1) : mem_.dim);
+  const double s_theta = std::min(0.12, 1.0 / hidden);
+  p.b_theta = Mat::Constant(H, 1, static_cast<Scalar>(std::log(s_theta / (1 - s_theta))));
+  for (Index l = 0; l < mem_.depth; ++l)
+    p.memory_init.push_back(normal(H * mem_.layer_out(l), mem_.layer_in(l),
+                                   1.0 / std::sqrt(static_cast<double>(mem_.layer_in(l)))));
+  p.w_gate = normal(D, D, proj);
+  p.norm_gain = Mat::Ones(D, 1);
+  p.w_out = normal(D, D, proj);
+  return p;
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::check_params(const Params& p, const char* where) const {
+  const Index D = cfg_.dim, H = cfg_.heads, K = cfg_.conv_kernel;
+  detail::check_shape(where, "params.w_k", p.w_k, D, D);
+  detail::check_shape(where, "params.w_v", p.w_v, D, D);
+  detail::check_shape(where, "params.w_q", p.w_q, D, D);
+  detail::check_shape(where, "params.conv_k", p.conv_k, D, K);
+  detail::check_shape(where, "params.conv_v", p.conv_v, D, K);
+  detail::check_shape(where, "params.conv_q", p.conv_q, D, K);
+  detail::check_shape(where, "params.w_alpha", p.w_alpha, H, D);
+  detail::check_shape(where, "params.w_eta", p.w_eta, H, D);
+  detail::check_shape(where, "params.w_theta", p.w_theta, H, D);
+  detail::check_shape(where, "params.b_alpha", p.b_alpha, H, 1);
+  detail::check_shape(where, "params.b_eta", p.b_eta, H, 1);
+  detail::check_shape(where, "params.b_theta", p.b_theta, H, 1);
+  if (static_cast<Index>(p.memory_init.size()) != mem_.depth)
+    detail::raise<ShapeError>(where, "params.memory_init has ", p.memory_init.size(), " layers, expected depth ",
+                              mem_.depth);
+  for (Index l = 0; l < mem_.depth; ++l) {
+    const std::string name = "params.memory_init[" + std::to_string(l) + "]";
+    detail::check_shape(where, name.c_str(), p.memory_init[l], H * mem_.layer_out(l), mem_.layer_in(l));
+  }
+  detail::check_shape(where, "params.w_gate", p.w_gate, D, D);
+  detail::check_shape(where, "params.norm_gain", p.norm_gain, D, 1);
+  detail::check_shape(where, "params.w_out", p.w_out, D, D);
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::initial_state(const Params& p) const -> State {
+  check_params(p, "titans::NeuralMemory::initial_state");
+  State s;
+  const Index H = cfg_.heads;
+  for (Index h = 0; h < H; ++h) {
+    MemoryWeights<Scalar> w;
+    for (Index l = 0; l < mem_.depth; ++l) {
+      const Index rows = mem_.layer_out(l);
+      w.w.push_back(p.memory_init[l].middleRows(h * rows, rows));
+    }
+    s.heads.push_back(make_memory_state(mem_, w));
+  }
+  s.conv_tail = Mat::Zero(3 * cfg_.dim, cfg_.conv_kernel - 1);
+  s.chunk_gates = Mat::Zero(3 * H, 1);
+  return s;
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::check_state(const State& s, const char* where) const {
+  if (static_cast<Index>(s.heads.size()) != cfg_.heads)
+    detail::raise<ShapeError>(where, "state.heads has ", s.heads.size(), " memories, expected heads = ", cfg_.heads);
+  for (const auto& h : s.heads) {
+    check_memory_state(where, mem_, cfg_.chunk_size, h);
+    if (h.position != s.position)
+      detail::raise<InvalidArgument>(where, "a head's position (", h.position, ") differs from state.position (",
+                                     s.position, ")");
+  }
+  detail::check_shape(where, "state.conv_tail", s.conv_tail, 3 * cfg_.dim, cfg_.conv_kernel - 1);
+  detail::check_shape(where, "state.chunk_gates", s.chunk_gates, 3 * cfg_.heads, 1);
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const -> Mat {
+  constexpr const char* where = "titans::NeuralMemory::forward";
+  check_call(where, p, x, state);
+  MemoryInputs<Scalar> in = inputs_unchecked(p, x, state, /*advance=*/true, nullptr);
+  Mat y(cfg_.dim, x.cols());
+  const Index H = cfg_.heads, d = mem_.dim;
+  detail::for_each_head(H, [&](Index h) {
+    detail::memory_forward_unchecked(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
+                                     in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
+                                     in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
+                                     y.middleRows(h * d, d));
+  });
+  state.position += x.cols();
+  check_diverged(where, p, y);
+  Mat o = output(p, x, y, nullptr);
+  detail::check_finite_output(where, p, o);
+  return o;
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state,
+                                         NeuralMemoryCache<Scalar>& cache, const MemoryTrainOptions& options) const -> Mat {
+  constexpr const char* where = "titans::NeuralMemory::forward_train";
+  check_call(where, p, x, state);
+  if (options.checkpoint_every < 1)
+    detail::raise<InvalidArgument>(where, "options.checkpoint_every is ", options.checkpoint_every,
+                                   ", expected >= 1");
+  cache.x = x;
+  cache.start_conv_tail = state.conv_tail;
+  cache.start_position = state.position;
+  cache.in = inputs_unchecked(p, x, state, /*advance=*/true, &cache);
+  const MemoryInputs<Scalar>& in = cache.in;
+  const Index H = cfg_.heads, d = mem_.dim;
+  cache.heads.resize(static_cast<std::size_t>(H));
+  cache.y.resize(cfg_.dim, x.cols());
+  detail::for_each_head(H, [&](Index h) {
+    memory_forward_train_into<Scalar>(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
+                                      in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
+                                      in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
+                                      cache.heads[static_cast<std::size_t>(h)], options,
+                                      cache.y.middleRows(h * d, d));
+  });
+  state.position += x.cols();
+  check_diverged(where, p, cache.y);
+  Mat o = output(p, x, cache.y, &cache);
+  detail::check_finite_output(where, p, o);
+  return o;
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Scalar>& cache, const Eigen::Ref<const Mat>& dout /* (D, T) */,
+                                    const State* dfinal, Params& grads, Eigen::Ref<Mat> dx /* (D, T), accumulated */,
+                                    State* dinitial) const {
+  constexpr const char* where = "titans::NeuralMemory::backward";
+  check_params(p, where);
+  check_params(grads, where);
+  const Index D = cfg_.dim, H = cfg_.heads, T = cache.x.cols(), K = cfg_.conv_kernel, d = mem_.dim;
+  if (static_cast<Index>(cache.heads.size()) != H || cache.x.rows() != D)
+    detail::raise<InvalidArgument>(where, "cache was not filled by forward_train of this layer");
+  detail::check_shape(where, "dout", dout, D, T);
+  detail::check_shape(where, "dx", dx, D, T);
+  if (dfinal) {
+    detail::check_shape(where, "dfinal->conv_tail", dfinal->conv_tail, 3 * D, K - 1);
+    detail::check_shape(where, "dfinal->chunk_gates", dfinal->chunk_gates, 3 * H, 1);
+    if (static_cast<Index>(dfinal->heads.size()) != H)
+      detail::raise<ShapeError>(where, "dfinal->heads has ", dfinal->heads.size(), " memories, expected ", H);
+  }
+  if (dinitial) {
+    detail::check_shape(where, "dinitial->conv_tail", dinitial->conv_tail, 3 * D, K - 1);
+    detail::check_shape(where, "dinitial->chunk_gates", dinitial->chunk_gates, 3 * H, 1);
+    if (static_cast<Index>(dinitial->heads.size()) != H)
+      detail::raise<ShapeError>(where, "dinitial->heads has ", dinitial->heads.size(), " memories, expected ", H);
+  }
+  const Scalar one(1);
+
+  // Output path: o = W_O h, h = gain ⊙ n ⊙ g, g = σ(W_G x), n = y / rms (per head).
+  const Mat ng = cache.n.cwiseProduct(cache.g);
+  grads.w_out.noalias() += dout * (p.norm_gain.col(0).asDiagonal() * ng).transpose();
+  const Mat dh = p.w_out.transpose() * dout;
+  grads.norm_gain.col(0) += dh.cwiseProduct(ng).rowwise().sum();
+  const Mat dn = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.g);
+  Mat dag = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.n);
+  dag = (dag.array() * cache.g.array() * (one - cache.g.array())).matrix();
+  grads.w_gate.noalias() += dag * cache.x.transpose();
+  dx.noalias() += p.w_gate.transpose() * dag;
+  Mat dy = Mat::Zero(D, T);
+  detail::rms_normalize_backward<Scalar>(dn, cache.n, cache.rinv, H, dy);
+
+  // The memories, per head, through the test-time updates.
+  Mat dk(D, T), dv(D, T), dq(D, T), dgate[3] = {Mat(H, T), Mat(H, T), Mat(H, T)};
+  const MemoryState<Scalar> no_state;
+  detail::for_each_head(H, [&](Index h) {
+    const auto& hc = cache.heads[static_cast<std::size_t>(h)];
+    auto kg = make_kernel_gradients(hc);
+    memory_backward<Scalar>(hc, dy.middleRows(h * d, d), dfinal ? dfinal->heads[static_cast<std::size_t>(h)] : no_state, kg);
+    dk.middleRows(h * d, d) = kg.k;
+    dv.middleRows(h * d, d) = kg.v;
+    dq.middleRows(h * d, d) = kg.q;
+    dgate[0].row(h) = kg.alpha.transpose();
+    dgate[1].row(h) = kg.eta.transpose();
+    dgate[2].row(h) = kg.theta.transpose();
+    if (dinitial) add_state_gradient(dinitial->heads[static_cast<std::size_t>(h)], kg.state);
+  });
+
+  // Gates: α = σ(a), η = σ(e), θ = θ_max σ(t); then the per-chunk routing and the projections.
+  dgate[0] = (dgate[0].array() * cache.in.alpha.array() * (one - cache.in.alpha.array())).matrix();
+  dgate[1] = (dgate[1].array() * cache.in.eta.array() * (one - cache.in.eta.array())).matrix();
+  dgate[2] = (dgate[2].array() * static_cast<Scalar>(cfg_.theta_max) * cache.sig_theta.array() *
+              (one - cache.sig_theta.array()))
+                 .matrix();
+  Mat dchunk_gates = Mat::Zero(3 * H, 1);
+  if (dfinal) {
+    for (int gi = 0; gi < 3; ++gi) {
+      if (cache.final_gate_source >= 0) {
+        dgate[gi].col(cache.final_gate_source) += dfinal->chunk_gates.middleRows(gi * H, H);
+      } else {
+        dchunk_gates.middleRows(gi * H, H) += dfinal->chunk_gates.middleRows(gi * H, H);
+      }
+    }
+  }
+  for (Index t = 0; t < T; ++t) {
+    const Index src = cache.gate_source[static_cast<std::size_t>(t)];
+    if (src == t) continue;
+    for (int gi = 0; gi < 3; ++gi) {
+      if (src >= 0) {
+        dgate[gi].col(src) += dgate[gi].col(t);
+      } else {
+        dchunk_gates.middleRows(gi * H, H) += dgate[gi].col(t);
+      }
+      dgate[gi].col(t).setZero();
+    }
+  }
+  if (dinitial) dinitial->chunk_gates += dchunk_gates;
+  Mat* gw[3] = {&grads.w_alpha, &grads.w_eta, &grads.w_theta};
+  Mat* gb[3] = {&grads.b_alpha, &grads.b_eta, &grads.b_theta};
+  const Mat* pw[3] = {&p.w_alpha, &p.w_eta, &p.w_theta};
+  for (int gi = 0; gi < 3; ++gi) {
+    gw[gi]->noalias() += dgate[gi] * cache.x.transpose();
+    gb[gi]->col(0) += dgate[gi].rowwise().sum();
+    dx.noalias() += pw[gi]->transpose() * dgate[gi];
+  }
+
+  // ℓ2 normalisation of k and q.
+  detail::l2_normalize_backward<Scalar>(dk, cache.in.k, cache.silu_k, H, cfg_.norm_eps);
+  detail::l2_normalize_backward<Scalar>(dq, cache.in.q, cache.silu_q, H, cfg_.norm_eps);
+
+  // SiLU, causal depthwise conv, projections.
+  Mat* dstream[3] = {&dk, &dv, &dq};
+  Mat* gproj[3] = {&grads.w_k, &grads.w_v, &grads.w_q};
+  Mat* gconv[3] = {&grads.conv_k, &grads.conv_v, &grads.conv_q};
+  const Mat* pproj[3] = {&p.w_k, &p.w_v, &p.w_q};
+  const Mat* pconv[3] = {&p.conv_k, &p.conv_v, &p.conv_q};
+  Mat dext(D, K - 1 + T);
+  for (int si = 0; si < 3; ++si) {
+    const Mat& c = cache.conv[si];
+    const auto sig = (one / (one + (-c.array()).exp()));
+    const Mat dc = (dstream[si]->array() * sig * (one + c.array() * (one - sig))).matrix();
+    dext.setZero();
+    for (Index j = 0; j < K; ++j) {
+      dext.middleCols(j, T).noalias() += pconv[si]->col(j).asDiagonal() * dc;
+      gconv[si]->col(j) += dc.cwiseProduct(cache.ext[si].middleCols(j, T)).rowwise().sum();
+    }
+    if (dfinal && K > 1) dext.rightCols(K - 1) += dfinal->conv_tail.middleRows(si * D, D);
+    // The final tail is the last K−1 columns of ext; its gradient joins before the split below.
+    gproj[si]->noalias() += dext.rightCols(T) * cache.x.transpose();
+    dx.noalias() += pproj[si]->transpose() * dext.rightCols(T);
+    if (dinitial && K > 1) dinitial->conv_tail.middleRows(si * D, D) += dext.leftCols(K - 1);
+  }
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::initial_state_backward(const State& dstate, Params& grads) const {
+  constexpr const char* where = "titans::NeuralMemory::initial_state_backward";
+  check_params(grads, where);
+  if (static_cast<Index>(dstate.heads.size()) != cfg_.heads)
+    detail::raise<ShapeError>(where, "dstate.heads has ", dstate.heads.size(), " memories, expected ", cfg_.heads);
+  for (Index h = 0; h < cfg_.heads; ++h) {
+    const auto& w = dstate.heads[static_cast<std::size_t>(h)].weights;
+    check_memory_weights(where, "dstate.heads[h].weights", mem_, w);
+    for (Index l = 0; l < mem_.depth; ++l)
+      grads.memory_init[l].middleRows(h * mem_.layer_out(l), mem_.layer_out(l)) += w[l];
+  }
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::step(const Params& p, const Eigen::Ref<const Vector<Scalar>>& x /* (D) */, State& state) const -> Vector<Scalar> {
+  const Mat out = forward(p, x, state);
+  return out.col(0);
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const -> std::vector<Mat> {
+  constexpr const char* where = "titans::NeuralMemory::forward_batch";
+  if (xs.size() != states.size())
+    detail::raise<InvalidArgument>(where, "got ", xs.size(), " sequences and ", states.size(), " states");
+  std::vector<Mat> ys(xs.size());
+  for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = forward(p, xs[i], states[i]);
+  return ys;
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::retrieve(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const -> Mat {
+  return output(p, x, read(p, x, state), nullptr);
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::read(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const -> Mat {
+  constexpr const char* where = "titans::NeuralMemory::read";
+  check_call(where, p, x, state);
+  State scratch_tail;  // only the conv history is used
+  scratch_tail.conv_tail = state.conv_tail;
+  scratch_tail.chunk_gates = state.chunk_gates;
+  scratch_tail.position = state.position;
+  const MemoryInputs<Scalar> in = inputs_unchecked(p, x, scratch_tail, /*advance=*/false, nullptr);
+  Mat y(cfg_.dim, x.cols());
+  const Index d = mem_.dim;
+  for (Index h = 0; h < cfg_.heads; ++h)
+    y.middleRows(h * d, d) = memory_apply<Scalar>(mem_, state.heads[h].weights, in.q.middleRows(h * d, d));
+  return y;
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::memory_inputs(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */,
+                                         const State& state) const -> MemoryInputs<Scalar> {
+  constexpr const char* where = "titans::NeuralMemory::memory_inputs";
+  check_call(where, p, x, state);
+  State copy;
+  copy.conv_tail = state.conv_tail;
+  copy.chunk_gates = state.chunk_gates;
+  copy.position = state.position;
+  return inputs_unchecked(p, x, copy, /*advance=*/false, nullptr);
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::add_state_gradient(MemoryState<Scalar>& dst, const MemoryState<Scalar>& src) {
+  constexpr const char* where = "titans::NeuralMemory::backward";
+  if (dst.weights.size() != src.weights.size() || dst.momentum.size() != src.momentum.size() ||
+      dst.chunk_start.size() != src.chunk_start.size())
+    detail::raise<ShapeError>(where, "dinitial->heads does not have the shape of the state at the call start ",
+                              "(make it with zeros_like of that state)");
+  for (std::size_t l = 0; l < src.weights.size(); ++l) {
+    dst.weights[l] += src.weights[l];
+    dst.momentum[l] += src.momentum[l];
+    if (!src.chunk_start.empty()) dst.chunk_start[l] += src.chunk_start[l];
+  }
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::check_diverged(const char* where, const Params& p, const Mat& y) const {
+  if (y.allFinite()) return;
+  check_finite_tensors(where, "parameter", p);
+  detail::raise<NumericError>(where, "the memory's test-time updates diverged (its reads are not finite): the ",
+                                "effective step θ·chunk_size times the inner loss's curvature is too large; lower ",
+                                "theta_max (now ", cfg_.theta_max, ") or chunk_size (now ", cfg_.chunk_size,
+                                "), or use a shallower memory");
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const State& state) const {
+  check_params(p, where);
+  check_state(state, where);
+  detail::check_shape(where, "x", x, cfg_.dim, -1);
+  detail::check_finite(where, "x", x);
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<const Mat>& x, State& state,
+                                            bool advance, NeuralMemoryCache<Scalar>* cache) const -> MemoryInputs<Scalar> {
+  const Index D = cfg_.dim, H = cfg_.heads, T = x.cols(), K = cfg_.conv_kernel;
+  MemoryInputs<Scalar> in;
+  Mat* outs[3] = {&in.k, &in.v, &in.q};
+  const Mat* w[3] = {&p.w_k, &p.w_v, &p.w_q};
+  const Mat* conv[3] = {&p.conv_k, &p.conv_v, &p.conv_q};
+  Mat ext(D, K - 1 + T);
+  for (int s = 0; s < 3; ++s) {
+    // ext = [tail | W x]; out_t = Σ_j conv[:, j] ⊙ ext[:, t + j]  (causal, width K)
+    ext.leftCols(K - 1) = state.conv_tail.middleRows(s * D, D);
+    ext.rightCols(T).noalias() = *w[s] * x;
+    Mat& o = *outs[s];
+    o.noalias() = conv[s]->col(K - 1).asDiagonal() * ext.rightCols(T);
+    for (Index j = 0; j + 1 < K; ++j) o.noalias() += conv[s]->col(j).asDiagonal() * ext.middleCols(j, T);
+    if (advance && K > 1) state.conv_tail.middleRows(s * D, D) = ext.rightCols(K - 1);
+    if (cache) {
+      cache->ext[s] = ext;
+      cache->conv[s] = o;
+    }
+    o = (o.array() / (Scalar(1) + (-o.array()).exp())).matrix();  // SiLU
+  }
+  if (cache) {
+    cache->silu_k = in.k;
+    cache->silu_q = in.q;
+  }
+  detail::l2_normalize<Scalar>(in.k, H, cfg_.norm_eps);
+  detail::l2_normalize<Scalar>(in.q, H, cfg_.norm_eps);
+  // Gates: pre-activations (H, T) per gate, optionally held constant within each chunk.
+  Mat pre[3];
+  pre[0] = (p.w_alpha * x).colwise() + p.b_alpha.col(0);
+  pre[1] = (p.w_eta * x).colwise() + p.b_eta.col(0);
+  pre[2] = (p.w_theta * x).colwise() + p.b_theta.col(0);
+  if (cache) {
+    cache->gate_source.resize(static_cast<std::size_t>(T));
+    for (Index t = 0; t < T; ++t) cache->gate_source[static_cast<std::size_t>(t)] = t;
+    cache->final_gate_source = -1;
+  }
+  if (cfg_.per_chunk_gates) {
+    const Index b = cfg_.chunk_size;
+    Index source = -1;  // the column holding the current chunk's first token; −1: the state's
+    for (Index t = 0; t < T; ++t) {
+      const Index pos = state.position + t;
+      if (pos % b == 0) source = t;
+      for (int g = 0; g < 3; ++g) {
+        if (pos % b == 0) {
+          state.chunk_gates.middleRows(g * H, H) = pre[g].col(t);
+        } else {
+          pre[g].col(t) = state.chunk_gates.middleRows(g * H, H);
+        }
+      }
+      if (cache) cache->gate_source[static_cast<std::size_t>(t)] = source;
+    }
+    if (cache) cache->final_gate_source = source;
+  }
+  in.alpha = detail::sigmoid<Scalar>(pre[0]);
+  in.eta = detail::sigmoid<Scalar>(pre[1]);
+  in.theta = detail::sigmoid<Scalar>(pre[2]);
+  if (cache) cache->sig_theta = in.theta;
+  in.theta *= static_cast<Scalar>(cfg_.theta_max);
+  return in;
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y, NeuralMemoryCache<Scalar>* cache) const -> Mat {
+  const Mat g = detail::sigmoid<Scalar>(p.w_gate * x);
+  Mat n = detail::rms_normalize<Scalar>(y, cfg_.heads, cfg_.norm_eps, cache ? &cache->rinv : nullptr);
+  if (cache) {
+    cache->n = n;
+    cache->g = g;
+  }
+  n = (n.array() * g.array()).matrix();
+  n = p.norm_gain.col(0).asDiagonal() * n;
+  return p.w_out * n;
+}
+
+// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// declarations below and empty in src/instantiate_*.cpp, which define them.
+#define TITANS_INSTANTIATE_NEURAL_MEMORY(PREFIX, S) \
+  PREFIX template class NeuralMemory<S>;
+
+#ifdef TITANS_EXTERN_TEMPLATES
+TITANS_INSTANTIATE_NEURAL_MEMORY(extern, float)
+TITANS_INSTANTIATE_NEURAL_MEMORY(extern, double)
+#endif
 
 }  // namespace titans
