@@ -647,4 +647,27 @@ void memory_backward(const MemoryForwardCache<Scalar>& cache, const Eigen::Ref<c
   }
 }
 
+// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// declarations below and empty in src/instantiate_*.cpp, which define them.
+#define TITANS_INSTANTIATE_MEMORY_BACKWARD(PREFIX, S) \
+  PREFIX template MemoryKernelGradients<S> make_kernel_gradients<S>(const MemoryConfig&, Index,                  \
+                                                                    const MemoryState<S>&);                     \
+  PREFIX template MemoryKernelGradients<S> make_kernel_gradients<S>(const MemoryForwardCache<S>&);               \
+  PREFIX template void memory_forward_train_into<S>(                                                             \
+      const MemoryConfig&, Index, const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
+      const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const Vector<S>>&, \
+      const Eigen::Ref<const Vector<S>>&, MemoryState<S>&, MemoryForwardCache<S>&, const MemoryTrainOptions&,    \
+      Eigen::Ref<Matrix<S>>);                                                                                    \
+  PREFIX template Matrix<S> memory_forward_train<S>(                                                             \
+      const MemoryConfig&, Index, const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
+      const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const Vector<S>>&, \
+      const Eigen::Ref<const Vector<S>>&, MemoryState<S>&, MemoryForwardCache<S>&, const MemoryTrainOptions&);   \
+  PREFIX template void memory_backward<S>(const MemoryForwardCache<S>&, const Eigen::Ref<const Matrix<S>>&,      \
+                                          const MemoryState<S>&, MemoryKernelGradients<S>&);
+
+#ifdef TITANS_EXTERN_TEMPLATES
+TITANS_INSTANTIATE_MEMORY_BACKWARD(extern, float)
+TITANS_INSTANTIATE_MEMORY_BACKWARD(extern, double)
+#endif
+
 }  // namespace titans

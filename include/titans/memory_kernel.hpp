@@ -375,4 +375,25 @@ inline double memory_forward_flops(const MemoryConfig& cfg, Index chunk_size, In
   return per_token * static_cast<double>(tokens);
 }
 
+// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// declarations below and empty in src/instantiate_*.cpp, which define them.
+#define TITANS_INSTANTIATE_MEMORY_KERNEL(PREFIX, S) \
+  PREFIX template MemoryState<S> make_memory_state<S>(const MemoryConfig&, const MemoryWeights<S>&);             \
+  PREFIX template void check_memory_state<S>(const char*, const MemoryConfig&, Index, const MemoryState<S>&);    \
+  PREFIX template void memory_forward_into<S>(                                                                   \
+      const MemoryConfig&, Index, const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
+      const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const Vector<S>>&, \
+      const Eigen::Ref<const Vector<S>>&, MemoryState<S>&, Eigen::Ref<Matrix<S>>);                               \
+  PREFIX template Matrix<S> memory_forward<S>(                                                                   \
+      const MemoryConfig&, Index, const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
+      const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const Vector<S>>&, \
+      const Eigen::Ref<const Vector<S>>&, MemoryState<S>&);                                                      \
+  PREFIX template Matrix<S> memory_retrieve<S>(const MemoryConfig&, const MemoryState<S>&,                       \
+                                               const Eigen::Ref<const Matrix<S>>&);
+
+#ifdef TITANS_EXTERN_TEMPLATES
+TITANS_INSTANTIATE_MEMORY_KERNEL(extern, float)
+TITANS_INSTANTIATE_MEMORY_KERNEL(extern, double)
+#endif
+
 }  // namespace titans

@@ -246,4 +246,28 @@ void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Sca
   if (cfg.residual) dx += dy;
 }
 
+// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// declarations below and empty in src/instantiate_*.cpp, which define them.
+#define TITANS_INSTANTIATE_MEMORY_MODEL(PREFIX, S) \
+  PREFIX template MemoryWeights<S> zero_memory_weights<S>(const MemoryConfig&);                                 \
+  PREFIX template MemoryWeights<S> init_memory_weights<S>(const MemoryConfig&, std::uint64_t, double);           \
+  PREFIX template void check_memory_weights<S>(const char*, const char*, const MemoryConfig&,                    \
+                                               const std::vector<Matrix<S>>&);                                  \
+  PREFIX template Matrix<S> memory_apply<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                  \
+                                            const Eigen::Ref<const Matrix<S>>&);                                \
+  PREFIX template S inner_loss<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                            \
+                                  const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&);      \
+  PREFIX template void inner_loss_gradient<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                \
+                                              const Eigen::Ref<const Matrix<S>>&,                              \
+                                              const Eigen::Ref<const Matrix<S>>&, std::vector<Matrix<S>>&);    \
+  PREFIX template void memory_apply_backward<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,              \
+                                                const Eigen::Ref<const Matrix<S>>&,                            \
+                                                const Eigen::Ref<const Matrix<S>>&, std::vector<Matrix<S>>&,   \
+                                                Eigen::Ref<Matrix<S>>);
+
+#ifdef TITANS_EXTERN_TEMPLATES
+TITANS_INSTANTIATE_MEMORY_MODEL(extern, float)
+TITANS_INSTANTIATE_MEMORY_MODEL(extern, double)
+#endif
+
 }  // namespace titans

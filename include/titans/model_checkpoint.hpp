@@ -61,4 +61,16 @@ LoadedModel<Scalar> load_model(const std::string& path) {
   return LoadedModel<Scalar>{std::move(config), std::move(model), std::move(params), std::move(metadata)};
 }
 
+// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// declarations below and empty in src/instantiate_*.cpp, which define them.
+#define TITANS_INSTANTIATE_MODEL_CHECKPOINT(PREFIX, S) \
+  PREFIX template void save_model<S>(const std::string&, const TitansModel<S>&, const ModelParams<S>&,           \
+                                     const std::map<std::string, std::string>&);                               \
+  PREFIX template LoadedModel<S> load_model<S>(const std::string&);
+
+#ifdef TITANS_EXTERN_TEMPLATES
+TITANS_INSTANTIATE_MODEL_CHECKPOINT(extern, float)
+TITANS_INSTANTIATE_MODEL_CHECKPOINT(extern, double)
+#endif
+
 }  // namespace titans

@@ -1,0 +1,43 @@
+# titans::compiled: the float and double instantiations of titans' heavy templates (memory model,
+# kernel, backward, layer, attention, blocks, model and, with nlohmann-json, save_model /
+# load_model), compiled once in a static library. A program that links titans::compiled instead
+# of titans::titans gets TITANS_EXTERN_TEMPLATES, under which every header declares those
+# instantiations `extern template`, so its own translation units no longer compile them.
+# Header-only use (titans::titans) is unchanged.
+#
+# The library is compiled from source inside the project that uses it: through add_subdirectory /
+# FetchContent from titans' src/, and through find_package(titans) from the copy of src/ that is
+# installed beside this file. It must be compiled with the same architecture flags as the program
+# (Eigen's alignment depends on them): set them in CMAKE_CXX_FLAGS, or on titans::compiled too.
+#
+#   titans_add_compiled_library(<target> SOURCE_DIR <dir> [EXCLUDE_FROM_ALL])
+#     defines the static library <target> and the alias titans::compiled.
+
+include_guard(GLOBAL)
+
+function(titans_add_compiled_library target)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "EXCLUDE_FROM_ALL" "SOURCE_DIR" "")
+  set(sources
+    "${arg_SOURCE_DIR}/instantiate_memory.cpp"
+    "${arg_SOURCE_DIR}/instantiate_layer.cpp"
+    "${arg_SOURCE_DIR}/instantiate_attention.cpp"
+    "${arg_SOURCE_DIR}/instantiate_blocks.cpp"
+    "${arg_SOURCE_DIR}/instantiate_model.cpp")
+  set(checkpoint OFF)
+  if(TARGET nlohmann_json::nlohmann_json)
+    list(APPEND sources "${arg_SOURCE_DIR}/instantiate_model_checkpoint.cpp")
+    set(checkpoint ON)
+  endif()
+  set(exclude)
+  if(arg_EXCLUDE_FROM_ALL)
+    set(exclude EXCLUDE_FROM_ALL)
+  endif()
+  add_library(${target} STATIC ${exclude} ${sources})
+  add_library(titans::compiled ALIAS ${target})
+  target_link_libraries(${target} PUBLIC titans::titans)
+  if(checkpoint)
+    target_link_libraries(${target} PUBLIC nlohmann_json::nlohmann_json)
+  endif()
+  target_compile_definitions(${target} PUBLIC TITANS_EXTERN_TEMPLATES)
+  set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+endfunction()
