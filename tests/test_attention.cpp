@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "support/random_matrix.hpp"
+#include "support/sampling.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -486,9 +487,10 @@ TEST_P(AttentionGradCheck, MatchesFiniteDifferences) {
   titans::GradCheckOptions opt;
   opt.rtol = 1e-6;
   opt.atol = 1e-8;
+  opt = titans_test::sampled(opt);
   const auto r = titans::gradient_check(vars, x, fwd, bwd, opt);
   EXPECT_TRUE(r.ok) << r.report();
-  EXPECT_EQ(r.checked, titans::parameter_count(vars) + x.size());
+  EXPECT_EQ(r.checked, titans_test::expected_checked(vars, x, opt));
   RecordProperty("worst", r.report());
 }
 
@@ -550,9 +552,10 @@ TEST(AttentionAttendGrad, MatchesFiniteDifferences) {
       titans::GradCheckOptions opt;
       opt.rtol = 1e-6;
       opt.atol = 1e-8;
+      opt = titans_test::sampled(opt);
       const auto r = titans::gradient_check(vars, xq, fwd, bwd, opt);
       EXPECT_TRUE(r.ok) << "N_p " << rc.np << " block " << block << "\n" << r.report();
-      EXPECT_EQ(r.checked, titans::parameter_count(vars) + xq.size());
+      EXPECT_EQ(r.checked, titans_test::expected_checked(vars, xq, opt));
     }
 }
 
