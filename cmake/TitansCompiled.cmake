@@ -10,34 +10,41 @@
 # installed beside this file. It must be compiled with the same architecture flags as the program
 # (Eigen's alignment depends on them): set them in CMAKE_CXX_FLAGS, or on titans::compiled too.
 #
-#   titans_add_compiled_library(<target> SOURCE_DIR <dir> [EXCLUDE_FROM_ALL])
-#     defines the static library <target> and the alias titans::compiled.
+#   titans_add_compiled_library(<target> SOURCE_DIR <dir> [EXCLUDE_FROM_ALL] [PRIVATE_LINK <targets>...])
+#     defines the static library <target> and the alias titans::compiled. Each source is compiled
+#     twice, with TITANS_SCALAR=float and =double (object libraries <target>_float and
+#     <target>_double), so the instantiations build in parallel; PRIVATE_LINK targets (build
+#     settings) are linked privately into both.
 
 include_guard(GLOBAL)
 
 function(titans_add_compiled_library target)
-  cmake_parse_arguments(PARSE_ARGV 1 arg "EXCLUDE_FROM_ALL" "SOURCE_DIR" "")
+  cmake_parse_arguments(PARSE_ARGV 1 arg "EXCLUDE_FROM_ALL" "SOURCE_DIR" "PRIVATE_LINK")
   set(sources
     "${arg_SOURCE_DIR}/instantiate_memory.cpp"
     "${arg_SOURCE_DIR}/instantiate_layer.cpp"
     "${arg_SOURCE_DIR}/instantiate_attention.cpp"
     "${arg_SOURCE_DIR}/instantiate_blocks.cpp"
     "${arg_SOURCE_DIR}/instantiate_model.cpp")
-  set(checkpoint OFF)
+  set(deps titans::titans)
   if(TARGET nlohmann_json::nlohmann_json)
     list(APPEND sources "${arg_SOURCE_DIR}/instantiate_model_checkpoint.cpp")
-    set(checkpoint ON)
+    list(APPEND deps nlohmann_json::nlohmann_json)
   endif()
   set(exclude)
   if(arg_EXCLUDE_FROM_ALL)
     set(exclude EXCLUDE_FROM_ALL)
   endif()
-  add_library(${target} STATIC ${exclude} ${sources})
+  set(objects)
+  foreach(scalar IN ITEMS float double)
+    add_library(${target}_${scalar} OBJECT ${exclude} ${sources})
+    target_link_libraries(${target}_${scalar} PUBLIC ${deps} PRIVATE ${arg_PRIVATE_LINK})
+    target_compile_definitions(${target}_${scalar} PUBLIC TITANS_EXTERN_TEMPLATES PRIVATE TITANS_SCALAR=${scalar})
+    set_target_properties(${target}_${scalar} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+    list(APPEND objects $<TARGET_OBJECTS:${target}_${scalar}>)
+  endforeach()
+  add_library(${target} STATIC ${exclude} ${objects})
   add_library(titans::compiled ALIAS ${target})
-  target_link_libraries(${target} PUBLIC titans::titans)
-  if(checkpoint)
-    target_link_libraries(${target} PUBLIC nlohmann_json::nlohmann_json)
-  endif()
+  target_link_libraries(${target} PUBLIC ${deps} PRIVATE ${arg_PRIVATE_LINK})
   target_compile_definitions(${target} PUBLIC TITANS_EXTERN_TEMPLATES)
-  set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
 endfunction()

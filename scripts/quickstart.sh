@@ -155,6 +155,25 @@ run_tests() {
   ctest --preset "$preset" -j "$JOBS" --output-on-failure
 }
 
+# slowest_tests <preset>: the ten longest tests of the last run (from ctest's cost data).
+slowest_tests() {
+  local cost="build/$1/Testing/Temporary/CTestCostData.txt"
+  [ -f "$cost" ] || return 0
+  echo "Slowest tests ($1):"
+  # name count seconds per line (a name may hold spaces); awk reads everything, so no SIGPIPE
+  sed '/^---/,$d' "$cost" | awk '{t = $NF; NF -= 2; printf "%s\t%s\n", t, $0}' | sort -t "$(printf '\t')" -k1 -g -r |
+    awk -F '\t' 'NR <= 10 {printf "  %8.1f s  %s\n", $1, $2}'
+}
+
+# timed <label> <command...>: runs the command and records how long it took.
+PHASES=()
+timed() {
+  local label="$1" t0=$SECONDS
+  shift
+  "$@"
+  PHASES+=("$(printf '%6d s  %s' $((SECONDS - t0)) "$label")")
+}
+
 cmd_demo() {
   ensure_packages demo
   check_cmake_version
@@ -173,14 +192,16 @@ cmd_test() {
   ensure_packages test
   check_cmake_version
 
-  configure release
-  build release
-  run_tests release
+  timed "configure + build, release" eval 'configure release && build release'
+  timed "tests, release" run_tests release
 
-  configure asan
-  build asan
-  run_tests asan
+  timed "configure + build, asan" eval 'configure asan && build asan'
+  timed "tests, asan (unit, example)" run_tests asan
 
+  section "Times"
+  printf '%s\n' "${PHASES[@]}"
+  slowest_tests release
+  slowest_tests asan
   section "All tests passed ($((SECONDS - start)) s)"
 }
 

@@ -1,8 +1,16 @@
 // Consumer check shared by the three consumer projects (find_package, add_subdirectory,
 // fetchcontent; each defines TITANS_CONSUMER_NAME): the titans headers compile and link through
 // titans::titans, and a few public functions give the expected values. With
-// TITANS_CONSUMER_CHECKPOINT it also round-trips a checkpoint through titans::checkpoint.
+// TITANS_CONSUMER_CHECKPOINT it also round-trips a checkpoint through titans::checkpoint; with
+// TITANS_CONSUMER_COMPILED (linked to titans::compiled) it runs a model and a memory layer, whose
+// float and double code then comes from that library.
 #include <titans/titans.hpp>
+#ifdef TITANS_CONSUMER_COMPILED
+#ifndef TITANS_EXTERN_TEMPLATES
+#error "titans::compiled did not bring TITANS_EXTERN_TEMPLATES"
+#endif
+#include <cmath>
+#endif
 #ifdef TITANS_CONSUMER_CHECKPOINT
 #include <titans/checkpoint.hpp>
 #endif
@@ -43,6 +51,34 @@ int main() {
   const auto bytes = titans::save_checkpoint_to_memory(p);
   titans::load_checkpoint_from_memory(bytes, loaded);
   ok = ok && loaded.w == p.w && loaded.b == p.b;
+#endif
+#ifdef TITANS_CONSUMER_COMPILED
+  {
+    titans::ModelConfig cfg;
+    cfg.vocab = 16;
+    cfg.block.dim = 16;
+    cfg.block.attention_heads = 2;
+    cfg.block.segment = 4;
+    cfg.block.window = 4;
+    cfg.block.memory.dim = 16;
+    cfg.block.memory.heads = 2;
+    cfg.layers = {titans::BlockKind::mac, titans::BlockKind::swa};
+    const titans::TitansModel<double> model(cfg);
+    const auto params = model.init(7);
+    auto state = model.initial_state(params);
+    const titans::Matrix<double> logits = model.forward(params, {1, 2, 3, 4, 5, 6}, state);
+    ok = ok && logits.rows() == 16 && logits.cols() == 6 && logits.allFinite();
+
+    titans::NeuralMemoryConfig mcfg;
+    mcfg.dim = 8;
+    mcfg.heads = 2;
+    mcfg.chunk_size = 2;
+    const titans::NeuralMemory<float> layer(mcfg);
+    const auto mp = layer.init(3);
+    auto ms = layer.initial_state(mp);
+    const titans::Matrix<float> o = layer.forward(mp, titans::Matrix<float>::Ones(8, 5), ms);
+    ok = ok && o.rows() == 8 && o.cols() == 5 && o.allFinite() && ms.position == 5;
+  }
 #endif
   if (!ok) {
     std::cerr << "titans consumer (" TITANS_CONSUMER_NAME "): unexpected values\n";
