@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Benchmarks of whole Titans blocks (titans::Block, MATH.md §5–6): every mixer kind inside the
+// Benchmarks of whole Titans blocks (titans::Block, docs/MATH.md §5–6): every mixer kind inside the
 // pre-norm residual wrapper with its SwiGLU feed-forward, against a full-causal-attention block,
 // at growing sequence lengths T — to see where the memory blocks (linear in T) overtake full
 // attention (quadratic in T). See benchmarks/README.md ("Blocks") for the measured numbers.

@@ -5,7 +5,7 @@
 // the memory benchmarks are held against (shared/design/CONVENTIONS.md, "a plain GEMM of the
 // same shapes beside it").
 //
-// For one chunk of b tokens the dual form (MATH.md §3) does, per layer l with W_l of shape
+// For one chunk of b tokens the dual form (docs/MATH.md §3) does, per layer l with W_l of shape
 // (n_out, n_in), these dense products and nothing else of the same size:
 //
 //     key path      Z_k  = W_l · A_k            (n_out × n_in) · (n_in × b)

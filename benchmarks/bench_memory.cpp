@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Benchmarks of the memory kernel (titans::memory_forward_into, MATH.md §3) against the
+// Benchmarks of the memory kernel (titans::memory_forward_into, docs/MATH.md §3) against the
 // machine's own GEMM rate at the same shapes. See benchmarks/README.md for what each one
 // measures, how to run them and the numbers measured so far.
 //
@@ -84,22 +84,25 @@ struct MemoryProblem {
   using Mat = titans::Matrix<Scalar>;
   using Vec = titans::Vector<Scalar>;
   titans::MemoryConfig cfg;
-  Mat k, v, q, y;
-  Vec alpha, eta, theta;
+  titans::KernelInputs<Scalar> in;
+  Mat y;
   titans::MemoryState<Scalar> initial;
 
-  MemoryProblem(const titans::MemoryConfig& c, Index tokens, std::uint64_t seed = 7)
-      : cfg(c), k(c.dim, tokens), v(c.dim, tokens), q(c.dim, tokens), y(c.dim, tokens) {
+  MemoryProblem(const titans::MemoryConfig& c, Index tokens, std::uint64_t seed = 7) : cfg(c), y(c.dim, tokens) {
     titans::detail::Rng rng(seed);
-    rng.fill_normal(k, 1.0);
-    rng.fill_normal(v, 1.0);
-    rng.fill_normal(q, 1.0);
-    k.colwise().normalize();
-    q.colwise().normalize();
+    in.k.resize(c.dim, tokens);
+    in.v.resize(c.dim, tokens);
+    in.q.resize(c.dim, tokens);
+    rng.fill_normal(in.k, 1.0);
+    rng.fill_normal(in.v, 1.0);
+    rng.fill_normal(in.q, 1.0);
+    in.k.colwise().normalize();
+    in.q.colwise().normalize();
     y.setZero();
-    alpha = Vec::Constant(tokens, Scalar(kAlpha));
-    eta = Vec::Constant(tokens, Scalar(kEta));
-    theta = Vec::Constant(tokens, Scalar(kTheta));
+    in.alpha = Vec::Constant(tokens, Scalar(kAlpha));
+    in.eta = Vec::Constant(tokens, Scalar(kEta));
+    in.theta = Vec::Constant(tokens, Scalar(kTheta));
+    if (cfg.output_norm) in.gain = Vec::Ones(c.dim);
     initial = titans::make_memory_state(cfg, titans::init_memory_weights<Scalar>(cfg, 1));
   }
 };
@@ -145,7 +148,7 @@ void BM_MemoryForward(benchmark::State& state) {
   const FaultCounter faults;
   for (auto _ : state) {
     st = p.initial;
-    titans::memory_forward_into<Scalar>(p.cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st, p.y);
+    titans::memory_forward_into<Scalar>(p.cfg, b, p.in, st, p.y);
     benchmark::DoNotOptimize(p.y.data());
     benchmark::ClobberMemory();
   }
@@ -190,7 +193,7 @@ void BM_MemoryForwardHeads(benchmark::State& state) {
       auto& ph = p[static_cast<std::size_t>(h)];
       auto& sh = st[static_cast<std::size_t>(h)];
       sh = ph.initial;
-      titans::memory_forward_into<Scalar>(ph.cfg, b, ph.k, ph.v, ph.q, ph.alpha, ph.eta, ph.theta, sh, ph.y);
+      titans::memory_forward_into<Scalar>(ph.cfg, b, ph.in, sh, ph.y);
     }
     benchmark::ClobberMemory();
   }
@@ -264,6 +267,7 @@ void BM_MemoryDecode(benchmark::State& state) {
   set_threads(1);
   MemoryProblem<Scalar> p(memory_config(d, depth), pool);
   titans::MemoryState<Scalar> st = p.initial;
+  titans::KernelInputs<Scalar> token = p.in.columns(0, 1);  // one token's inputs, refilled in place
   Index t = 0;
   const FaultCounter faults;
   for (auto _ : state) {
@@ -271,9 +275,13 @@ void BM_MemoryDecode(benchmark::State& state) {
       st = p.initial;
       t = 0;
     }
-    titans::memory_forward_into<Scalar>(p.cfg, b, p.k.middleCols(t, 1), p.v.middleCols(t, 1), p.q.middleCols(t, 1),
-                                        p.alpha.segment(t, 1), p.eta.segment(t, 1), p.theta.segment(t, 1), st,
-                                        p.y.middleCols(t, 1));
+    token.k = p.in.k.col(t);
+    token.v = p.in.v.col(t);
+    token.q = p.in.q.col(t);
+    token.alpha(0) = p.in.alpha(t);
+    token.eta(0) = p.in.eta(t);
+    token.theta(0) = p.in.theta(t);
+    titans::memory_forward_into<Scalar>(p.cfg, b, token, st, p.y.middleCols(t, 1));
     benchmark::DoNotOptimize(p.y.data());
     benchmark::ClobberMemory();
     ++t;

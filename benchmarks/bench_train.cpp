@@ -5,7 +5,7 @@
 // (forward + backward) / forward can be read off (target: <= 3.5). Also the cache's memory at
 // T = 4096 and 16384, storing every chunk-start state (r = 1) or recomputing (r = 8).
 //
-// Counters: items_per_second = tokens/s; GFLOPS uses the forward count of MATH.md §3 times 3
+// Counters: items_per_second = tokens/s; GFLOPS uses the forward count of docs/MATH.md §3 times 3
 // for a training step (backward ≈ 2× forward in GEMM work), so it is comparable to the forward
 // benchmark's GFLOP/s; ratio_vs_forward is measured, not assumed.
 #include <titans/titans.hpp>
@@ -20,8 +20,8 @@ namespace {
 
 struct Problem {
   titans::MemoryConfig cfg;
-  titans::Matrix<float> k, v, q, dy;
-  titans::Vector<float> alpha, eta, theta;
+  titans::KernelInputs<float> in;
+  titans::Matrix<float> dy;
   titans::MemoryState<float> state;
 };
 
@@ -31,19 +31,19 @@ Problem make_problem(long d, long L, long T) {
   p.cfg.depth = L;
   p.cfg.expansion = 4;
   titans::detail::Rng rng(7);
-  p.k.resize(d, T);
-  p.v.resize(d, T);
-  p.q.resize(d, T);
+  p.in.k.resize(d, T);
+  p.in.v.resize(d, T);
+  p.in.q.resize(d, T);
   p.dy.resize(d, T);
-  rng.fill_normal(p.k, 1.0);
-  rng.fill_normal(p.v, 1.0);
-  rng.fill_normal(p.q, 1.0);
+  rng.fill_normal(p.in.k, 1.0);
+  rng.fill_normal(p.in.v, 1.0);
+  rng.fill_normal(p.in.q, 1.0);
   rng.fill_normal(p.dy, 1.0);
-  p.k.colwise().normalize();
-  p.q.colwise().normalize();
-  p.alpha = titans::Vector<float>::Constant(T, 0.01f);
-  p.eta = titans::Vector<float>::Constant(T, 0.9f);
-  p.theta = titans::Vector<float>::Constant(T, 0.01f);  // 0.05 overflows a depth-2 float memory (benchmarks/README.md)
+  p.in.k.colwise().normalize();
+  p.in.q.colwise().normalize();
+  p.in.alpha = titans::Vector<float>::Constant(T, 0.01f);
+  p.in.eta = titans::Vector<float>::Constant(T, 0.9f);
+  p.in.theta = titans::Vector<float>::Constant(T, 0.01f);  // 0.05 overflows a depth-2 float memory (benchmarks/README.md)
   p.state = titans::make_memory_state(p.cfg, titans::init_memory_weights<float>(p.cfg, 1));
   return p;
 }
@@ -51,13 +51,13 @@ Problem make_problem(long d, long L, long T) {
 // Seconds of one inference forward of the same shapes, measured once per shape (for the ratio).
 double forward_seconds(const Problem& p, long b) {
   static std::map<std::tuple<long, long, long, long>, double> memo;
-  const auto key = std::make_tuple(p.cfg.dim, p.cfg.depth, b, p.k.cols());
+  const auto key = std::make_tuple(p.cfg.dim, p.cfg.depth, b, p.in.tokens());
   if (auto it = memo.find(key); it != memo.end()) return it->second;
   double best = 1e30;
   for (int rep = 0; rep < 3; ++rep) {
     auto s = p.state;
     const auto t0 = std::chrono::steady_clock::now();
-    const titans::Matrix<float> y = titans::memory_forward<float>(p.cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, s);
+    const titans::Matrix<float> y = titans::memory_forward<float>(p.cfg, b, p.in, s);
     benchmark::DoNotOptimize(y.data());
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
@@ -76,7 +76,7 @@ void BM_TrainStep(benchmark::State& st) {
   for (auto _ : st) {
     auto s = p.state;
     const titans::Matrix<float> y =
-        titans::memory_forward_train<float>(p.cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, s, cache, opt);
+        titans::memory_forward_train<float>(p.cfg, b, p.in, s, cache, opt);
     benchmark::DoNotOptimize(y.data());
     titans::memory_backward<float>(cache, p.dy, none, grads);
     benchmark::ClobberMemory();

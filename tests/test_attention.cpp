@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Attention (MATH.md §6): the blocked kernel against an independent per-query formulation, the
+// Attention (docs/MATH.md §6): the blocked kernel against an independent per-query formulation, the
 // sliding window and the persistent tokens, causality, streaming with the KV cache, gradient
 // checks of forward_train/backward_causal and of the general `attend`, and bad input.
 #include <titans/attention.hpp>

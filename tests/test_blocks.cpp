@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The Titans blocks (MATH.md §5–6) and BlockStack: finite-difference gradient checks through the
+// The Titans blocks (docs/MATH.md §5–6) and BlockStack: finite-difference gradient checks through the
 // test-time updates, causality, streaming (splits, decode == prefill, forward_train == forward),
 // every block against an independent formulation written here (naive attention, RoPE, RMSNorm,
 // SwiGLU, the public NeuralMemory layer), what the window and the persistent tokens reach, MAC's
@@ -169,7 +169,7 @@ std::string stack_state_diff(const titans::BlockStackState<S>& a, const titans::
 std::string kind_name(BlockKind k) { return titans::to_string(k); }
 
 // =============================================================================================
-// An independent formulation of the blocks (double), written from MATH.md §5–6.
+// An independent formulation of the blocks (double), written from docs/MATH.md §5–6.
 // =============================================================================================
 
 using Mat = Matrix<double>;
@@ -263,7 +263,7 @@ struct MacVariant {
   bool absolute_rope = false;       // rotary positions counted from the sequence start, not the segment
 };
 
-// MAC (MATH.md §6) from its definition, over a whole sequence from a fresh state.
+// MAC (docs/MATH.md §6) from its definition, over a whole sequence from a fresh state.
 Mat mac_mixer(const BlockConfig& c, const BParams<double>& p, const Mat& u, const MacVariant& var) {
   const Index D = c.dim, T = u.cols(), C = c.segment, H = c.memory.heads, d = D / H;
   const titans::MemoryConfig mc = c.memory.memory();
@@ -286,7 +286,8 @@ Mat mac_mixer(const BlockConfig& c, const BParams<double>& p, const Mat& u, cons
       for (Index h = 0; h < H; ++h) q.col(t).segment(h * d, d) /= std::sqrt(q.col(t).segment(h * d, d).squaredNorm() + c.memory.norm_eps);
     Mat r(D, n);
     for (Index h = 0; h < H; ++h)
-      r.middleRows(h * d, d) = titans::memory_apply<double>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d));
+      r.middleRows(h * d, d) =
+          titans::memory_apply<double>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d), mem.gain(p.memory, h));
     const Mat hret = rms(r, p.retrieve_gain, c.memory.norm_eps, H);
     // 2. attention over [persistent || h || seg]; keys 0..n−1 are h, n..2n−1 the segment.
     Mat kv(D, 2 * n);
@@ -324,8 +325,8 @@ Mat reference_block(const BlockConfig& c, const BParams<double>& p, const Mat& x
   const Mat u = rms(x, p.norm_mixer, c.norm_eps);
   Mat mix;
   switch (c.kind) {
-    // LMM reads [p || x] like MAG and MAL (the implementation's choice; MATH.md §6 writes
-    // o = NeuralMemory(x) and does not mention persistent tokens for LMM).
+    // LMM reads [p || x] like MAG and MAL ([choice], docs/MATH.md §5–6: the memory is primed
+    // with the persistent tokens on a fresh state).
     case BlockKind::lmm: mix = primed_memory(c, p, u).second; break;
     case BlockKind::swa: mix = window_attention(c, p.attention, u, p.persistent); break;
     case BlockKind::mag: mix = gate(c, p, window_attention(c, p.attention, u, p.persistent), primed_memory(c, p, u).second); break;

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "support/autodiff_reference.hpp"
+#include "support/memory_forms.hpp"
 #include "support/memory_problem.hpp"
 
 #include <algorithm>
@@ -34,16 +35,11 @@ Problem make_problem(Index d, Index T, std::uint64_t seed, int gate_mode = 0) {
   return titans_test::make_memory_problem(d, T, seed, gate_mode, 0.02);
 }
 
-Problem slice(const Problem& p, Index t0, Index n) {
-  return {p.k.middleCols(t0, n), p.v.middleCols(t0, n), p.q.middleCols(t0, n),
-          p.alpha.segment(t0, n), p.eta.segment(t0, n), p.theta.segment(t0, n)};
-}
-
 // A state `prefix` tokens into a stream (non-zero momentum; chunk_start set when inside a chunk).
 MemoryState<double> make_state(const MemoryConfig& cfg, Index b, Index prefix, std::uint64_t seed) {
   auto st = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, seed));
   const Problem pre = make_problem(cfg.dim, prefix, seed + 1000);
-  titans::memory_forward<double>(cfg, b, pre.k, pre.v, pre.q, pre.alpha, pre.eta, pre.theta, st);
+  titans::memory_forward<double>(cfg, b, pre, st);
   return st;
 }
 
@@ -88,7 +84,7 @@ titans::MemoryKernelGradients<double> backward_of(const MemoryConfig& cfg, Index
   titans::MemoryForwardCache<double> cache;
   titans::MemoryTrainOptions opt;
   opt.checkpoint_every = r;
-  titans::memory_forward_train<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st, cache, opt);
+  titans::memory_forward_train<double>(cfg, b, p, st, cache, opt);
   auto g = titans::make_kernel_gradients(cache);
   titans::memory_backward<double>(cache, pr.gy, pr.gfinal, g);
   return g;
@@ -122,18 +118,25 @@ double grads_rel(const titans::MemoryKernelGradients<double>& a, const titans::M
 // Start/end placement of the call relative to chunk boundaries.
 enum Placement { kBoundaryToBoundary, kBoundaryToInside, kInsideToInside, kInsideToBoundary };
 
-using AdCase = std::tuple<Index /*L*/, Activation, bool /*residual*/, Index /*b*/, int /*gates*/, int /*placement*/>;
+using AdCase = std::tuple<Index /*L*/, Activation, int /*form*/, Index /*b*/, int /*gates*/, int /*placement*/>;
+
+std::string ad_case_name(const AdCase& c) {
+  static const char* placements[] = {"boundary_boundary", "boundary_inside", "inside_inside", "inside_boundary"};
+  return "L" + std::to_string(std::get<0>(c)) + "_" + titans::to_string(std::get<1>(c)) + "_" +
+         titans_test::form_name(std::get<2>(c)) + "_b" + std::to_string(std::get<3>(c)) +
+         (std::get<4>(c) ? "_extreme_" : "_") + placements[std::get<5>(c)];
+}
 
 class BackwardVsForwardMode : public ::testing::TestWithParam<AdCase> {};
 
 TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
-  const auto [L, act, residual, b, gates, placement] = GetParam();
+  const auto [L, act, form, b, gates, placement] = GetParam();
   MemoryConfig cfg;
   cfg.dim = 4;
   cfg.depth = L;
   cfg.expansion = 2;
   cfg.activation = act;
-  cfg.residual = residual;
+  titans_test::apply_form(cfg, form);
   const bool start_inside = placement == kInsideToInside || placement == kInsideToBoundary;
   const bool want_end_inside = placement == kBoundaryToInside || placement == kInsideToInside;
   const Index prefix = start_inside ? (placement == kInsideToInside ? 2 * b - 1 : b + 1) : b;
@@ -142,20 +145,22 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
     while ((((prefix + T) % b) != 0) != want_end_inside) --T;
   const bool ends_inside = (prefix + T) % b != 0;
   const std::uint64_t seed = static_cast<std::uint64_t>(L * 1000 + b * 100 + gates * 10 + placement) +
-                             (residual ? 7 : 0) + static_cast<std::uint64_t>(act) * 50000;
+                             static_cast<std::uint64_t>(form) * 7 + static_cast<std::uint64_t>(act) * 50000;
   const Problem p = make_problem(cfg.dim, T, seed, gates);
   const MemoryState<double> st0 = make_state(cfg, b, prefix, seed + 1);
+  titans_test::calibrate_clamp(cfg, st0.weights, p);
   ASSERT_EQ(st0.chunk_start.empty(), prefix % b == 0);
   const Probe pr = make_probe(cfg, T, ends_inside, seed + 2);
   const auto g = backward_of(cfg, b, p, st0, pr);
   auto st_lib = st0;
   const double j_lib =
-      loss(pr, titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st_lib), st_lib);
+      loss(pr, titans::memory_forward<double>(cfg, b, p, st_lib), st_lib);
 
   // Directions: one over every input at once, then one per input tensor.
   titans::detail::Rng rng(seed + 3);
-  for (int which = -1; which < 9; ++which) {
+  for (int which = -1; which < 10; ++which) {
     if (which == 8 && st0.chunk_start.empty()) continue;
+    if (which == 9 && !cfg.output_norm) continue;
     auto on = [&](int id) { return which < 0 || which == id; };
     auto dir_mat = [&](Index r, Index c, int id) {
       Mat<double> m = Mat<double>::Zero(r, c);
@@ -163,7 +168,7 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
       return m;
     };
     auto dual = [](const Mat<double>& val, const Mat<double>& dir) {
-      titans_test::DMat<Dual> out(val.rows(), val.cols());
+      titans_test::Mat<Dual> out(val.rows(), val.cols());
       for (Index i = 0; i < val.size(); ++i) out(i) = Dual(val(i), dir(i));
       return out;
     };
@@ -174,13 +179,15 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
     };
     const Mat<double> dk = dir_mat(cfg.dim, T, 0), dv = dir_mat(cfg.dim, T, 1), dq = dir_mat(cfg.dim, T, 2);
     const Mat<double> da = dir_mat(T, 1, 3), de = dir_mat(T, 1, 4), dt = dir_mat(T, 1, 5);
-    add(dk, g.k);
-    add(dv, g.v);
-    add(dq, g.q);
-    add(da, g.alpha);
-    add(de, g.eta);
-    add(dt, g.theta);
-    std::vector<titans_test::DMat<Dual>> w, s, c;
+    const Mat<double> dg = dir_mat(cfg.dim, 1, 9);
+    add(dk, g.inputs.k);
+    add(dv, g.inputs.v);
+    add(dq, g.inputs.q);
+    add(da, g.inputs.alpha);
+    add(de, g.inputs.eta);
+    add(dt, g.inputs.theta);
+    if (cfg.output_norm) add(dg, g.inputs.gain);
+    std::vector<titans_test::Mat<Dual>> w, s, c;
     for (Index l = 0; l < L; ++l) {
       const Mat<double> dw = dir_mat(cfg.layer_out(l), cfg.layer_in(l), 6);
       const Mat<double> ds = dir_mat(cfg.layer_out(l), cfg.layer_in(l), 7);
@@ -194,9 +201,9 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
         add(dc, g.state.chunk_start[l]);
       }
     }
-    const auto ref = titans_test::ad_chunk_loop<Dual>(cfg, b, st0.position, dual(p.k, dk), dual(p.v, dv),
-                                                      dual(p.q, dq), dual(p.alpha, da), dual(p.eta, de),
-                                                      dual(p.theta, dt), w, s, c);
+    const titans_test::RefInputs<Dual> in{dual(p.k, dk),     dual(p.v, dv),   dual(p.q, dq),    dual(p.alpha, da),
+                                          dual(p.eta, de), dual(p.theta, dt), dual(p.gain, dg)};
+    const auto ref = titans_test::ref_chunk_loop<Dual>(cfg, b, st0.position, in, w, s, c);
     ASSERT_EQ(ref.c.empty(), !ends_inside);
     Dual j = 0;
     for (Index i = 0; i < pr.gy.size(); ++i) j += Dual(pr.gy(i)) * ref.y(i);
@@ -223,10 +230,12 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
 INSTANTIATE_TEST_SUITE_P(
     Memory, BackwardVsForwardMode,
     ::testing::Combine(::testing::Values<Index>(1, 2, 3),
-                       ::testing::Values(Activation::silu, Activation::gelu, Activation::identity), ::testing::Bool(),
-                       ::testing::Values<Index>(1, 3, 4), ::testing::Values(0, 1),
+                       ::testing::Values(Activation::silu, Activation::gelu, Activation::identity),
+                       ::testing::Range(0, titans_test::kMemoryFormCount), ::testing::Values<Index>(1, 3, 4),
+                       ::testing::Values(0, 1),
                        ::testing::Values(int{kBoundaryToBoundary}, int{kBoundaryToInside}, int{kInsideToInside},
-                                         int{kInsideToBoundary})));
+                                         int{kInsideToBoundary})),
+    [](const ::testing::TestParamInfo<AdCase>& info) { return ad_case_name(info.param); });
 
 TEST(MemoryBackward, SecondDerivativeOfActivations) {
   // φ'' against central differences of φ' (the key path's Δ recurrence needs it).
@@ -250,17 +259,22 @@ TEST(MemoryBackward, SecondDerivativeOfActivations) {
 struct FdCase {
   Index L, b, prefix, T;
   Activation act;
-  bool residual;
+  int form;  // into titans_test::kMemoryForms
   Index r;
 };
 
 TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
   const FdCase cases[] = {
-      {2, 4, 6, 13, Activation::silu, false, 1},      // starts and ends inside a chunk
-      {3, 3, 4, 11, Activation::gelu, true, 2},       // starts inside, ends at a boundary
-      {1, 1, 0, 9, Activation::identity, false, 1},   // token by token
-      {2, 5, 5, 12, Activation::gelu, false, 3},      // starts at a boundary, ends inside
-      {2, 16, 3, 7, Activation::silu, true, 1},       // one sub-chunk inside one chunk
+      {2, 4, 6, 13, Activation::silu, 0, 1},      // starts and ends inside a chunk
+      {3, 3, 4, 11, Activation::gelu, 1, 2},      // starts inside, ends at a boundary
+      {1, 1, 0, 9, Activation::identity, 0, 1},   // token by token
+      {2, 5, 5, 12, Activation::gelu, 0, 3},      // starts at a boundary, ends inside
+      {2, 16, 3, 7, Activation::silu, 1, 1},      // one sub-chunk inside one chunk
+      {2, 4, 6, 13, Activation::silu, 3, 1},      // the normalised residual memory
+      {3, 3, 4, 11, Activation::gelu, 2, 2},      // the norm without the residual, checkpointed
+      {2, 4, 6, 13, Activation::silu, 5, 1},      // normalised residual memory with the clamp
+      {1, 1, 0, 9, Activation::identity, 4, 1},   // the clamp alone, token by token
+      {3, 5, 5, 12, Activation::gelu, 5, 3},      // everything, deeper, checkpointed
   };
   double worst = 0;
   for (const FdCase& fc : cases) {
@@ -269,15 +283,16 @@ TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
     cfg.depth = fc.L;
     cfg.expansion = 2;
     cfg.activation = fc.act;
-    cfg.residual = fc.residual;
+    titans_test::apply_form(cfg, fc.form);
     const std::uint64_t seed = static_cast<std::uint64_t>(fc.L * 31 + fc.b * 7 + fc.prefix);
     Problem p = make_problem(cfg.dim, fc.T, seed);
     MemoryState<double> st0 = make_state(cfg, fc.b, fc.prefix, seed + 1);
+    titans_test::calibrate_clamp(cfg, st0.weights, p);
     const Probe pr = make_probe(cfg, fc.T, (fc.prefix + fc.T) % fc.b != 0, seed + 2);
     const auto g = backward_of(cfg, fc.b, p, st0, pr, fc.r);
     auto J = [&]() {
       auto st = st0;
-      const Mat<double> y = titans::memory_forward<double>(cfg, fc.b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st);
+      const Mat<double> y = titans::memory_forward<double>(cfg, fc.b, p, st);
       return loss(pr, y, st);
     };
     titans::detail::Rng rng(seed + 3);
@@ -294,15 +309,16 @@ TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
         const double rel = std::abs(fd - an) / std::max(std::abs(an), 1e-3);
         worst = std::max(worst, rel);
         EXPECT_LT(rel, 1e-6) << name << "(" << i << "): finite difference " << fd << ", backward " << an
-                             << " (L " << fc.L << ", b " << fc.b << ")";
+                             << " (L " << fc.L << ", b " << fc.b << ", " << titans_test::form_name(fc.form) << ")";
       }
     };
-    check("k", p.k, g.k);
-    check("v", p.v, g.v);
-    check("q", p.q, g.q);
-    check("alpha", p.alpha, g.alpha);
-    check("eta", p.eta, g.eta);
-    check("theta", p.theta, g.theta);
+    check("k", p.k, g.inputs.k);
+    check("v", p.v, g.inputs.v);
+    check("q", p.q, g.inputs.q);
+    check("alpha", p.alpha, g.inputs.alpha);
+    check("eta", p.eta, g.inputs.eta);
+    check("theta", p.theta, g.inputs.theta);
+    if (cfg.output_norm) check("gain", p.gain, g.inputs.gain);
     for (Index l = 0; l < fc.L; ++l) {
       check("weights" + std::to_string(l), st0.weights[l], g.state.weights[l]);
       check("momentum" + std::to_string(l), st0.momentum[l], g.state.momentum[l]);
@@ -318,14 +334,17 @@ TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
 // ---------------------------------------------------------------------------------------------
 
 TEST(MemoryBackward, StreamingCarriesTheStateGradient) {
-  MemoryConfig cfg;
-  cfg.dim = 5;
-  cfg.depth = 2;
-  cfg.expansion = 2;
-  const Index b = 4, T = 23;
+  for (int form = 0; form < titans_test::kMemoryFormCount; ++form)
   for (Index prefix : {4, 6}) {
+    MemoryConfig cfg;
+    cfg.dim = 5;
+    cfg.depth = 2;
+    cfg.expansion = 2;
+    titans_test::apply_form(cfg, form);
+    const Index b = 4, T = 23;
     const Problem p = make_problem(cfg.dim, T, 77 + static_cast<std::uint64_t>(prefix));
     const MemoryState<double> st0 = make_state(cfg, b, prefix, 5);
+    titans_test::calibrate_clamp(cfg, st0.weights, p);
     const Probe pr = make_probe(cfg, T, (prefix + T) % b != 0, 9);
     const auto whole = backward_of(cfg, b, p, st0, pr);
     // Splits inside chunks, a call that starts and ends inside one chunk, a call ending at a
@@ -337,8 +356,8 @@ TEST(MemoryBackward, StreamingCarriesTheStateGradient) {
       std::vector<titans::MemoryForwardCache<double>> caches(calls);
       auto st = st0;
       for (std::size_t c = 0; c < calls; ++c) {
-        const Problem pc = slice(p, cut[c], cut[c + 1] - cut[c]);
-        titans::memory_forward_train<double>(cfg, b, pc.k, pc.v, pc.q, pc.alpha, pc.eta, pc.theta, st, caches[c]);
+        const Problem pc = p.columns(cut[c], cut[c + 1] - cut[c]);
+        titans::memory_forward_train<double>(cfg, b, pc, st, caches[c]);
       }
       auto split = titans::make_kernel_gradients(cfg, T, st0);
       MemoryState<double> dfinal = pr.gfinal;
@@ -346,16 +365,18 @@ TEST(MemoryBackward, StreamingCarriesTheStateGradient) {
         const Index t0 = cut[c], n = cut[c + 1] - cut[c];
         auto gc = titans::make_kernel_gradients(caches[c]);
         titans::memory_backward<double>(caches[c], pr.gy.middleCols(t0, n), dfinal, gc);
-        split.k.middleCols(t0, n) = gc.k;
-        split.v.middleCols(t0, n) = gc.v;
-        split.q.middleCols(t0, n) = gc.q;
-        split.alpha.segment(t0, n) = gc.alpha;
-        split.eta.segment(t0, n) = gc.eta;
-        split.theta.segment(t0, n) = gc.theta;
+        split.inputs.k.middleCols(t0, n) = gc.inputs.k;
+        split.inputs.v.middleCols(t0, n) = gc.inputs.v;
+        split.inputs.q.middleCols(t0, n) = gc.inputs.q;
+        split.inputs.alpha.segment(t0, n) = gc.inputs.alpha;
+        split.inputs.eta.segment(t0, n) = gc.inputs.eta;
+        split.inputs.theta.segment(t0, n) = gc.inputs.theta;
+        if (cfg.output_norm) split.inputs.gain += gc.inputs.gain;  // γ is shared by every call
         dfinal = gc.state;  // dL/d(this call's initial state) = dL/d(the previous call's final state)
       }
       split.state = dfinal;
-      EXPECT_LT(grads_rel(whole, split), 1e-10) << "prefix " << prefix << ", cuts at " << cut[1] << ", " << cut[2];
+      EXPECT_LT(grads_rel(whole, split), 1e-10)
+          << titans_test::form_name(form) << ", prefix " << prefix << ", cuts at " << cut[1] << ", " << cut[2];
     }
   }
 }
@@ -375,7 +396,7 @@ TEST(MemoryBackward, CheckpointingGivesTheSameGradientsInLessMemory) {
   titans::MemoryForwardCache<double> base_cache;
   auto st = st0;
   const Mat<double> y1 =
-      titans::memory_forward_train<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st, base_cache);
+      titans::memory_forward_train<double>(cfg, b, p, st, base_cache);
   ASSERT_EQ(base_cache.subchunks(), 8);
   auto base = titans::make_kernel_gradients(base_cache);
   titans::memory_backward<double>(base_cache, pr.gy, pr.gfinal, base);
@@ -386,7 +407,7 @@ TEST(MemoryBackward, CheckpointingGivesTheSameGradientsInLessMemory) {
     opt.checkpoint_every = r;
     auto s2 = st0;
     const Mat<double> y =
-        titans::memory_forward_train<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, s2, cache, opt);
+        titans::memory_forward_train<double>(cfg, b, p, s2, cache, opt);
     EXPECT_EQ(y, y1);
     auto g = titans::make_kernel_gradients(cache);
     titans::memory_backward<double>(cache, pr.gy, pr.gfinal, g);
@@ -411,7 +432,7 @@ TEST(MemoryBackward, AccumulatesIntoExistingGradients) {
   const Probe pr = make_probe(cfg, T, (prefix + T) % b != 0, 14);
   auto st = st0;
   titans::MemoryForwardCache<double> cache;
-  titans::memory_forward_train<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st, cache);
+  titans::memory_forward_train<double>(cfg, b, p, st, cache);
   auto clean = titans::make_kernel_gradients(cache);
   titans::memory_backward<double>(cache, pr.gy, pr.gfinal, clean);
 
@@ -469,22 +490,23 @@ TYPED_TEST(MemoryBackwardTyped, ForwardTrainIsForwardBitForBit) {
       cfg.dim = 8;
       cfg.depth = 2;
       cfg.expansion = 2;
+      if (r == 2) titans_test::apply_form(cfg, titans_test::kMemoryFormCount - 1);  // the bounded form too
       const Index b = 5, T = 17;
       const Problem p = make_problem(cfg.dim, T, 8);
       const auto st0d = make_state(cfg, b, prefix, 9);
+      titans_test::calibrate_clamp(cfg, st0d.weights, p);
       MemoryState<S> st0;
       for (const auto& w : st0d.weights) st0.weights.push_back(w.cast<S>());
       for (const auto& w : st0d.momentum) st0.momentum.push_back(w.cast<S>());
       for (const auto& w : st0d.chunk_start) st0.chunk_start.push_back(w.cast<S>());
       st0.position = st0d.position;
       auto s1 = st0, s2 = st0;
-      const Mat<S> k = p.k.cast<S>(), v = p.v.cast<S>(), q = p.q.cast<S>();
-      const Vec<S> a = p.alpha.cast<S>(), e = p.eta.cast<S>(), t = p.theta.cast<S>();
-      const Mat<S> y1 = titans::memory_forward<S>(cfg, b, k, v, q, a, e, t, s1);
+      const titans::KernelInputs<S> in = p.cast<S>();
+      const Mat<S> y1 = titans::memory_forward<S>(cfg, b, in, s1);
       titans::MemoryForwardCache<S> cache;
       titans::MemoryTrainOptions opt;
       opt.checkpoint_every = r;
-      const Mat<S> y2 = titans::memory_forward_train<S>(cfg, b, k, v, q, a, e, t, s2, cache, opt);
+      const Mat<S> y2 = titans::memory_forward_train<S>(cfg, b, in, s2, cache, opt);
       EXPECT_EQ(y1, y2);
       EXPECT_EQ(s1.position, s2.position);
       for (Index l = 0; l < cfg.depth; ++l) {
@@ -528,7 +550,7 @@ TEST(MemoryBackward, BadInputThrowsNamingTheArgument) {
   const Probe pr = make_probe(cfg, T, true, 3);
   auto st = st0;
   titans::MemoryForwardCache<double> cache;
-  titans::memory_forward_train<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st, cache);
+  titans::memory_forward_train<double>(cfg, b, p, st, cache);
   const auto fresh = titans::make_kernel_gradients(cache);
 
   auto expect_throw = [&](auto&& fn, const std::string& needle, auto tag) {
@@ -557,8 +579,8 @@ TEST(MemoryBackward, BadInputThrowsNamingTheArgument) {
   bad.chunk_start[0].resize(1, 8);
   expect_throw([&] { run(pr.gy, bad); }, "dfinal.chunk_start[0]", titans::ShapeError(""));
   auto g = fresh;
-  g.k.resize(4, 2);
-  expect_throw([&] { titans::memory_backward<double>(cache, pr.gy, pr.gfinal, g); }, "grads.k",
+  g.inputs.k.resize(4, 2);
+  expect_throw([&] { titans::memory_backward<double>(cache, pr.gy, pr.gfinal, g); }, "grads.inputs.k",
                titans::ShapeError(""));
   g = fresh;
   g.state.chunk_start = g.state.weights;  // the call started at a boundary: no chunk_start gradient
@@ -570,8 +592,7 @@ TEST(MemoryBackward, BadInputThrowsNamingTheArgument) {
   // A call ending at a chunk boundary has no chunk_start to differentiate.
   auto st2 = st0;
   titans::MemoryForwardCache<double> cache2;
-  titans::memory_forward_train<double>(cfg, b, p.k.leftCols(4), p.v.leftCols(4), p.q.leftCols(4), p.alpha.head(4),
-                                       p.eta.head(4), p.theta.head(4), st2, cache2);
+  titans::memory_forward_train<double>(cfg, b, p.columns(0, 4), st2, cache2);
   auto g2 = titans::make_kernel_gradients(cache2);
   expect_throw([&] { titans::memory_backward<double>(cache2, pr.gy.leftCols(4), pr.gfinal, g2); },
                "dfinal.chunk_start", titans::ShapeError(""));
@@ -582,7 +603,7 @@ TEST(MemoryBackward, BadInputThrowsNamingTheArgument) {
   titans::MemoryTrainOptions opt;
   opt.checkpoint_every = 0;
   auto st3 = st0;
-  EXPECT_THROW(titans::memory_forward_train<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, st3, cache, opt),
+  EXPECT_THROW(titans::memory_forward_train<double>(cfg, b, p, st3, cache, opt),
                titans::InvalidArgument);
 }
 

@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// The chunked dual form (MATH.md §3) against the literal chunk/token loops (tests/support), the
+// The chunked dual form (docs/MATH.md §3) against the literal chunk/token loops (tests/support), the
 // chunk coefficients against their definitions, streaming splits, causality, and bad input.
 #include <titans/memory_kernel.hpp>
 
 #include <gtest/gtest.h>
 
+#include "support/memory_forms.hpp"
 #include "support/memory_problem.hpp"
 #include "support/reference_memory.hpp"
 
@@ -31,18 +32,24 @@ Problem make_problem(Index d, Index T, std::uint64_t seed, int gate_mode = 0) {
   return titans_test::make_memory_problem(d, T, seed, gate_mode, 0.0);
 }
 
-using Case = std::tuple<Index /*L*/, Index /*b*/, Activation, bool /*residual*/, int /*gates*/>;
+using Case = std::tuple<Index /*L*/, Index /*b*/, Activation, int /*form*/, int /*gates*/>;
+
+std::string case_name(const Case& c) {
+  return "L" + std::to_string(std::get<0>(c)) + "_b" + std::to_string(std::get<1>(c)) + "_" +
+         titans::to_string(std::get<2>(c)) + "_" + titans_test::form_name(std::get<3>(c)) +
+         (std::get<4>(c) ? "_extreme" : "");
+}
 
 class DualForm : public ::testing::TestWithParam<Case> {};
 
 TEST_P(DualForm, EqualsChunkLoopAndStreams) {
-  const auto [L, b, act, residual, gates] = GetParam();
+  const auto [L, b, act, form, gates] = GetParam();
   MemoryConfig cfg;
   cfg.dim = 6;
   cfg.depth = L;
   cfg.expansion = 2;
   cfg.activation = act;
-  cfg.residual = residual;
+  titans_test::apply_form(cfg, form);
   const Index T = 37;  // not a multiple of any b tested
   const Problem p = make_problem(cfg.dim, T, 11 + static_cast<std::uint64_t>(L * 100 + b), gates);
   const auto init = titans::init_memory_weights<double>(cfg, 5);
@@ -51,15 +58,25 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
   const Problem pre = make_problem(cfg.dim, b, 99);
   std::vector<Mat<double>> zero_s;
   for (const auto& w : init.w) zero_s.push_back(Mat<double>::Zero(w.rows(), w.cols()));
-  const auto r0 = titans_test::ref_chunk_loop<double>(cfg, b, pre.k, pre.v, pre.q, pre.alpha, pre.eta, pre.theta,
-                                                      init.w, zero_s);
+  const auto r0 = titans_test::ref_chunk_loop(cfg, b, pre, init.w, zero_s);
   auto state = titans::make_memory_state(cfg, titans::MemoryWeights<double>{r0.w});
   state.momentum = r0.s;
   state.position = b;  // a chunk boundary
 
-  const auto ref = titans_test::ref_chunk_loop<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, r0.w, r0.s);
+  titans_test::calibrate_clamp(cfg, r0.w, p);
+  const auto ref = titans_test::ref_chunk_loop(cfg, b, p, r0.w, r0.s);
+  if (cfg.surprise_clamp > 0) {  // the clamp must act on some tokens and not on others
+    int clamped = 0;
+    for (Index t = 0; t < T; ++t) {
+      double n2 = 0;
+      for (const auto& u : titans_test::ref_grad<double>(cfg, r0.w, p.k.col(t), p.v.col(t), p.gain)) n2 += u.squaredNorm();
+      clamped += std::sqrt(n2) > cfg.surprise_clamp;
+    }
+    EXPECT_GT(clamped, 0) << "at the start state";
+    EXPECT_LT(clamped, T) << "at the start state";
+  }
   auto one = state;
-  const Mat<double> y = titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, one);
+  const Mat<double> y = titans::memory_forward<double>(cfg, b, p, one);
   ASSERT_TRUE(ref.y.allFinite() && ref.w.back().allFinite()) << "test problem diverged";
   EXPECT_LT(rel_err(y, ref.y), 1e-10);
   for (Index l = 0; l < L; ++l) {
@@ -78,8 +95,7 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
       const Index t0 = bounds[s], n = bounds[s + 1] - bounds[s];
       if (n == 0) continue;
       ys.middleCols(t0, n) =
-          titans::memory_forward<double>(cfg, b, p.k.middleCols(t0, n), p.v.middleCols(t0, n), p.q.middleCols(t0, n),
-                                         p.alpha.segment(t0, n), p.eta.segment(t0, n), p.theta.segment(t0, n), st);
+          titans::memory_forward<double>(cfg, b, p.columns(t0, n), st);
     }
     EXPECT_LT(rel_err(ys, y), 1e-12) << "cut at " << cut << ", " << cut2;
     for (Index l = 0; l < L; ++l) EXPECT_LT(rel_err(st.weights[l], one.weights[l]), 1e-12);
@@ -90,35 +106,46 @@ INSTANTIATE_TEST_SUITE_P(
     Memory, DualForm,
     ::testing::Combine(::testing::Values<Index>(1, 2, 3), ::testing::Values<Index>(1, 4, 8, 16),
                        ::testing::Values(Activation::silu, Activation::gelu, Activation::identity),
-                       ::testing::Bool(), ::testing::Values(0, 1)));
+                       ::testing::Range(0, titans_test::kMemoryFormCount), ::testing::Values(0, 1)),
+    [](const ::testing::TestParamInfo<Case>& info) { return case_name(info.param); });
 
 TEST(DualForm, TokenLoopIsChunkSizeOne) {
   // b = 1 must be the exact token-by-token rule: Θ_t depends on the gradient at Θ_{t−1}.
-  MemoryConfig cfg;
-  cfg.dim = 5;
-  cfg.depth = 2;
-  cfg.expansion = 3;
-  const Index T = 20;
-  const Problem p = make_problem(cfg.dim, T, 3);
-  const auto init = titans::init_memory_weights<double>(cfg, 8);
-  std::vector<Mat<double>> w = init.w, s;
-  for (const auto& m : w) s.push_back(Mat<double>::Zero(m.rows(), m.cols()));
-  Mat<double> y(cfg.dim, T);
-  for (Index t = 0; t < T; ++t) {  // the token recursion, written out
-    const auto u = titans_test::ref_grad<double>(cfg, w, p.k.col(t), p.v.col(t));
-    for (std::size_t l = 0; l < w.size(); ++l) {
-      s[l] = p.eta(t) * s[l] - p.theta(t) * u[l];
-      w[l] = (1 - p.alpha(t)) * w[l] + s[l];
+  for (Index L = 1; L <= 3; ++L) {
+    for (int form = 0; form < titans_test::kMemoryFormCount; ++form) {
+      MemoryConfig cfg;
+      cfg.dim = 5;
+      cfg.depth = L;
+      cfg.expansion = 3;
+      titans_test::apply_form(cfg, form);
+      const Index T = 20;
+      const Problem p = make_problem(cfg.dim, T, 3);
+      const auto init = titans::init_memory_weights<double>(cfg, 8);
+      titans_test::calibrate_clamp(cfg, init.w, p);
+      std::vector<Mat<double>> w = init.w, s;
+      for (const auto& m : w) s.push_back(Mat<double>::Zero(m.rows(), m.cols()));
+      Mat<double> y(cfg.dim, T);
+      for (Index t = 0; t < T; ++t) {  // the token recursion, written out
+        const auto u = titans_test::ref_grad<double>(cfg, w, p.k.col(t), p.v.col(t), p.gain);
+        double norm2 = 0, theta = p.theta(t);
+        for (const auto& m : u) norm2 += m.squaredNorm();
+        if (cfg.surprise_clamp > 0) theta *= std::min(1.0, cfg.surprise_clamp / std::sqrt(norm2));
+        for (std::size_t l = 0; l < w.size(); ++l) {
+          s[l] = p.eta(t) * s[l] - theta * u[l];
+          w[l] = (1 - p.alpha(t)) * w[l] + s[l];
+        }
+        y.col(t) = titans_test::ref_apply<double>(cfg, w, p.q.col(t), p.gain);
+      }
+      const std::string what = "L " + std::to_string(L) + ", " + titans_test::form_name(form);
+      auto state = titans::make_memory_state(cfg, init);
+      const Mat<double> fast = titans::memory_forward<double>(cfg, 1, p, state);
+      EXPECT_LT(rel_err(fast, y), 1e-10) << what;
+      // A chunk of b > 1 is a different rule (gradients at the chunk start): the outputs must differ.
+      auto state4 = titans::make_memory_state(cfg, init);
+      const Mat<double> chunked = titans::memory_forward<double>(cfg, 4, p, state4);
+      EXPECT_GT(rel_err(chunked, y), 1e-6) << what;
     }
-    y.col(t) = titans_test::ref_apply<double>(cfg, w, p.q.col(t));
   }
-  auto state = titans::make_memory_state(cfg, init);
-  const Mat<double> fast = titans::memory_forward<double>(cfg, 1, p.k, p.v, p.q, p.alpha, p.eta, p.theta, state);
-  EXPECT_LT(rel_err(fast, y), 1e-10);
-  // A chunk of b > 1 is a different rule (gradients at the chunk start): the outputs must differ.
-  auto state4 = titans::make_memory_state(cfg, init);
-  const Mat<double> chunked = titans::memory_forward<double>(cfg, 4, p.k, p.v, p.q, p.alpha, p.eta, p.theta, state4);
-  EXPECT_GT(rel_err(chunked, y), 1e-6);
 }
 
 // Decoding one token per call across many chunks: the chunk-start copy of Θ lives in the same
@@ -133,16 +160,14 @@ TEST(MemoryKernel, DecodeReusesChunkStartStorage) {
   const Problem p = make_problem(cfg.dim, T, 11);
   const auto init = titans::init_memory_weights<double>(cfg, 5);
   auto one = titans::make_memory_state(cfg, init);
-  const Mat<double> y1 = titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, one);
+  const Mat<double> y1 = titans::memory_forward<double>(cfg, b, p, one);
   auto st = titans::make_memory_state(cfg, init);
   Mat<double> y(cfg.dim, T);
   const double* storage = nullptr;
   std::vector<Mat<double>> held;
   held.reserve(64);
   for (Index t = 0; t < T; ++t) {
-    y.col(t) = titans::memory_forward<double>(cfg, b, p.k.middleCols(t, 1), p.v.middleCols(t, 1),
-                                              p.q.middleCols(t, 1), p.alpha.segment(t, 1), p.eta.segment(t, 1),
-                                              p.theta.segment(t, 1), st);
+    y.col(t) = titans::memory_forward<double>(cfg, b, p.columns(t, 1), st);
     const bool inside = (t + 1) % b != 0;
     ASSERT_EQ(st.chunk_start.empty(), !inside) << "token " << t;
     // Take any block a freed chunk_start would have left, so a re-allocation shows as a new address.
@@ -208,7 +233,7 @@ TEST(MemoryKernel, Causal) {
   const Problem p = make_problem(cfg.dim, T, 4);
   const auto init = titans::init_memory_weights<double>(cfg, 1);
   auto s1 = titans::make_memory_state(cfg, init);
-  const Mat<double> y = titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, s1);
+  const Mat<double> y = titans::memory_forward<double>(cfg, b, p, s1);
   for (Index t0 : {0, 3, 7, 8, 13, 22}) {
     Problem m = p;
     const Index n = T - t0 - 1;
@@ -219,7 +244,7 @@ TEST(MemoryKernel, Causal) {
     m.eta.tail(n).setConstant(0.1);
     m.theta.tail(n).setConstant(2.0);
     auto s2 = titans::make_memory_state(cfg, init);
-    const Mat<double> y2 = titans::memory_forward<double>(cfg, b, m.k, m.v, m.q, m.alpha, m.eta, m.theta, s2);
+    const Mat<double> y2 = titans::memory_forward<double>(cfg, b, m, s2);
     EXPECT_EQ((y2.leftCols(t0 + 1) - y.leftCols(t0 + 1)).cwiseAbs().maxCoeff(), 0.0) << "t0 = " << t0;
     if (n > 0) {
       EXPECT_GT((y2.rightCols(n) - y.rightCols(n)).cwiseAbs().maxCoeff(), 0.0);
@@ -232,13 +257,20 @@ TEST(MemoryKernel, RetrieveReadsWithoutWriting) {
   cfg.dim = 4;
   const Problem p = make_problem(cfg.dim, 5, 2);
   auto state = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 3));
-  titans::memory_forward<double>(cfg, 2, p.k, p.v, p.q, p.alpha, p.eta, p.theta, state);
+  titans::memory_forward<double>(cfg, 2, p, state);
   const auto before = state;
-  const Mat<double> y = titans::memory_retrieve<double>(cfg, state, p.q);
+  const Mat<double> y = titans::memory_retrieve<double>(cfg, state, p.q, p.gain);
   for (Index t = 0; t < 5; ++t)
-    EXPECT_LT((y.col(t) - titans_test::ref_apply<double>(cfg, state.weights, p.q.col(t))).norm(), 1e-12);
+    EXPECT_LT((y.col(t) - titans_test::ref_apply<double>(cfg, state.weights, p.q.col(t), p.gain)).norm(), 1e-12);
   for (std::size_t l = 0; l < state.weights.size(); ++l) EXPECT_EQ(state.weights[l], before.weights[l]);
   EXPECT_EQ(state.position, before.position);
+  // With the normalised read-out every read is bounded by ‖q‖ + max|γ|·√d, whatever the weights.
+  cfg.residual = true;
+  cfg.output_norm = true;
+  auto big = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 3, /*gain=*/1e6));
+  const Mat<double> r = titans::memory_retrieve<double>(cfg, big, p.q, p.gain);
+  for (Index t = 0; t < 5; ++t)
+    EXPECT_LE(r.col(t).norm(), p.q.col(t).norm() + p.gain.cwiseAbs().maxCoeff() * std::sqrt(4.0) + 1e-9);
 }
 
 TEST(MemoryKernel, FloatMatchesDouble) {
@@ -249,14 +281,20 @@ TEST(MemoryKernel, FloatMatchesDouble) {
   const Problem p = make_problem(cfg.dim, T, 6);
   const auto init = titans::init_memory_weights<double>(cfg, 2);
   auto sd = titans::make_memory_state(cfg, init);
-  const Mat<double> yd = titans::memory_forward<double>(cfg, b, p.k, p.v, p.q, p.alpha, p.eta, p.theta, sd);
+  const Mat<double> yd = titans::memory_forward<double>(cfg, b, p, sd);
   titans::MemoryWeights<float> initf;
   for (const auto& w : init.w) initf.w.push_back(w.cast<float>());
   auto sf = titans::make_memory_state(cfg, initf);
-  const Mat<float> yf = titans::memory_forward<float>(cfg, b, p.k.cast<float>(), p.v.cast<float>(), p.q.cast<float>(),
-                                                      p.alpha.cast<float>(), p.eta.cast<float>(),
-                                                      p.theta.cast<float>(), sf);
+  const Mat<float> yf = titans::memory_forward<float>(cfg, b, p.cast<float>(), sf);
   EXPECT_LT(rel_err<double>(yf.cast<double>(), yd), 1e-4);
+  // The bounded form too.
+  cfg.residual = cfg.output_norm = true;
+  cfg.surprise_clamp = 1.0;
+  auto sd2 = titans::make_memory_state(cfg, init);
+  auto sf2 = titans::make_memory_state(cfg, initf);
+  const Mat<double> yd2 = titans::memory_forward<double>(cfg, b, p, sd2);
+  const Mat<float> yf2 = titans::memory_forward<float>(cfg, b, p.cast<float>(), sf2);
+  EXPECT_LT(rel_err<double>(yf2.cast<double>(), yd2), 1e-4);
 }
 
 TEST(MemoryKernel, LinearMemoryIsExactOnOrthogonalKeys) {
@@ -275,35 +313,37 @@ TEST(MemoryKernel, LinearMemoryIsExactOnOrthogonalKeys) {
   const Vec<double> zero = Vec<double>::Zero(cfg.dim), half = Vec<double>::Constant(cfg.dim, 0.5);
   for (Index b : {1, 8}) {
     auto state = titans::make_memory_state(cfg, titans::zero_memory_weights<double>(cfg));
-    titans::memory_forward<double>(cfg, b, keys, v, keys, zero, zero, half, state);
-    const Mat<double> recall = titans::memory_retrieve<double>(cfg, state, keys);
+    titans::memory_forward<double>(cfg, b, {keys, v, keys, zero, zero, half, {}}, state);
+    const Mat<double> recall = titans::memory_retrieve<double>(cfg, state, keys, {});
     EXPECT_LT((recall - v).cwiseAbs().maxCoeff(), 1e-12) << "b = " << b;
   }
 }
 
 TEST(MemoryModel, InnerGradientMatchesFiniteDifferences) {
   for (Activation act : {Activation::silu, Activation::gelu, Activation::identity}) {
-    for (bool residual : {false, true}) {
+    for (int form = 0; form < titans_test::kMemoryFormCount; ++form) {
+      if (titans_test::kMemoryForms[form].clamp > 0) continue;  // the clamp scales steps, not ℓ
       MemoryConfig cfg;
       cfg.dim = 3;
       cfg.depth = 3;
       cfg.expansion = 2;
       cfg.activation = act;
-      cfg.residual = residual;
+      titans_test::apply_form(cfg, form);
       const Problem p = make_problem(cfg.dim, 4, 8);
       auto w = titans::init_memory_weights<double>(cfg, 4).w;
       auto grad = titans::zero_memory_weights<double>(cfg).w;
       for (auto& g : grad) g.setConstant(0.25);  // junk: the gradient must be added
-      titans::inner_loss_gradient<double>(cfg, w, p.k, p.v, grad);
+      titans::inner_loss_gradient<double>(cfg, w, p.k, p.v, p.gain, grad);
       for (std::size_t l = 0; l < w.size(); ++l) {
         for (Index i = 0; i < w[l].size(); ++i) {
           const double h = 1e-6, x = w[l](i);
           w[l](i) = x + h;
-          const double up = titans::inner_loss<double>(cfg, w, p.k, p.v);
+          const double up = titans::inner_loss<double>(cfg, w, p.k, p.v, p.gain);
           w[l](i) = x - h;
-          const double dn = titans::inner_loss<double>(cfg, w, p.k, p.v);
+          const double dn = titans::inner_loss<double>(cfg, w, p.k, p.v, p.gain);
           w[l](i) = x;
-          EXPECT_NEAR(grad[l](i) - 0.25, (up - dn) / (2 * h), 1e-6) << "layer " << l << " index " << i;
+          EXPECT_NEAR(grad[l](i) - 0.25, (up - dn) / (2 * h), 1e-6)
+              << titans_test::form_name(form) << " layer " << l << " index " << i;
         }
       }
     }
@@ -326,7 +366,7 @@ TEST(MemoryKernel, BadInputThrowsNamingTheArgument) {
   };
   auto run = [&](const Problem& q, Index b, MemoryConfig c) {
     auto st = state;
-    titans::memory_forward<double>(c, b, q.k, q.v, q.q, q.alpha, q.eta, q.theta, st);
+    titans::memory_forward<double>(c, b, q, st);
   };
   expect_throw([&] { run(p, 0, cfg); }, "chunk_size", titans::InvalidArgument(""));
   MemoryConfig bad = cfg;
@@ -337,7 +377,7 @@ TEST(MemoryKernel, BadInputThrowsNamingTheArgument) {
   expect_throw([&] { run(p, 2, bad); }, "state.weights", titans::ShapeError(""));
   Problem q = p;
   q.v.conservativeResize(4, 5);
-  expect_throw([&] { run(q, 2, cfg); }, "v has shape (4, 5)", titans::ShapeError(""));
+  expect_throw([&] { run(q, 2, cfg); }, "in.v has shape (4, 5)", titans::ShapeError(""));
   q = p;
   q.alpha(2) = 1.5;
   expect_throw([&] { run(q, 2, cfg); }, "alpha", titans::NumericError(""));
@@ -349,16 +389,31 @@ TEST(MemoryKernel, BadInputThrowsNamingTheArgument) {
   expect_throw([&] { run(q, 2, cfg); }, "theta", titans::NumericError(""));
   q = p;
   q.k(1, 1) = std::numeric_limits<double>::quiet_NaN();
-  expect_throw([&] { run(q, 2, cfg); }, "k has a non-finite", titans::NumericError(""));
+  expect_throw([&] { run(q, 2, cfg); }, "in.k has a non-finite", titans::NumericError(""));
   q = p;
   q.q(0, 3) = std::numeric_limits<double>::infinity();
-  expect_throw([&] { run(q, 2, cfg); }, "q has a non-finite", titans::NumericError(""));
+  expect_throw([&] { run(q, 2, cfg); }, "in.q has a non-finite", titans::NumericError(""));
+  // The bounded forms' own inputs and options.
+  MemoryConfig norm = cfg;
+  norm.output_norm = true;
+  q = p;
+  q.gain.resize(3);
+  expect_throw([&] { run(q, 2, norm); }, "in.gain has shape (3, 1)", titans::ShapeError(""));
+  q = p;
+  q.gain(0) = std::numeric_limits<double>::quiet_NaN();
+  expect_throw([&] { run(q, 2, norm); }, "in.gain has a non-finite", titans::NumericError(""));
+  bad = cfg;
+  bad.surprise_clamp = -1;
+  expect_throw([&] { run(p, 2, bad); }, "surprise_clamp is -1", titans::InvalidArgument(""));
+  bad.surprise_clamp = std::numeric_limits<double>::infinity();
+  expect_throw([&] { run(p, 2, bad); }, "surprise_clamp is inf", titans::InvalidArgument(""));
+  bad = cfg;
+  bad.norm_eps = 0;
+  expect_throw([&] { run(p, 2, bad); }, "norm_eps is 0", titans::InvalidArgument(""));
   // A state left inside a chunk by chunk size 4 is not valid at chunk size 3.
   auto st = state;
-  titans::memory_forward<double>(cfg, 4, p.k.leftCols(2), p.v.leftCols(2), p.q.leftCols(2), p.alpha.head(2),
-                                 p.eta.head(2), p.theta.head(2), st);
-  EXPECT_THROW(titans::memory_forward<double>(cfg, 2, p.k.leftCols(2), p.v.leftCols(2), p.q.leftCols(2),
-                                              p.alpha.head(2), p.eta.head(2), p.theta.head(2), st),
+  titans::memory_forward<double>(cfg, 4, p.columns(0, 2), st);
+  EXPECT_THROW(titans::memory_forward<double>(cfg, 2, p.columns(0, 2), st),
                titans::InvalidArgument);
 }
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The neural memory layer (MATH.md §4) against an independent per-token formulation, plus
+// The neural memory layer (docs/MATH.md §4) against an independent per-token formulation, plus
 // causality, streaming, decode == prefill, batch isolation, memorization and bad input.
 #include <titans/neural_memory.hpp>
 #include <titans/parameters.hpp>
@@ -41,7 +41,7 @@ using titans_test::random_matrix;
 double sigm(double z) { return 1 / (1 + std::exp(-z)); }
 double silu(double z) { return z * sigm(z); }
 
-// The layer written token by token from MATH.md §4, independent of the library's vectorised
+// The layer written token by token from docs/MATH.md §4, independent of the library's vectorised
 // code: projections, causal conv with zero history, SiLU, ℓ2 norm, gates, the literal chunk loop
 // per head, RMSNorm per head, sigmoid gate, output projection.
 Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMemoryParams<double>& p,
@@ -71,7 +71,7 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
     for (Index t = 0; t < T; ++t) {
       const Index src = c.per_chunk_gates ? t - t % c.chunk_size : t;
       a(t) = sigm(p.w_alpha.row(h).dot(x.col(src)) + p.b_alpha(h, 0));
-      e(t) = sigm(p.w_eta.row(h).dot(x.col(src)) + p.b_eta(h, 0));
+      e(t) = c.eta_max * sigm(p.w_eta.row(h).dot(x.col(src)) + p.b_eta(h, 0));
       th(t) = c.theta_max * sigm(p.w_theta.row(h).dot(x.col(src)) + p.b_theta(h, 0));
     }
     std::vector<Mat<double>> w0, s0;
@@ -79,8 +79,11 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
       w0.push_back(p.memory_init[l].middleRows(h * mem.layer_out(l), mem.layer_out(l)));
       s0.push_back(Mat<double>::Zero(w0.back().rows(), w0.back().cols()));
     }
-    const auto r = titans_test::ref_chunk_loop<double>(mem, c.chunk_size, k.middleRows(h * d, d), v.middleRows(h * d, d),
-                                                      q.middleRows(h * d, d), a, e, th, w0, s0);
+    Vec<double> gain;
+    if (c.output_norm) gain = p.memory_gain.col(0).segment(h * d, d);
+    const titans_test::RefInputs<double> in{k.middleRows(h * d, d), v.middleRows(h * d, d), q.middleRows(h * d, d), a, e, th,
+                                            gain};
+    const auto r = titans_test::ref_chunk_loop<double>(mem, c.chunk_size, 0, in, w0, s0, {});
     y.middleRows(h * d, d) = r.y;
   }
   Mat<double> o(D, T);
@@ -98,19 +101,24 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
 
 TEST(NeuralMemory, MatchesIndependentFormulation) {
   for (bool per_chunk : {false, true})
-    for (bool residual : {false, true})
+    for (int form = 0; form < 3; ++form)  // plain, residual, bounded (normalised residual + clamp + η_max)
       for (Index depth : {1, 2, 3}) {
         auto c = small_config();
         c.per_chunk_gates = per_chunk;
-        c.residual = residual;
+        c.residual = form > 0;
+        c.output_norm = form == 2;
+        c.surprise_clamp = form == 2 ? 0.5 : 0.0;
+        c.eta_max = form == 2 ? 0.8 : 1.0;
         c.depth = depth;
+        const bool residual = c.residual;
         NeuralMemory<double> layer(c);
-        const auto p = layer.init(7);
+        auto p = layer.init(7);
+        if (c.output_norm) p.memory_gain = random_matrix<double>(c.dim, 1, 9).array() + 1.0;
         const Mat<double> x = random_matrix<double>(c.dim, 19, 3);
         auto state = layer.initial_state(p);
         const Mat<double> y = layer.forward(p, x, state);
         EXPECT_LT(max_rel(y, reference_layer(c, p, x)), 1e-10)
-            << "per_chunk " << per_chunk << " residual " << residual << " depth " << depth;
+            << "per_chunk " << per_chunk << " residual " << residual << " form " << form << " depth " << depth;
         EXPECT_EQ(state.position, 19);
       }
 }
@@ -204,7 +212,8 @@ TEST(NeuralMemory, ReadAndRetrieveWriteNothing) {
   const Index d = c.dim / c.heads;
   for (Index h = 0; h < c.heads; ++h)
     EXPECT_LT(max_rel<double>(r.middleRows(h * d, d),
-                              titans::memory_apply<double>(c.memory(), s.heads[h].weights, in.q.middleRows(h * d, d))),
+                              titans::memory_apply<double>(c.memory(), s.heads[h].weights, in.q.middleRows(h * d, d),
+                                                           layer.gain(p, h))),
               1e-14);
 }
 
@@ -282,8 +291,8 @@ TEST(NeuralMemory, DeepMemoryStoresMorePairsThanLinear) {
   auto recall_error = [&](titans::MemoryConfig cfg, double theta) {
     auto st = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 3, 0.5));
     const Vec<double> zero = Vec<double>::Zero(N), th = Vec<double>::Constant(N, theta);
-    for (Index e = 0; e < passes; ++e) titans::memory_forward<double>(cfg, 1, k, v, k, zero, zero, th, st);
-    return (titans::memory_retrieve<double>(cfg, st, k) - v).squaredNorm() / v.squaredNorm();
+    for (Index e = 0; e < passes; ++e) titans::memory_forward<double>(cfg, 1, {k, v, k, zero, zero, th, {}}, st);
+    return (titans::memory_retrieve<double>(cfg, st, k, {}) - v).squaredNorm() / v.squaredNorm();
   };
   titans::MemoryConfig lin;
   lin.dim = d;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // \file attention.hpp
-// \brief Causal multi-head softmax attention with rotary position embeddings (MATH.md §6):
+// \brief Causal multi-head softmax attention with rotary position embeddings (docs/MATH.md §6):
 // full causal or a sliding window of w tokens, learned persistent tokens that every query sees,
 // a KV-cache state for streaming, and the backward pass.
 //

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // \file blocks.hpp
-// \brief The Titans blocks (MATH.md §5–6): LMM (memory alone), MAC (memory as context), MAG
+// \brief The Titans blocks (docs/MATH.md §5–6): LMM (memory alone), MAC (memory as context), MAG
 // (memory as gate), MAL (memory as layer) and the sliding-window-attention baseline, each inside
 // the pre-norm residual wrapper with a SwiGLU feed-forward; and BlockStack, any sequence of them.
 //
@@ -601,7 +601,8 @@ auto Block<Scalar>::retrieve(const Params& p, const Mat& u, const std::vector<st
   detail::l2_normalize<Scalar>(q, H, cfg_.memory.norm_eps);
   Mat r(D, T), rinv;
   for (Index h = 0; h < H; ++h)
-    r.middleRows(h * d, d) = memory_apply<Scalar>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d));
+    r.middleRows(h * d, d) =
+        memory_apply<Scalar>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d), mem_.gain(p.memory, h));
   // q is finite (finite inputs); a non-finite read means the memory state itself is not: its
   // test-time updates diverged at the end of an earlier segment (its reads were still finite).
   if (!r.allFinite())
@@ -637,9 +638,11 @@ void Block<Scalar>::retrieve_backward(const Params& p, const typename Cache::Seg
     std::vector<Mat> scratch;
     if (!dsnap)
       for (const auto& wl : w) scratch.push_back(Mat::Zero(wl.rows(), wl.cols()));
-    memory_apply_backward<Scalar>(mc, w, sc.q.middleRows(h * d, d), dr.middleRows(h * d, d),
+    Vector<Scalar> dgain = Vector<Scalar>::Zero(mc.output_norm ? d : 0);
+    memory_apply_backward<Scalar>(mc, w, sc.q.middleRows(h * d, d), mem_.gain(p.memory, h), dr.middleRows(h * d, d),
                                   dsnap ? (*dsnap)[static_cast<std::size_t>(h)].weights : scratch,
-                                  dq.middleRows(h * d, d));
+                                  dq.middleRows(h * d, d), mc.output_norm ? &dgain : nullptr);
+    if (mc.output_norm) grads.memory.memory_gain.middleRows(h * d, d) += dgain;
   }
   detail::l2_normalize_backward<Scalar>(dq, sc.q, sc.q_silu, H, cfg_.memory.norm_eps);
   Mat dsilu;

@@ -4,7 +4,7 @@
 // \file common.hpp
 // \brief Types, exceptions and argument checks shared by every titans header.
 //
-// Layout (MATH.md §0): a sequence is a matrix with one token per column, `(features, T)`,
+// Layout (docs/MATH.md §0): a sequence is a matrix with one token per column, `(features, T)`,
 // column-major; weights act from the left, `y = W x` with `W` of shape `(out, in)`.
 #pragma once
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // \file memory_backward.hpp
-// \brief Backward pass of the memory kernel (memory_forward, MATH.md §2–3) *through* the
+// \brief Backward pass of the memory kernel (memory_forward, docs/MATH.md §2–3) *through* the
 // test-time updates: the inner gradient's dependence on the keys, values, gates and chunk-start
 // weights is differentiated (second order), so outer parameters can be trained by backprop.
 //
@@ -17,24 +17,27 @@
 // chunk boundary; only the first can start inside a chunk and only the last can end inside one).
 // A sub-chunk of n tokens starting `o` tokens into its chunk maps the state (W, S, C) — weights,
 // momentum and, when o > 0, the chunk-start weights C — to (W', S', C') and the outputs Y. With
-// Θ⁰ = W if o = 0 else C, and per layer l (MATH.md §3):
+// Θ⁰ = W if o = 0 else C, and per layer l (docs/MATH.md §3):
 //
 //   key path    A_0 = K, Z_l = Θ⁰_l A_{l−1}, A_l = φ(Z_l),
-//               Δ_L = 2(Z_L [+ K] − V),  T_l = Θ⁰_lᵀ Δ_l,  Δ_{l−1} = T_l ⊙ φ'(Z_{l−1})
+//               Δ_L = ∂‖M(K) − V‖²/∂Z_L (= 2(Z_L [+ K] − V) without output_norm),
+//               T_l = Θ⁰_lᵀ Δ_l,  Δ_{l−1} = T_l ⊙ φ'(Z_{l−1})
+//   clamp       θ'_i = θ_i min(1, c/‖u_i‖), ‖u_i‖² = Σ_l ‖Δ_{l,i}‖² ‖A_{l−1,i}‖² (θ' = θ when off)
 //   query path  Z̄_l = W_l Ā_{l−1} diag(β) + S_l Ā_{l−1} diag(c) − Δ_l (G_l ⊙ Ãᵀ),
-//               G_l = A_{l−1}ᵀ Ā_{l−1},  Ā_0 = Q,  Ā_l = φ(Z̄_l),  Y = Z̄_L [+ Q]
+//               G_l = A_{l−1}ᵀ Ā_{l−1},  Ā_0 = Q,  Ā_l = φ(Z̄_l),  Y = [Q +] (γ ⊙ LN(Z̄_L) or Z̄_L)
 //   state       W'_l = β_n W_l + c_n S_l − Δ_l diag(a_last) A_{l−1}ᵀ
 //               S'_l = P_n0 S_l − Δ_l diag(s_last) A_{l−1}ᵀ
 //               C' = W if the sub-chunk starts at a boundary and ends inside its chunk,
 //                    C if it starts and ends inside, nothing if it reaches the chunk's end
-//   coefficients β, c, Ãᵀ, a_last, s_last, P_n0 from (α, η, θ) by the product-only recurrences.
+//   coefficients β, c, Ãᵀ, a_last, s_last, P_n0 from (α, η, θ') by the product-only recurrences.
 //
 // The backward of a sub-chunk takes the intermediates from the forward's tape (Z_l, T_l, Z̄_l for
-// l < L, G_l; the rest is elementwise from these) or, for the sub-chunks a checkpointed cache
+// l < L and Z̄_L with output_norm, G_l; the rest is elementwise from these) or, for the sub-chunks a checkpointed cache
 // did not keep, from a rerun of the forward from the segment's start state. It then runs the
-// transposed GEMMs in reverse: state update, query path (layer L down to 1), key path
-// (the Δ recurrence needs φ''), then the scalar coefficient recurrences backwards (products only,
-// so gates at exactly 0 or 1 are fine). The gradient with respect to Θ⁰ goes to W when o = 0
+// transposed GEMMs in reverse: state update, query path (layer L down to 1), the scalar
+// coefficient recurrences backwards (products only, so gates at exactly 0 or 1 are fine), the
+// surprise clamp (its steps depend on the key path), and last the key path (the Δ recurrence
+// needs φ''). The gradient with respect to Θ⁰ goes to W when o = 0
 // (the same tensor) and to C when o > 0; C's gradient is carried to the previous boundary and,
 // for the first sub-chunk of a call that started inside a chunk, out through
 // grads.state.chunk_start — which a streaming caller passes on as the previous call's
@@ -75,8 +78,7 @@ struct MemoryForwardCache {
   Index chunk_size = 0;        ///< b; 0 while the cache has never been filled
   Index checkpoint_every = 1;  ///< r
   Index start_position = 0;    ///< state.position when the call started
-  Matrix<Scalar> k, v, q;      ///< the call's inputs, (d, T) each
-  Vector<Scalar> alpha, eta, theta;  ///< (T) each
+  KernelInputs<Scalar> inputs;  ///< a copy of the call's inputs
   std::vector<Index> starts;   ///< sub-chunk s covers tokens [starts[s], starts[s+1]); size = sub-chunks + 1
   /// State at the start of sub-chunk s·r (s = 0, 1, …); checkpoint 0 is the call's initial state
   /// (with its chunk_start when the call started inside a chunk).
@@ -85,14 +87,13 @@ struct MemoryForwardCache {
   std::vector<detail::SubchunkTape<Scalar>> tapes;
 
   bool filled() const { return chunk_size > 0; }
-  Index tokens() const { return k.cols(); }
+  Index tokens() const { return inputs.tokens(); }
   Index subchunks() const { return starts.empty() ? 0 : static_cast<Index>(starts.size()) - 1; }
 
   /// Bytes held by the cache's tensors and bookkeeping (not counting the object itself).
   std::size_t bytes() const {
-    std::size_t n = static_cast<std::size_t>(k.size() + v.size() + q.size() + alpha.size() + eta.size() +
-                                             theta.size()) *
-                    sizeof(Scalar);
+    std::size_t n = 0;
+    inputs.for_each([&](const std::string&, const auto& t) { n += static_cast<std::size_t>(t.size()) * sizeof(Scalar); });
     for (const auto& st : checkpoints) {
       st.for_each([&](const std::string&, const Matrix<Scalar>& t) {
         n += static_cast<std::size_t>(t.size()) * sizeof(Scalar);
@@ -112,24 +113,18 @@ template <class Scalar>
 struct MemoryKernelGradients {
   static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be a floating-point type");
   using scalar_type = Scalar;
-  Matrix<Scalar> k, v, q;            ///< (d, T) each
-  Vector<Scalar> alpha, eta, theta;  ///< (T) each
+  KernelInputs<Scalar> inputs;  ///< dL/d(inputs): k, v, q (d, T), alpha, eta, theta (T), gain (d) with output_norm
   /// dL/d(initial state): weights and momentum (shapes of Θ) and chunk_start (shapes of Θ when
   /// the call started inside a chunk, else empty). `position` is unused.
   MemoryState<Scalar> state;
 
-  /// Visits every tensor: "k", "v", "q", "alpha", "eta", "theta" (vectors), then the state's.
+  /// Visits every tensor: the inputs' ("k", "v", "q", "alpha", "eta", "theta", "gain"), then the state's.
   TITANS_DEFINE_FOR_EACH()
 
  private:
   template <class Self, class F>
   static void for_each_impl(Self& self, F& f) {
-    f(std::string("k"), self.k);
-    f(std::string("v"), self.v);
-    f(std::string("q"), self.q);
-    f(std::string("alpha"), self.alpha);
-    f(std::string("eta"), self.eta);
-    f(std::string("theta"), self.theta);
+    self.inputs.for_each(f);
     self.state.for_each([&](const std::string& name, auto& t) { f("state." + name, t); });
   }
 };
@@ -144,12 +139,13 @@ MemoryKernelGradients<Scalar> make_kernel_gradients(const MemoryConfig& cfg, Ind
   if (tokens < 0) detail::raise<InvalidArgument>(where, "tokens is ", tokens, ", expected >= 0");
   check_memory_weights(where, "initial.weights", cfg, initial.weights);
   MemoryKernelGradients<Scalar> g;
-  g.k.setZero(cfg.dim, tokens);
-  g.v.setZero(cfg.dim, tokens);
-  g.q.setZero(cfg.dim, tokens);
-  g.alpha.setZero(tokens);
-  g.eta.setZero(tokens);
-  g.theta.setZero(tokens);
+  g.inputs.k.setZero(cfg.dim, tokens);
+  g.inputs.v.setZero(cfg.dim, tokens);
+  g.inputs.q.setZero(cfg.dim, tokens);
+  g.inputs.alpha.setZero(tokens);
+  g.inputs.eta.setZero(tokens);
+  g.inputs.theta.setZero(tokens);
+  if (cfg.output_norm) g.inputs.gain.setZero(cfg.dim);
   for (Index l = 0; l < cfg.depth; ++l) {
     g.state.weights.push_back(Matrix<Scalar>::Zero(cfg.layer_out(l), cfg.layer_in(l)));
     g.state.momentum.push_back(Matrix<Scalar>::Zero(cfg.layer_out(l), cfg.layer_in(l)));
@@ -214,8 +210,9 @@ struct BackwardWorkspace {
   std::vector<Matrix<Scalar>> daq;         // dL/dĀ_{l−1}                     (n_in, n)
   std::vector<Matrix<Scalar>> dtk;         // dL/dT_l                           (n_in, n)
   std::vector<Matrix<Scalar>> ddphi;       // φ''(Z_l)                          (n_out, n)
-  Matrix<Scalar> dm, du, yscratch;
+  Matrix<Scalar> dm, du, yscratch, tmp;
   Vector<Scalar> dbeta, dc, da_last, ds_last, bu, bp;
+  Vector<Scalar> theta, surprise, dtheta;  // the steps after the clamp, ‖u_i‖, dL/d(steps after the clamp)
   // Adjoint of the state at the current sub-chunk boundary (walking backwards).
   std::vector<Matrix<Scalar>> gw, gs, gc;
   bool gc_active = false;
@@ -228,29 +225,24 @@ struct BackwardWorkspace {
   }
 };
 
-/// Rebuilds the rest of one sub-chunk's forward intermediates from its tape, elementwise and by
-/// the forward's own functions (so they equal the forward's values bit for bit).
-template <class Scalar, class DK, class DV, class DQ, class DA, class DE, class DT>
-void load_intermediates(const MemoryConfig& cfg, const SubchunkTape<Scalar>& tape,
-                        const Eigen::MatrixBase<DK>& k /* (d, n) */, const Eigen::MatrixBase<DV>& v /* (d, n) */,
-                        const Eigen::MatrixBase<DQ>& q /* (d, n) */, const Eigen::MatrixBase<DA>& alpha /* (n) */,
-                        const Eigen::MatrixBase<DE>& eta /* (n) */, const Eigen::MatrixBase<DT>& theta /* (n) */,
-                        BackwardWorkspace<Scalar>& ws) {
+/// Rebuilds the rest of one sub-chunk's forward intermediates (tokens [t0, t0 + n) of `in`) from
+/// its tape, elementwise and by the forward's own functions (so they equal the forward's values
+/// bit for bit).
+template <class Scalar>
+void load_intermediates(const MemoryConfig& cfg, const SubchunkTape<Scalar>& tape, const KernelInputs<Scalar>& in,
+                        Index t0, Index n, BackwardWorkspace<Scalar>& ws) {
   const Index L = cfg.depth;
-  const Index n = k.cols();
-  ws.ak[0] = k;
+  const auto eta = in.eta.segment(t0, n);
+  ws.ak[0] = in.k.middleCols(t0, n);
   for (Index l = 0; l + 1 < L; ++l) {
     activation_apply(cfg.activation, tape.zk[l], ws.ak[l + 1]);
     activation_derivative(cfg.activation, tape.zk[l], ws.dphik[l]);
   }
-  if (cfg.residual) {
-    ws.delta[L - 1] = Scalar(2) * (tape.zk[L - 1] + k - v);
-  } else {
-    ws.delta[L - 1] = Scalar(2) * (tape.zk[L - 1] - v);
-  }
+  inner_signal(cfg, tape.zk[L - 1], in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.gain, ws.tmp, ws.delta[L - 1]);
   for (Index l = L - 1; l > 0; --l) ws.delta[l - 1] = tape.tk[l].cwiseProduct(ws.dphik[l - 1]);
 
-  chunk_coefficients(alpha, eta, theta, ws.coef);
+  clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, n), ws.surprise, ws.theta);
+  chunk_coefficients(in.alpha.segment(t0, n), eta, ws.theta, ws.coef);
   // P_{j,i} by the same products as chunk_coefficients (column j = tokens seen so far).
   ws.pm.setZero(n + 1, n + 1);
   ws.pm(0, 0) = 1;
@@ -260,13 +252,63 @@ void load_intermediates(const MemoryConfig& cfg, const SubchunkTape<Scalar>& tap
     ws.pm(j + 1, j + 1) = 1;
   }
 
-  ws.aq[0] = q;
+  ws.aq[0] = in.q.middleCols(t0, n);
   for (Index l = 0; l < L; ++l) {
     ws.mgram[l] = tape.gram[l].cwiseProduct(ws.coef.upper);
     if (l + 1 < L) {
       activation_apply(cfg.activation, tape.zq[l], ws.aq[l + 1]);
       activation_derivative(cfg.activation, tape.zq[l], ws.dphiq[l]);
     }
+  }
+}
+
+/// Backward of inner_signal: given D = dL/dδ_L (d, n), adds dL/dz_L into dz and the inputs'
+/// gradients into grads (columns [t0, t0 + n)). Plain and residual read-outs: δ_L = 2(z [+ k] − v).
+/// With output_norm (docs/MATH.md §8.3), per column, ẑ = LN(z), r = 1/σ, e = 2([k +] γ⊙ẑ − v),
+/// g = γ⊙e, h = mean(g⊙ẑ), δ = r (g − mean(g) − ẑ h); then dL/dg = J D (J = r (I − 11ᵀ/d − ẑẑᵀ/d),
+/// symmetric), dL/dẑ = −r (h D + g (D·ẑ)/d) + 2 γ ⊙ γ ⊙ dL/dg, dL/dσ = −r (D·δ), and
+/// dL/dz = J dL/dẑ + dL/dσ · ẑ/d.
+template <class Scalar>
+void inner_signal_backward(const MemoryConfig& cfg, const Matrix<Scalar>& z, const KernelInputs<Scalar>& in,
+                           Index t0, Index n, const Matrix<Scalar>& D, Matrix<Scalar>& dz,
+                           MemoryKernelGradients<Scalar>& grads) {
+  auto dk = grads.inputs.k.middleCols(t0, n);
+  auto dv = grads.inputs.v.middleCols(t0, n);
+  if (!cfg.output_norm) {
+    dz += Scalar(2) * D;
+    dv -= Scalar(2) * D;
+    if (cfg.residual) dk += Scalar(2) * D;
+    return;
+  }
+  const Vector<Scalar>& gamma = in.gain;
+  const auto k = in.k.middleCols(t0, n);
+  const auto v = in.v.middleCols(t0, n);
+  Matrix<Scalar> zhat;
+  Vector<Scalar> rsigma;
+  layer_norm<Scalar>(z, cfg.norm_eps, zhat, rsigma);
+  const Index d = z.rows();
+  const Scalar dinv = Scalar(1) / static_cast<Scalar>(d);
+  // J x = r (x − mean(x) − ẑ mean(x ⊙ ẑ)) for one column
+  auto apply_j = [&](const Vector<Scalar>& x, Index j) -> Vector<Scalar> {
+    return ((x.array() - x.sum() * dinv - zhat.col(j).array() * (x.dot(zhat.col(j)) * dinv)) * rsigma(j)).matrix();
+  };
+  for (Index j = 0; j < n; ++j) {
+    const Vector<Scalar> zh = zhat.col(j);
+    Vector<Scalar> e = gamma.cwiseProduct(zh) - v.col(j);
+    if (cfg.residual) e += k.col(j);
+    e *= Scalar(2);
+    const Vector<Scalar> g = gamma.cwiseProduct(e);
+    const Scalar h = g.dot(zh) * dinv;
+    const Vector<Scalar> delta = apply_j(g, j);
+    const Vector<Scalar> Dj = D.col(j);
+    const Vector<Scalar> dg = apply_j(Dj, j);
+    const Vector<Scalar> de = gamma.cwiseProduct(dg);
+    grads.inputs.gain += e.cwiseProduct(dg) + Scalar(2) * zh.cwiseProduct(de);
+    dv.col(j) -= Scalar(2) * de;
+    if (cfg.residual) dk.col(j) += Scalar(2) * de;
+    const Vector<Scalar> dzh = -rsigma(j) * (h * Dj + g * (Dj.dot(zh) * dinv)) + Scalar(2) * gamma.cwiseProduct(de);
+    const Scalar dsigma = -rsigma(j) * Dj.dot(delta);
+    dz.col(j) += apply_j(dzh, j) + (dsigma * dinv) * zh;
   }
 }
 
@@ -287,13 +329,11 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
   const auto& W = st.weights;
   const auto& S = st.momentum;
 
-  const auto k = cache.k.middleCols(t0, n);
-  const auto v = cache.v.middleCols(t0, n);
-  const auto q = cache.q.middleCols(t0, n);
-  const auto alpha = cache.alpha.segment(t0, n);
-  const auto eta = cache.eta.segment(t0, n);
-  const auto theta = cache.theta.segment(t0, n);
-  load_intermediates(cfg, tape, k, v, q, alpha, eta, theta, ws);
+  const KernelInputs<Scalar>& in = cache.inputs;
+  const auto alpha = in.alpha.segment(t0, n);
+  const auto eta = in.eta.segment(t0, n);
+  const auto& theta = ws.theta;  // the steps after the clamp: what the coefficients were made of
+  load_intermediates(cfg, tape, in, t0, n, ws);
   const auto& co = ws.coef;
 
   ws.du.setZero(n, n);
@@ -356,9 +396,10 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
   }
   std::vector<Matrix<Scalar>>& gw0 = offset == 0 ? ws.gw : ws.gc;
 
-  // (2) Query path, layer L down to 1.
-  ws.g[L - 1] = dy;
-  if (cfg.residual) grads.q.middleCols(t0, n) += dy;
+  // (2) Query path, layer L down to 1, from the read-out Y = [Q +] (γ ⊙ LN(Z̄_L) or Z̄_L).
+  memory_readout_backward(cfg, tape.zq[L - 1], in.gain, dy, ws.g[L - 1],
+                          cfg.output_norm ? &grads.inputs.gain : nullptr);
+  if (cfg.residual) grads.inputs.q.middleCols(t0, n) += dy;
   for (Index l = L - 1; l >= 0; --l) {
     // Z̄_l = W Ā diag(β) + S Ā diag(c) − Δ_l (G_l ⊙ Ãᵀ)
     const auto& g = ws.g[l];
@@ -385,42 +426,18 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
     if (l > 0) {
       ws.g[l - 1] = daq.cwiseProduct(ws.dphiq[l - 1]);
     } else {
-      grads.q.middleCols(t0, n) += daq;
+      grads.inputs.q.middleCols(t0, n) += daq;
     }
   }
 
-  // (3) Key path. First the Δ recurrence Δ_{l−1} = T_l ⊙ φ'(Z_{l−1}), T_l = Θ⁰_lᵀ Δ_l, in the
-  // reverse of its forward order (Δ_0's adjoint is complete first).
-  for (Index l = 1; l < L; ++l) {
-    activation_second_derivative(cfg.activation, tape.zk[l - 1], ws.ddphi[l - 1]);
-    ws.dzk[l - 1].array() += ws.ddelta[l - 1].array() * tape.tk[l].array() * ws.ddphi[l - 1].array();
-    auto& dt = ws.dtk[l];
-    dt = ws.ddelta[l - 1].cwiseProduct(ws.dphik[l - 1]);  // dL/dT_l   (n_in, n)
-    gw0[l].noalias() += ws.delta[l] * dt.transpose();
-    ws.ddelta[l].noalias() += w0[l] * dt;
-  }
-  // Δ_L = 2 (Z_L [+ K] − V)
-  ws.dzk[L - 1] += Scalar(2) * ws.ddelta[L - 1];
-  grads.v.middleCols(t0, n) -= Scalar(2) * ws.ddelta[L - 1];
-  if (cfg.residual) grads.k.middleCols(t0, n) += Scalar(2) * ws.ddelta[L - 1];
-  // Z_l = Θ⁰_l A_{l−1}, A_l = φ(Z_l)
-  for (Index l = L - 1; l >= 0; --l) {
-    gw0[l].noalias() += ws.dzk[l] * ws.ak[l].transpose();
-    ws.dak[l].noalias() += w0[l].transpose() * ws.dzk[l];
-    if (l > 0) {
-      ws.dzk[l - 1] += ws.dak[l].cwiseProduct(ws.dphik[l - 1]);
-    } else {
-      grads.k.middleCols(t0, n) += ws.dak[0];
-    }
-  }
-
-  // (4) Coefficients back to the gates, reversing chunk_coefficients' token loop (0-based token j
+  // (3) Coefficients back to the gates, reversing chunk_coefficients' token loop (0-based token j
   // here; its step maps β_{j−1}, c_{j−1}, column j−1 of Ãᵀ and pm(·, j) to β_j, c_j, column j and
   // pm(·, j+1)). Adjoints: bb of β_j, bc of c_j, bu(i) of Ãᵀ(i, j), bp(i) of pm(i, j+1).
   ws.du.col(n - 1) += ws.da_last;  // a_last is the last column of Ãᵀ
-  auto dalpha = grads.alpha.segment(t0, n);
-  auto deta = grads.eta.segment(t0, n);
-  auto dtheta = grads.theta.segment(t0, n);
+  auto dalpha = grads.inputs.alpha.segment(t0, n);
+  auto deta = grads.inputs.eta.segment(t0, n);
+  ws.dtheta.setZero(n);
+  auto& dtheta = ws.dtheta;  // dL/d(steps after the clamp)
   ws.bp.setZero(n + 1);
   ws.bu.resize(n);
   ws.bp(0) = dp_n0;
@@ -458,6 +475,50 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
     dalpha(j) -= dkeep;
     deta(j) += de;
   }
+
+  // (4) The surprise clamp θ'_i = θ_i s_i, s_i = min(1, c/‖u_i‖) (docs/MATH.md §8.2): dθ_i = s_i dθ'_i
+  // and, where it clamps, d‖u_i‖ = −(s_i/‖u_i‖) θ_i dθ'_i, with ∂‖u_i‖/∂δ_{l,i} = δ_{l,i} ‖a_{l−1,i}‖²/‖u_i‖
+  // and ∂‖u_i‖/∂a_{l−1,i} = a_{l−1,i} ‖δ_{l,i}‖²/‖u_i‖. It reaches the key path before (5) runs.
+  auto dtheta_in = grads.inputs.theta.segment(t0, n);
+  const auto theta_in = in.theta.segment(t0, n);
+  const Scalar clamp = static_cast<Scalar>(cfg.surprise_clamp);
+  for (Index i = 0; i < n; ++i) {
+    const bool clamped = clamp > 0 && ws.surprise(i) > clamp;
+    const Scalar s_i = clamped ? clamp / ws.surprise(i) : Scalar(1);
+    dtheta_in(i) += s_i * dtheta(i);
+    if (!clamped) continue;
+    const Scalar dg = -(s_i / ws.surprise(i)) * Scalar(theta_in(i)) * dtheta(i);
+    const Scalar f = dg / ws.surprise(i);
+    for (Index l = 0; l < L; ++l) {
+      const Scalar a2 = ws.ak[l].col(i).squaredNorm(), d2 = ws.delta[l].col(i).squaredNorm();
+      ws.ddelta[l].col(i) += (f * a2) * ws.delta[l].col(i);
+      ws.dak[l].col(i) += (f * d2) * ws.ak[l].col(i);
+    }
+  }
+
+  // (5) Key path. First the Δ recurrence Δ_{l−1} = T_l ⊙ φ'(Z_{l−1}), T_l = Θ⁰_lᵀ Δ_l, in the
+  // reverse of its forward order (Δ_0's adjoint is complete first).
+  for (Index l = 1; l < L; ++l) {
+    activation_second_derivative(cfg.activation, tape.zk[l - 1], ws.ddphi[l - 1]);
+    ws.dzk[l - 1].array() += ws.ddelta[l - 1].array() * tape.tk[l].array() * ws.ddphi[l - 1].array();
+    auto& dt = ws.dtk[l];
+    dt = ws.ddelta[l - 1].cwiseProduct(ws.dphik[l - 1]);  // dL/dT_l   (n_in, n)
+    gw0[l].noalias() += ws.delta[l] * dt.transpose();
+    ws.ddelta[l].noalias() += w0[l] * dt;
+  }
+  // Δ_L = inner_signal(Z_L, K, V, γ)
+  inner_signal_backward(cfg, tape.zk[L - 1], in, t0, n, ws.ddelta[L - 1], ws.dzk[L - 1], grads);
+  // Z_l = Θ⁰_l A_{l−1}, A_l = φ(Z_l)
+  for (Index l = L - 1; l >= 0; --l) {
+    gw0[l].noalias() += ws.dzk[l] * ws.ak[l].transpose();
+    ws.dak[l].noalias() += w0[l].transpose() * ws.dzk[l];
+    if (l > 0) {
+      ws.dzk[l - 1] += ws.dak[l].cwiseProduct(ws.dphik[l - 1]);
+    } else {
+      grads.inputs.k.middleCols(t0, n) += ws.dak[0];
+    }
+  }
+
 }
 
 }  // namespace detail
@@ -465,36 +526,26 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
 /// \brief memory_forward that also fills `cache` for memory_backward. Outputs and the state's
 /// advance are bit-for-bit those of memory_forward (the same sub-chunk routine runs).
 ///
-/// \param cfg, chunk_size, k, v, q, alpha, eta, theta, state  as memory_forward_into
-///        (k, v, q: (d, T); alpha, eta, theta: (T))
+/// \param cfg, chunk_size, in, state  as memory_forward_into
 /// \param cache    filled (storage reused when it already has the right shapes)
 /// \param options  checkpoint_every = r >= 1
 /// \param y        outputs (d, T), written
 template <class Scalar>
-void memory_forward_train_into(const MemoryConfig& cfg, Index chunk_size, const Eigen::Ref<const Matrix<Scalar>>& k,
-                               const Eigen::Ref<const Matrix<Scalar>>& v, const Eigen::Ref<const Matrix<Scalar>>& q,
-                               const Eigen::Ref<const Vector<Scalar>>& alpha,
-                               const Eigen::Ref<const Vector<Scalar>>& eta,
-                               const Eigen::Ref<const Vector<Scalar>>& theta, MemoryState<Scalar>& state,
-                               MemoryForwardCache<Scalar>& cache, const MemoryTrainOptions& options,
-                               Eigen::Ref<Matrix<Scalar>> y) {
+void memory_forward_train_into(const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
+                               MemoryState<Scalar>& state, MemoryForwardCache<Scalar>& cache,
+                               const MemoryTrainOptions& options, Eigen::Ref<Matrix<Scalar>> y) {
   constexpr const char* where = "titans::memory_forward_train";
   if (options.checkpoint_every < 1)
     detail::raise<InvalidArgument>(where, "options.checkpoint_every is ", options.checkpoint_every, ", expected >= 1");
-  detail::check_kernel_call(where, cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
-  const Index T = k.cols();
+  detail::check_kernel_call(where, cfg, chunk_size, in, state, y);
+  const Index T = in.tokens();
 
   const Index b = chunk_size, r = options.checkpoint_every;
   cache.config = cfg;
   cache.chunk_size = b;
   cache.checkpoint_every = r;
   cache.start_position = state.position;
-  cache.k = k;
-  cache.v = v;
-  cache.q = q;
-  cache.alpha = alpha;
-  cache.eta = eta;
-  cache.theta = theta;
+  cache.inputs = in;
   cache.starts.clear();
   for (Index t = 0, pos = state.position; t < T;) {
     cache.starts.push_back(t);
@@ -519,32 +570,25 @@ void memory_forward_train_into(const MemoryConfig& cfg, Index chunk_size, const 
     const bool last_of_segment = s % r == r - 1 || s == m - 1;
     const Index t = cache.starts[static_cast<std::size_t>(s)];
     const Index n = cache.starts[static_cast<std::size_t>(s) + 1] - t;
-    detail::memory_subchunk(cfg, b, k.middleCols(t, n), v.middleCols(t, n), q.middleCols(t, n), alpha.segment(t, n),
-                            eta.segment(t, n), theta.segment(t, n), state, ws, y.middleCols(t, n),
+    detail::memory_subchunk(cfg, b, in, t, n, state, ws, y.middleCols(t, n),
                             last_of_segment ? &cache.tapes[seg] : nullptr);
   }
 }
 
 /// \brief As memory_forward_train_into, returning the outputs (d, T).
 template <class Scalar>
-Matrix<Scalar> memory_forward_train(const MemoryConfig& cfg, Index chunk_size,
-                                    const Eigen::Ref<const Matrix<Scalar>>& k /* (d, T) */,
-                                    const Eigen::Ref<const Matrix<Scalar>>& v /* (d, T) */,
-                                    const Eigen::Ref<const Matrix<Scalar>>& q /* (d, T) */,
-                                    const Eigen::Ref<const Vector<Scalar>>& alpha /* (T) */,
-                                    const Eigen::Ref<const Vector<Scalar>>& eta /* (T) */,
-                                    const Eigen::Ref<const Vector<Scalar>>& theta /* (T) */,
+Matrix<Scalar> memory_forward_train(const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
                                     MemoryState<Scalar>& state, MemoryForwardCache<Scalar>& cache,
                                     const MemoryTrainOptions& options = {}) {
-  Matrix<Scalar> y(k.rows(), k.cols());
-  memory_forward_train_into<Scalar>(cfg, chunk_size, k, v, q, alpha, eta, theta, state, cache, options, y);
+  Matrix<Scalar> y(cfg.dim, in.tokens());
+  memory_forward_train_into<Scalar>(cfg, chunk_size, in, state, cache, options, y);
   return y;
 }
 
 /// \brief Backward of memory_forward_train through the test-time updates (second order).
 ///
-/// Adds (+=) into `grads`: dL/dk, dL/dv, dL/dq (d, T), dL/dα, dL/dη, dL/dθ (T), and dL/d(initial
-/// state) — weights, momentum, and chunk_start when the call started inside a chunk. Size them
+/// Adds (+=) into `grads`: dL/d(inputs) — k, v, q (d, T), α, η, θ (T), γ (d) with output_norm —
+/// and dL/d(initial state) — weights, momentum, and chunk_start when the call started inside a chunk. Size them
 /// first (make_kernel_gradients); zeroing is the caller's (set_zero).
 ///
 /// \param cache   filled by memory_forward_train (not modified)
@@ -572,12 +616,13 @@ void memory_backward(const MemoryForwardCache<Scalar>& cache, const Eigen::Ref<c
                                 cache.start_position + T, ", chunk_size ", b, "), expected none");
     check_memory_weights(where, "dfinal.chunk_start", cfg, dfinal.chunk_start);
   }
-  detail::check_shape(where, "grads.k", grads.k, cfg.dim, T);
-  detail::check_shape(where, "grads.v", grads.v, cfg.dim, T);
-  detail::check_shape(where, "grads.q", grads.q, cfg.dim, T);
-  detail::check_shape(where, "grads.alpha", grads.alpha, T, 1);
-  detail::check_shape(where, "grads.eta", grads.eta, T, 1);
-  detail::check_shape(where, "grads.theta", grads.theta, T, 1);
+  detail::check_shape(where, "grads.inputs.k", grads.inputs.k, cfg.dim, T);
+  detail::check_shape(where, "grads.inputs.v", grads.inputs.v, cfg.dim, T);
+  detail::check_shape(where, "grads.inputs.q", grads.inputs.q, cfg.dim, T);
+  detail::check_shape(where, "grads.inputs.alpha", grads.inputs.alpha, T, 1);
+  detail::check_shape(where, "grads.inputs.eta", grads.inputs.eta, T, 1);
+  detail::check_shape(where, "grads.inputs.theta", grads.inputs.theta, T, 1);
+  if (cfg.output_norm) detail::check_shape(where, "grads.inputs.gain", grads.inputs.gain, cfg.dim, 1);
   check_memory_weights(where, "grads.state.weights", cfg, grads.state.weights);
   check_memory_weights(where, "grads.state.momentum", cfg, grads.state.momentum);
   if (starts_inside) {
@@ -625,9 +670,7 @@ void memory_backward(const MemoryForwardCache<Scalar>& cache, const Eigen::Ref<c
       const Index t = cache.starts[static_cast<std::size_t>(s)];
       const Index n = cache.starts[static_cast<std::size_t>(s) + 1] - t;
       ws.yscratch.resize(cfg.dim, n);
-      detail::memory_subchunk(cfg, b, cache.k.middleCols(t, n), cache.v.middleCols(t, n), cache.q.middleCols(t, n),
-                              cache.alpha.segment(t, n), cache.eta.segment(t, n), cache.theta.segment(t, n),
-                              scratch[i + 1], fws, ws.yscratch, &scratch_tapes[i]);
+      detail::memory_subchunk(cfg, b, cache.inputs, t, n, scratch[i + 1], fws, ws.yscratch, &scratch_tapes[i]);
       start[i + 1] = &scratch[i + 1];
       tape[i] = &scratch_tapes[i];
     }
@@ -653,15 +696,12 @@ void memory_backward(const MemoryForwardCache<Scalar>& cache, const Eigen::Ref<c
   PREFIX template MemoryKernelGradients<S> make_kernel_gradients<S>(const MemoryConfig&, Index,                  \
                                                                     const MemoryState<S>&);                     \
   PREFIX template MemoryKernelGradients<S> make_kernel_gradients<S>(const MemoryForwardCache<S>&);               \
-  PREFIX template void memory_forward_train_into<S>(                                                             \
-      const MemoryConfig&, Index, const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
-      const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const Vector<S>>&, \
-      const Eigen::Ref<const Vector<S>>&, MemoryState<S>&, MemoryForwardCache<S>&, const MemoryTrainOptions&,    \
-      Eigen::Ref<Matrix<S>>);                                                                                    \
-  PREFIX template Matrix<S> memory_forward_train<S>(                                                             \
-      const MemoryConfig&, Index, const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
-      const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const Vector<S>>&, \
-      const Eigen::Ref<const Vector<S>>&, MemoryState<S>&, MemoryForwardCache<S>&, const MemoryTrainOptions&);   \
+  PREFIX template void memory_forward_train_into<S>(const MemoryConfig&, Index, const KernelInputs<S>&,          \
+                                                    MemoryState<S>&, MemoryForwardCache<S>&,                    \
+                                                    const MemoryTrainOptions&, Eigen::Ref<Matrix<S>>);          \
+  PREFIX template Matrix<S> memory_forward_train<S>(const MemoryConfig&, Index, const KernelInputs<S>&,          \
+                                                    MemoryState<S>&, MemoryForwardCache<S>&,                    \
+                                                    const MemoryTrainOptions&);                                 \
   PREFIX template void memory_backward<S>(const MemoryForwardCache<S>&, const Eigen::Ref<const Matrix<S>>&,      \
                                           const MemoryState<S>&, MemoryKernelGradients<S>&);
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // \file memory_kernel.hpp
-// \brief The test-time update rule of the long-term memory (MATH.md §2–3): surprise with
+// \brief The test-time update rule of the long-term memory (docs/MATH.md §2–3): surprise with
 // momentum, forgetting, chunked (mini-batch) gradient steps, and the fast dual form that
 // computes every token's output without materialising per-token weights.
 //
@@ -26,7 +26,7 @@ namespace titans {
 
 /// \brief Per-sequence memory state: Θ, the surprise momentum S and the chunk bookkeeping.
 ///
-/// Chunks are aligned to the absolute token index since the state was made (MATH.md §2), so a
+/// Chunks are aligned to the absolute token index since the state was made (docs/MATH.md §2), so a
 /// stream split into calls at any point gives the same result as one call. When a call ends
 /// inside a chunk, the chunk-start weights Θ⁰ (at which the rest of that chunk's gradients are
 /// taken) are kept in `chunk_start`; otherwise `chunk_start` is empty. The state is owned by the
@@ -69,6 +69,63 @@ MemoryState<Scalar> make_memory_state(const MemoryConfig& cfg, const MemoryWeigh
   return s;
 }
 
+/// \brief What the kernel reads for T tokens of one memory: keys, values and queries, the three
+/// gates per token and, with cfg.output_norm, the gain γ of the read-out's LayerNorm (docs/MATH.md
+/// §2, §8.3). One type serves as the forward's argument, the training cache's copy of the inputs
+/// and the gradients' part for them.
+template <class Scalar>
+struct KernelInputs {
+  static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be a floating-point type");
+  using scalar_type = Scalar;
+  Matrix<Scalar> k, v, q;            ///< keys, values, queries: (d, T) each
+  Vector<Scalar> alpha, eta, theta;  ///< forget in [0, 1], momentum in [0, 1], step >= 0: (T) each
+  Vector<Scalar> gain;               ///< γ (d) with cfg.output_norm; empty (unused) without
+
+  Index tokens() const { return k.cols(); }
+
+  /// \brief Tokens [t0, t0 + n) (a copy; the gain is the same).
+  KernelInputs columns(Index t0, Index n) const {
+    KernelInputs out;
+    out.k = k.middleCols(t0, n);
+    out.v = v.middleCols(t0, n);
+    out.q = q.middleCols(t0, n);
+    out.alpha = alpha.segment(t0, n);
+    out.eta = eta.segment(t0, n);
+    out.theta = theta.segment(t0, n);
+    out.gain = gain;
+    return out;
+  }
+
+  /// \brief The same inputs in another scalar type.
+  template <class To>
+  KernelInputs<To> cast() const {
+    KernelInputs<To> out;
+    out.k = k.template cast<To>();
+    out.v = v.template cast<To>();
+    out.q = q.template cast<To>();
+    out.alpha = alpha.template cast<To>();
+    out.eta = eta.template cast<To>();
+    out.theta = theta.template cast<To>();
+    out.gain = gain.template cast<To>();
+    return out;
+  }
+
+  /// Visits "k", "v", "q", "alpha", "eta", "theta" and, when it is sized, "gain".
+  TITANS_DEFINE_FOR_EACH()
+
+ private:
+  template <class Self, class F>
+  static void for_each_impl(Self& self, F& f) {
+    f(std::string("k"), self.k);
+    f(std::string("v"), self.v);
+    f(std::string("q"), self.q);
+    f(std::string("alpha"), self.alpha);
+    f(std::string("eta"), self.eta);
+    f(std::string("theta"), self.theta);
+    if (self.gain.size() > 0) f(std::string("gain"), self.gain);
+  }
+};
+
 /// \brief Throws unless `state` fits `cfg` and chunk size `chunk_size`.
 template <class Scalar>
 void check_memory_state(const char* where, const MemoryConfig& cfg, Index chunk_size,
@@ -85,7 +142,7 @@ void check_memory_state(const char* where, const MemoryConfig& cfg, Index chunk_
   }
 }
 
-/// \brief The product-only coefficients of one chunk (MATH.md §3), for n tokens with gates
+/// \brief The product-only coefficients of one chunk (docs/MATH.md §3), for n tokens with gates
 /// α_j, η_j, θ_j (j = 1..n). No divisions, so any gate in [0,1] (0 and 1 included) is exact.
 template <class Scalar>
 struct ChunkCoefficients {
@@ -142,7 +199,7 @@ template <class Scalar>
 struct SubchunkTape {
   std::vector<Matrix<Scalar>> zk;    ///< Z_l = Θ⁰_l A_{l−1}, l < L                          (n_l, n)
   std::vector<Matrix<Scalar>> tk;    ///< Θ⁰_lᵀ Δ_l for 1 ≤ l < L (entry 0 unused)            (n_{l−1}, n)
-  std::vector<Matrix<Scalar>> zq;    ///< Z̄_l for l < L−1 (entry L−1 unused: it is the output) (n_l, n)
+  std::vector<Matrix<Scalar>> zq;    ///< Z̄_l for l < L−1, and Z̄_L with output_norm            (n_l, n)
   std::vector<Matrix<Scalar>> gram;  ///< A_{l−1}ᵀ Ā_{l−1} before the causal mask, l < L       (n, n)
 };
 
@@ -150,53 +207,55 @@ struct SubchunkTape {
 template <class Scalar>
 struct KernelWorkspace {
   std::vector<Matrix<Scalar>> ak, zk, delta, aq;  // key activations, key pre-activations, δ_l, query activations
-  Matrix<Scalar> zq, scaled, gram, tmp, dphi;
+  Matrix<Scalar> zq, scaled, gram, tmp, dphi, yout;
+  Vector<Scalar> theta, surprise;  // the sub-chunk's steps after the clamp; ‖u_i‖
   ChunkCoefficients<Scalar> coef;
   explicit KernelWorkspace(Index depth)
       : ak(static_cast<std::size_t>(depth)), zk(ak.size()), delta(ak.size()), aq(ak.size()) {}
 };
 
-/// One sub-chunk of n tokens that starts `state.position % b` tokens into its chunk and does
-/// not cross a chunk boundary. Outputs go to `y` (d, n). With a `tape`, the intermediates the
-/// backward pass needs are also recorded there (the results do not change).
-template <class Scalar, class DK, class DV, class DQ, class DA, class DE, class DT, class DY>
-void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<DK>& k,
-                     const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DQ>& q,
-                     const Eigen::MatrixBase<DA>& alpha, const Eigen::MatrixBase<DE>& eta,
-                     const Eigen::MatrixBase<DT>& theta, MemoryState<Scalar>& state, KernelWorkspace<Scalar>& ws,
-                     const Eigen::MatrixBase<DY>& y_out, SubchunkTape<Scalar>* tape = nullptr) {
+/// The surprise clamp (docs/MATH.md §8.2): ‖u_i‖ = sqrt(Σ_l ‖δ_{l,i}‖² ‖a_{l−1,i}‖²) into
+/// `surprise` (n) and θ_i · min(1, c / ‖u_i‖) into `theta_out` (θ unchanged when the clamp is off).
+template <class Scalar, class DT>
+void clamp_steps(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& a, const std::vector<Matrix<Scalar>>& delta,
+                 const Eigen::MatrixBase<DT>& theta, Vector<Scalar>& surprise, Vector<Scalar>& theta_out) {
+  theta_out = theta;
+  if (!(cfg.surprise_clamp > 0)) return;
+  surprise.setZero(theta.size());
+  for (Index l = 0; l < cfg.depth; ++l)
+    surprise.array() += delta[l].colwise().squaredNorm().transpose().array() * a[l].colwise().squaredNorm().transpose().array();
+  surprise = surprise.cwiseSqrt();
+  const Scalar c = static_cast<Scalar>(cfg.surprise_clamp);
+  for (Index i = 0; i < theta.size(); ++i)
+    if (surprise(i) > c) theta_out(i) *= c / surprise(i);
+}
+
+/// One sub-chunk: tokens [t0, t0 + n) of `in`, starting `state.position % b` tokens into their
+/// chunk and not crossing a chunk boundary. Outputs go to `y` (d, n). With a `tape`, the
+/// intermediates the backward pass needs are also recorded there (the results do not change).
+template <class Scalar, class DY>
+void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar>& in, Index t0, Index n,
+                     MemoryState<Scalar>& state, KernelWorkspace<Scalar>& ws, const Eigen::MatrixBase<DY>& y_out,
+                     SubchunkTape<Scalar>* tape = nullptr) {
   auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_out);  // writable block (Eigen's documented idiom)
   const Index L = cfg.depth;
-  const Index n = k.cols();
   const Index offset = state.position % b;
   const bool ends_inside = offset + n < b;
   const std::vector<Matrix<Scalar>>& w0 = offset == 0 ? state.weights : state.chunk_start;
+  const auto q = in.q.middleCols(t0, n);
 
-  // Key path at the chunk-start weights Θ⁰ and the inner-gradient signals δ_l (MATH.md §1).
-  ws.ak[0] = k;
-  for (Index l = 0; l < L; ++l) {
-    ws.zk[l].noalias() = w0[l] * ws.ak[l];
-    if (l + 1 < L) activation_apply(cfg.activation, ws.zk[l], ws.ak[l + 1]);
-  }
+  // Key path at the chunk-start weights Θ⁰ and the inner-gradient signals δ_l (docs/MATH.md §1).
   if (tape) {
-    tape->zk = ws.zk;
-    tape->tk.resize(ws.zk.size());
-    tape->zq.resize(ws.zk.size());
-    tape->gram.resize(ws.zk.size());
+    tape->tk.resize(static_cast<std::size_t>(L));
+    tape->zq.resize(static_cast<std::size_t>(L));
+    tape->gram.resize(static_cast<std::size_t>(L));
   }
-  if (cfg.residual) {
-    ws.delta[L - 1] = Scalar(2) * (ws.zk[L - 1] + k - v);
-  } else {
-    ws.delta[L - 1] = Scalar(2) * (ws.zk[L - 1] - v);
-  }
-  for (Index l = L - 1; l > 0; --l) {
-    ws.tmp.noalias() = w0[l].transpose() * ws.delta[l];
-    if (tape) tape->tk[l] = ws.tmp;
-    activation_derivative(cfg.activation, ws.zk[l - 1], ws.dphi);
-    ws.delta[l - 1] = ws.tmp.cwiseProduct(ws.dphi);
-  }
+  key_path(cfg, w0, in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.gain, ws.ak, ws.zk, ws.delta,
+           tape ? &tape->tk : nullptr, ws.tmp, ws.dphi);
+  if (tape) tape->zk = ws.zk;
 
-  chunk_coefficients(alpha, eta, theta, ws.coef);
+  clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, n), ws.surprise, ws.theta);
+  chunk_coefficients(in.alpha.segment(t0, n), in.eta.segment(t0, n), ws.theta, ws.coef);
   const auto& co = ws.coef;
 
   // Query path, dual form: Z̄_l = W_l Ā diag(β) + S_l Ā diag(c) − Δ_l ((A_{l−1}ᵀ Ā_{l−1}) ⊙ Ãᵀ).
@@ -210,14 +269,11 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
     if (tape) tape->gram[l] = ws.gram;
     ws.gram = ws.gram.cwiseProduct(co.upper);
     ws.zq.noalias() -= ws.delta[l] * ws.gram;
-    if (tape && l + 1 < L) tape->zq[l] = ws.zq;
+    if (tape && (l + 1 < L || cfg.output_norm)) tape->zq[l] = ws.zq;
     if (l + 1 < L) activation_apply(cfg.activation, ws.zq, ws.aq[l + 1]);
   }
-  if (cfg.residual) {
-    y = ws.zq + q;
-  } else {
-    y = ws.zq;
-  }
+  memory_readout(cfg, ws.zq, q, in.gain, ws.yout);
+  y = ws.yout;
 
   // Advance the state to the end of the sub-chunk:
   //   W_l ← β_n W_l + c_n S_l − (Δ_l diag(A_{n,·})) A_{l−1}ᵀ,   S_l ← P_{n0} S_l − (Δ_l diag(θ_i P_{ni})) A_{l−1}ᵀ.
@@ -263,20 +319,16 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<D
 }
 
 /// The kernel without argument checks (callers have checked).
-template <class Scalar, class DK, class DV, class DQ, class DA, class DE, class DT, class DY>
-void memory_forward_unchecked(const MemoryConfig& cfg, Index b, const Eigen::MatrixBase<DK>& k,
-                              const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DQ>& q,
-                              const Eigen::MatrixBase<DA>& alpha, const Eigen::MatrixBase<DE>& eta,
-                              const Eigen::MatrixBase<DT>& theta, MemoryState<Scalar>& state,
-                              const Eigen::MatrixBase<DY>& y_out) {
+template <class Scalar, class DY>
+void memory_forward_unchecked(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar>& in,
+                              MemoryState<Scalar>& state, const Eigen::MatrixBase<DY>& y_out) {
   auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_out);
   KernelWorkspace<Scalar> ws(cfg.depth);
-  const Index T = k.cols();
+  const Index T = in.tokens();
   Index t = 0;
   while (t < T) {
     const Index n = std::min<Index>(T - t, b - state.position % b);
-    memory_subchunk(cfg, b, k.middleCols(t, n), v.middleCols(t, n), q.middleCols(t, n), alpha.segment(t, n),
-                    eta.segment(t, n), theta.segment(t, n), state, ws, y.middleCols(t, n));
+    memory_subchunk(cfg, b, in, t, n, state, ws, y.middleCols(t, n));
     t += n;
   }
 }
@@ -287,28 +339,27 @@ namespace detail {
 
 /// The argument checks shared by every entry point of the kernel (forward and training forward).
 template <class Scalar>
-void check_kernel_call(const char* where, const MemoryConfig& cfg, Index chunk_size,
-                       const Eigen::Ref<const Matrix<Scalar>>& k, const Eigen::Ref<const Matrix<Scalar>>& v,
-                       const Eigen::Ref<const Matrix<Scalar>>& q, const Eigen::Ref<const Vector<Scalar>>& alpha,
-                       const Eigen::Ref<const Vector<Scalar>>& eta, const Eigen::Ref<const Vector<Scalar>>& theta,
+void check_kernel_call(const char* where, const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
                        const MemoryState<Scalar>& state, const Eigen::Ref<Matrix<Scalar>>& y) {
   cfg.validate(where);
   if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
   check_memory_state(where, cfg, chunk_size, state);
-  const Index T = k.cols();
-  detail::check_shape(where, "k", k, cfg.dim, -1);
-  detail::check_shape(where, "v", v, cfg.dim, T);
-  detail::check_shape(where, "q", q, cfg.dim, T);
-  detail::check_shape(where, "alpha", alpha, T, 1);
-  detail::check_shape(where, "eta", eta, T, 1);
-  detail::check_shape(where, "theta", theta, T, 1);
+  const Index T = in.tokens();
+  detail::check_shape(where, "in.k", in.k, cfg.dim, -1);
+  detail::check_shape(where, "in.v", in.v, cfg.dim, T);
+  detail::check_shape(where, "in.q", in.q, cfg.dim, T);
+  detail::check_shape(where, "in.alpha", in.alpha, T, 1);
+  detail::check_shape(where, "in.eta", in.eta, T, 1);
+  detail::check_shape(where, "in.theta", in.theta, T, 1);
+  if (cfg.output_norm) detail::check_shape(where, "in.gain", in.gain, cfg.dim, 1);
   detail::check_shape(where, "y", y, cfg.dim, T);
-  detail::check_finite(where, "k", k);
-  detail::check_finite(where, "v", v);
-  detail::check_finite(where, "q", q);
-  detail::check_range(where, "alpha", alpha, 0.0, 1.0);
-  detail::check_range(where, "eta", eta, 0.0, 1.0);
-  detail::check_range(where, "theta", theta, 0.0, std::numeric_limits<double>::max());
+  detail::check_finite(where, "in.k", in.k);
+  detail::check_finite(where, "in.v", in.v);
+  detail::check_finite(where, "in.q", in.q);
+  if (cfg.output_norm) detail::check_finite(where, "in.gain", in.gain);
+  detail::check_range(where, "in.alpha", in.alpha, 0.0, 1.0);
+  detail::check_range(where, "in.eta", in.eta, 0.0, 1.0);
+  detail::check_range(where, "in.theta", in.theta, 0.0, std::numeric_limits<double>::max());
 }
 
 }  // namespace detail
@@ -318,49 +369,42 @@ void check_kernel_call(const char* where, const MemoryConfig& cfg, Index chunk_s
 /// For token t (chunk of size b aligned to the absolute index): u_t = ∇ℓ(Θ⁰; k_t, v_t) at the
 /// chunk-start weights, S_t = η_t S_{t−1} − θ_t u_t, Θ_t = (1 − α_t) Θ_{t−1} + S_t, and the output
 /// is y_t = M_{Θ_t}(q_t) — the weights *after* the token's own write (causal). b = 1 is the exact
-/// token-by-token rule. `state` is advanced past the T tokens.
+/// token-by-token rule. With cfg.surprise_clamp = c > 0, θ_t is first scaled by min(1, c/‖u_t‖).
+/// `state` is advanced past the T tokens.
 ///
-/// \param cfg        the memory MLP's shape
+/// \param cfg        the memory MLP's shape and read-out
 /// \param chunk_size b >= 1
-/// \param k, v, q    keys, values, queries: (d, T) each
-/// \param alpha      forget gates in [0, 1]: (T)
-/// \param eta        momentum gates in [0, 1]: (T)
-/// \param theta      step sizes >= 0: (T)
+/// \param in         keys, values, queries (d, T), gates (T) and, with cfg.output_norm, γ (d)
 /// \param state      per-sequence state, advanced in place
 /// \param y          outputs (d, T), written
 template <class Scalar>
-void memory_forward_into(const MemoryConfig& cfg, Index chunk_size, const Eigen::Ref<const Matrix<Scalar>>& k,
-                         const Eigen::Ref<const Matrix<Scalar>>& v, const Eigen::Ref<const Matrix<Scalar>>& q,
-                         const Eigen::Ref<const Vector<Scalar>>& alpha, const Eigen::Ref<const Vector<Scalar>>& eta,
-                         const Eigen::Ref<const Vector<Scalar>>& theta, MemoryState<Scalar>& state,
-                         Eigen::Ref<Matrix<Scalar>> y) {
-  detail::check_kernel_call("titans::memory_forward", cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
-  detail::memory_forward_unchecked(cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
+void memory_forward_into(const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
+                         MemoryState<Scalar>& state, Eigen::Ref<Matrix<Scalar>> y) {
+  detail::check_kernel_call("titans::memory_forward", cfg, chunk_size, in, state, y);
+  detail::memory_forward_unchecked(cfg, chunk_size, in, state, y);
 }
 
 /// \brief As memory_forward_into, returning the outputs (d, T).
 template <class Scalar>
-Matrix<Scalar> memory_forward(const MemoryConfig& cfg, Index chunk_size, const Eigen::Ref<const Matrix<Scalar>>& k,
-                              const Eigen::Ref<const Matrix<Scalar>>& v, const Eigen::Ref<const Matrix<Scalar>>& q,
-                              const Eigen::Ref<const Vector<Scalar>>& alpha,
-                              const Eigen::Ref<const Vector<Scalar>>& eta,
-                              const Eigen::Ref<const Vector<Scalar>>& theta, MemoryState<Scalar>& state) {
-  Matrix<Scalar> y(k.rows(), k.cols());
-  memory_forward_into<Scalar>(cfg, chunk_size, k, v, q, alpha, eta, theta, state, y);
+Matrix<Scalar> memory_forward(const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
+                              MemoryState<Scalar>& state) {
+  Matrix<Scalar> y(cfg.dim, in.tokens());
+  memory_forward_into<Scalar>(cfg, chunk_size, in, state, y);
   return y;
 }
 
 /// \brief Retrieval without update (M*, Eq 15): reads `q` (d, T) from the state's current
-/// weights and writes nothing. Returns (d, T).
+/// weights and writes nothing. Returns (d, T). `gain` is γ (d) with cfg.output_norm, else empty.
 template <class Scalar>
 Matrix<Scalar> memory_retrieve(const MemoryConfig& cfg, const MemoryState<Scalar>& state,
-                               const Eigen::Ref<const Matrix<Scalar>>& q /* (d, T) */) {
+                               const Eigen::Ref<const Matrix<Scalar>>& q /* (d, T) */,
+                               const Vector<Scalar>& gain /* (d) or empty */) {
   detail::check_finite("titans::memory_retrieve", "q", q);
-  return memory_apply<Scalar>(cfg, state.weights, q);
+  return memory_apply<Scalar>(cfg, state.weights, q, gain);
 }
 
 /// \brief Floating-point operations of memory_forward for T tokens with chunk size b, counted as
-/// MATH.md §3 does (GEMMs and the masked b×b products; elementwise work not counted). For L = 2
+/// docs/MATH.md §3 does (GEMMs and the masked b×b products; elementwise work not counted). For L = 2
 /// this is about (22·E·d² + 4·b·(1+E)·d)·T.
 inline double memory_forward_flops(const MemoryConfig& cfg, Index chunk_size, Index tokens) {
   double per_token = 0;
@@ -380,16 +424,12 @@ inline double memory_forward_flops(const MemoryConfig& cfg, Index chunk_size, In
 #define TITANS_INSTANTIATE_MEMORY_KERNEL(PREFIX, S) \
   PREFIX template MemoryState<S> make_memory_state<S>(const MemoryConfig&, const MemoryWeights<S>&);             \
   PREFIX template void check_memory_state<S>(const char*, const MemoryConfig&, Index, const MemoryState<S>&);    \
-  PREFIX template void memory_forward_into<S>(                                                                   \
-      const MemoryConfig&, Index, const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
-      const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const Vector<S>>&, \
-      const Eigen::Ref<const Vector<S>>&, MemoryState<S>&, Eigen::Ref<Matrix<S>>);                               \
-  PREFIX template Matrix<S> memory_forward<S>(                                                                   \
-      const MemoryConfig&, Index, const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
-      const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const Vector<S>>&, \
-      const Eigen::Ref<const Vector<S>>&, MemoryState<S>&);                                                      \
+  PREFIX template void memory_forward_into<S>(const MemoryConfig&, Index, const KernelInputs<S>&,                \
+                                              MemoryState<S>&, Eigen::Ref<Matrix<S>>);                           \
+  PREFIX template Matrix<S> memory_forward<S>(const MemoryConfig&, Index, const KernelInputs<S>&,                \
+                                              MemoryState<S>&);                                                  \
   PREFIX template Matrix<S> memory_retrieve<S>(const MemoryConfig&, const MemoryState<S>&,                       \
-                                               const Eigen::Ref<const Matrix<S>>&);
+                                               const Eigen::Ref<const Matrix<S>>&, const Vector<S>&);
 
 #ifdef TITANS_EXTERN_TEMPLATES
 TITANS_INSTANTIATE_MEMORY_KERNEL(extern, float)

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // \file memory_model.hpp
-// \brief The memory model M_Θ (MATH.md §1): an MLP of depth L whose weights are the long-term
+// \brief The memory model M_Θ (docs/MATH.md §1): an MLP of depth L whose weights are the long-term
 // memory, its associative inner loss ||M(k) - v||^2 and the loss's analytic gradient.
 #pragma once
 
@@ -38,9 +38,18 @@ struct MemoryConfig {
   Index depth = 2;       ///< L >= 1 layers; L = 1 is a linear memory
   Index expansion = 4;   ///< E: hidden layers have E·d units
   Activation activation = Activation::silu;
-  /// [choice] M(k) = k + z_L instead of z_L. The gradient with respect to the weights is the
-  /// same expression (the skip does not depend on Θ), so the dual form stays exact.
+  /// [choice] M(k) = k + (read-out of z_L) instead of the read-out alone. The skip does not
+  /// depend on Θ, so the dual form stays exact.
   bool residual = false;
+  /// Read-out of the last layer: γ ⊙ LN(z_L) (LayerNorm over the d features, no shift; γ the
+  /// kernel input `gain`, learned by the outer loop) instead of z_L. With `residual` this is the
+  /// revised paper's M(k) = k + γ ⊙ LN(z_L): the output is bounded by max|γ|·√d whatever the
+  /// weights, and the inner gradient shrinks as they grow (docs/MATH.md §8.3).
+  bool output_norm = false;
+  double norm_eps = 1e-5;  ///< ε of that LayerNorm: σ = sqrt(var + ε)
+  /// c > 0: token i's step θ_i is scaled by min(1, c / ‖u_i‖), the norm of its inner gradient at
+  /// the chunk-start weights, so no token moves Θ by more than θ_i·c (docs/MATH.md §8.2); 0 = off.
+  double surprise_clamp = 0;
 
   /// Throws InvalidArgument naming the field if the config is unusable.
   void validate(const char* where = "titans::MemoryConfig") const {
@@ -49,6 +58,11 @@ struct MemoryConfig {
     if (expansion < 1) detail::raise<InvalidArgument>(where, "expansion (E) is ", expansion, ", expected >= 1");
     if (activation != Activation::silu && activation != Activation::gelu && activation != Activation::identity)
       detail::raise<InvalidArgument>(where, "activation has an unknown value");
+    if (!(norm_eps > 0) || !std::isfinite(norm_eps))
+      detail::raise<InvalidArgument>(where, "norm_eps is ", norm_eps, ", expected a finite value > 0");
+    if (!(surprise_clamp >= 0) || !std::isfinite(surprise_clamp))
+      detail::raise<InvalidArgument>(where, "surprise_clamp is ", surprise_clamp,
+                                     ", expected a finite value >= 0 (0 = off)");
   }
   /// n_l, the output width of layer l (0-based l = 0..L-1).
   Index layer_out(Index l) const { return l == depth - 1 ? dim : expansion * dim; }
@@ -152,39 +166,172 @@ void activation_derivative(Activation a, const Eigen::MatrixBase<Z>& z, Out& out
 
 }  // namespace detail
 
+namespace detail {
+
+/// T in a position that template argument deduction skips (so nullptr can be passed for it).
+template <class T>
+using no_deduce = typename std::enable_if<true, T>::type;
+
+/// The memory MLP's forward on the columns of x (docs/MATH.md §1): a[0] = x, z[l] = w[l] a[l],
+/// a[l+1] = φ(z[l]). Every forward of the MLP at fixed weights (the key path at Θ⁰, retrieval,
+/// the inner gradient) runs this. a and z have L entries.
+template <class Scalar, class DX>
+void mlp_forward(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w, const Eigen::MatrixBase<DX>& x,
+                 std::vector<Matrix<Scalar>>& a, std::vector<Matrix<Scalar>>& z) {
+  const Index L = cfg.depth;
+  a.resize(static_cast<std::size_t>(L));
+  z.resize(a.size());
+  a[0] = x;
+  for (Index l = 0; l < L; ++l) {
+    z[l].noalias() = w[l] * a[l];
+    if (l + 1 < L) activation_apply(cfg.activation, z[l], a[l + 1]);
+  }
+}
+
+/// The δ recurrence of the MLP's backward (docs/MATH.md §1): on entry delta[L−1] holds the signal
+/// at z_L; fills delta[l−1] = (w[l]ᵀ delta[l]) ⊙ φ'(z[l−1]) for l = L−1 … 1. With `t`, t[l]
+/// receives w[l]ᵀ delta[l] (the backward pass of the kernel keeps it).
+template <class Scalar>
+void mlp_backprop(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w, const std::vector<Matrix<Scalar>>& z,
+                  std::vector<Matrix<Scalar>>& delta, no_deduce<std::vector<Matrix<Scalar>>*> t, Matrix<Scalar>& tmp,
+                  Matrix<Scalar>& dphi) {
+  delta.resize(static_cast<std::size_t>(cfg.depth));
+  for (Index l = cfg.depth - 1; l > 0; --l) {
+    tmp.noalias() = w[l].transpose() * delta[l];
+    if (t) (*t)[l] = tmp;
+    activation_derivative(cfg.activation, z[l - 1], dphi);
+    delta[l - 1] = tmp.cwiseProduct(dphi);
+  }
+}
+
+/// LayerNorm of every column of z over its rows (no gain, no shift): zhat = (z − mean) / σ,
+/// rsigma(j) = 1/σ_j, σ = sqrt(var + eps).
+template <class Scalar, class DZ>
+void layer_norm(const Eigen::MatrixBase<DZ>& z, double eps, Matrix<Scalar>& zhat, Vector<Scalar>& rsigma) {
+  const Index d = z.rows(), n = z.cols();
+  zhat.resize(d, n);
+  rsigma.resize(n);
+  for (Index j = 0; j < n; ++j) {
+    const Scalar mean = z.col(j).mean();
+    zhat.col(j) = z.col(j).array() - mean;
+    const Scalar var = zhat.col(j).squaredNorm() / static_cast<Scalar>(d);
+    rsigma(j) = Scalar(1) / std::sqrt(var + static_cast<Scalar>(eps));
+    zhat.col(j) *= rsigma(j);
+  }
+}
+
+/// The read-out of the last layer (docs/MATH.md §1, §8.3): y = [x +] (output_norm ? γ ⊙ LN(z) : z),
+/// column by column; z is z_L (d, n), x the MLP's input (d, n), gain γ (d).
+template <class Scalar, class DZ, class DX>
+void memory_readout(const MemoryConfig& cfg, const Eigen::MatrixBase<DZ>& z, const Eigen::MatrixBase<DX>& x,
+                    const Vector<Scalar>& gain, Matrix<Scalar>& y) {
+  if (cfg.output_norm) {
+    Vector<Scalar> rsigma;
+    layer_norm<Scalar>(z, cfg.norm_eps, y, rsigma);
+    y = gain.asDiagonal() * y;
+  } else {
+    y = z;
+  }
+  if (cfg.residual) y += x;
+}
+
+/// dL/dz_L of the read-out for dL/dy = dy: dy itself, or with output_norm
+/// J_LN(z)ᵀ (γ ⊙ dy) = (g − mean(g) − ẑ · mean(g ⊙ ẑ)) / σ with g = γ ⊙ dy (J_LN is symmetric).
+/// `dgain`, when given, accumulates Σ_columns dy ⊙ ẑ. The residual's dL/dx = dy is the caller's.
+template <class Scalar, class DZ, class DD>
+void memory_readout_backward(const MemoryConfig& cfg, const Eigen::MatrixBase<DZ>& z, const Vector<Scalar>& gain,
+                             const Eigen::MatrixBase<DD>& dy, Matrix<Scalar>& dz, Vector<Scalar>* dgain = nullptr) {
+  if (!cfg.output_norm) {
+    dz = dy;
+    return;
+  }
+  Matrix<Scalar> zhat;
+  Vector<Scalar> rsigma;
+  layer_norm<Scalar>(z, cfg.norm_eps, zhat, rsigma);
+  if (dgain) *dgain += (dy.array() * zhat.array()).rowwise().sum().matrix();
+  dz = gain.asDiagonal() * dy;
+  const Scalar dinv = Scalar(1) / static_cast<Scalar>(z.rows());
+  for (Index j = 0; j < z.cols(); ++j) {
+    const Scalar mg = dz.col(j).sum() * dinv, mgz = dz.col(j).dot(zhat.col(j)) * dinv;
+    dz.col(j) = (dz.col(j).array() - mg - zhat.col(j).array() * mgz) * rsigma(j);
+  }
+}
+
+/// Throws unless `gain` fits `cfg`: (d) finite values with output_norm, anything (unused) without.
+template <class Scalar>
+void check_memory_gain(const char* where, const MemoryConfig& cfg, const Vector<Scalar>& gain) {
+  if (!cfg.output_norm) return;
+  check_shape(where, "gain", gain, cfg.dim, 1);
+  check_finite(where, "gain", gain);
+}
+
+}  // namespace detail
+
 /// \brief M_Θ applied to every column of `x`: returns `(d, T)`. This is also retrieval without
-/// update (M*, Eq 15) for a fixed state.
+/// update (M*, Eq 15) for a fixed state. `gain` is γ (d) of the output norm (cfg.output_norm);
+/// without it, it is not read and may be empty.
 template <class Scalar>
 Matrix<Scalar> memory_apply(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
-                            const Eigen::Ref<const Matrix<Scalar>>& x /* (d, T) */) {
+                            const Eigen::Ref<const Matrix<Scalar>>& x /* (d, T) */,
+                            const Vector<Scalar>& gain /* (d) or empty */) {
   constexpr const char* where = "titans::memory_apply";
   cfg.validate(where);
   check_memory_weights(where, "weights", cfg, w);
   detail::check_shape(where, "x", x, cfg.dim, -1);
-  Matrix<Scalar> a = x, z;
-  for (Index l = 0; l < cfg.depth; ++l) {
-    z.noalias() = w[l] * a;
-    if (l + 1 < cfg.depth) detail::activation_apply(cfg.activation, z, a);
-  }
-  if (cfg.residual) z += x;
-  return z;
+  detail::check_memory_gain(where, cfg, gain);
+  std::vector<Matrix<Scalar>> a, z;
+  detail::mlp_forward(cfg, w, x, a, z);
+  Matrix<Scalar> y;
+  detail::memory_readout(cfg, z.back(), x, gain, y);
+  return y;
 }
 
 /// \brief Inner loss Σ_t ||M(k_t) − v_t||² (Eq 12, no ½) over the columns of k and v.
 template <class Scalar>
 Scalar inner_loss(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
                   const Eigen::Ref<const Matrix<Scalar>>& k /* (d, T) */,
-                  const Eigen::Ref<const Matrix<Scalar>>& v /* (d, T) */) {
+                  const Eigen::Ref<const Matrix<Scalar>>& v /* (d, T) */, const Vector<Scalar>& gain /* (d) or empty */) {
   detail::check_shape("titans::inner_loss", "v", v, cfg.dim, k.cols());
-  return (memory_apply(cfg, w, k) - v).squaredNorm();
+  return (memory_apply(cfg, w, k, gain) - v).squaredNorm();
 }
 
+namespace detail {
+
+/// The inner-gradient signal at the last layer, δ_L = ∂‖M(k) − v‖²/∂z_L through the read-out,
+/// from z_L (d, n); `m` is scratch (it ends holding 2(M(k) − v)).
+template <class Scalar, class DZ, class DK, class DV>
+void inner_signal(const MemoryConfig& cfg, const Eigen::MatrixBase<DZ>& z, const Eigen::MatrixBase<DK>& k,
+                  const Eigen::MatrixBase<DV>& v, const Vector<Scalar>& gain, Matrix<Scalar>& m, Matrix<Scalar>& delta) {
+  memory_readout(cfg, z, k, gain, m);
+  m -= v;
+  m *= Scalar(2);
+  memory_readout_backward(cfg, z, gain, m, delta);
+}
+
+/// The key path at weights w (docs/MATH.md §1): the forward a, z and the inner-gradient signals
+/// δ_l of ℓ = ‖M(k) − v‖², δ_L = ∂ℓ/∂z_L through the read-out. The inner gradient of token i is
+/// u_i^{W_l} = δ_{l,i} a_{l−1,i}ᵀ. The kernel's forward and backward and inner_loss_gradient all
+/// run this one function; t (optional) receives w[l]ᵀ δ_l for l ≥ 1.
+template <class Scalar, class DK, class DV>
+void key_path(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w, const Eigen::MatrixBase<DK>& k,
+              const Eigen::MatrixBase<DV>& v, const Vector<Scalar>& gain, std::vector<Matrix<Scalar>>& a,
+              std::vector<Matrix<Scalar>>& z, std::vector<Matrix<Scalar>>& delta,
+              no_deduce<std::vector<Matrix<Scalar>>*> t, Matrix<Scalar>& tmp, Matrix<Scalar>& dphi) {
+  mlp_forward(cfg, w, k, a, z);
+  delta.resize(a.size());
+  inner_signal(cfg, z.back(), k, v, gain, tmp, delta.back());
+  mlp_backprop(cfg, w, z, delta, t, tmp, dphi);
+}
+
+}  // namespace detail
+
 /// \brief Adds ∂/∂Θ Σ_t ||M(k_t) − v_t||² into `grad` (same shapes as the weights), by backprop:
-/// δ_L = 2 (M(k) − v), u^{W_l} = δ_l a_{l−1}ᵀ, δ_{l−1} = (W_lᵀ δ_l) ⊙ φ'(z_{l−1}).
+/// δ_L = ∂ℓ/∂z_L, u^{W_l} = δ_l a_{l−1}ᵀ, δ_{l−1} = (W_lᵀ δ_l) ⊙ φ'(z_{l−1}).
 template <class Scalar>
 void inner_loss_gradient(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
                          const Eigen::Ref<const Matrix<Scalar>>& k /* (d, T) */,
                          const Eigen::Ref<const Matrix<Scalar>>& v /* (d, T) */,
+                         const Vector<Scalar>& gain /* (d) or empty */,
                          std::vector<Matrix<Scalar>>& grad /* shapes of w, accumulated */) {
   constexpr const char* where = "titans::inner_loss_gradient";
   cfg.validate(where);
@@ -192,33 +339,24 @@ void inner_loss_gradient(const MemoryConfig& cfg, const std::vector<Matrix<Scala
   check_memory_weights(where, "grad", cfg, grad);
   detail::check_shape(where, "k", k, cfg.dim, -1);
   detail::check_shape(where, "v", v, cfg.dim, k.cols());
-  std::vector<Matrix<Scalar>> a(static_cast<std::size_t>(cfg.depth)), z(a.size());
-  a[0] = k;
-  for (Index l = 0; l < cfg.depth; ++l) {
-    z[l].noalias() = w[l] * a[l];
-    if (l + 1 < cfg.depth) detail::activation_apply(cfg.activation, z[l], a[l + 1]);
-  }
-  Matrix<Scalar> delta = Scalar(2) * (z.back() - v);
-  if (cfg.residual) delta += Scalar(2) * k;
-  Matrix<Scalar> dphi;
-  for (Index l = cfg.depth - 1; l >= 0; --l) {
-    grad[l].noalias() += delta * a[l].transpose();
-    if (l > 0) {
-      detail::activation_derivative(cfg.activation, z[l - 1], dphi);
-      Matrix<Scalar> back = w[l].transpose() * delta;
-      delta = back.cwiseProduct(dphi);
-    }
-  }
+  detail::check_memory_gain(where, cfg, gain);
+  std::vector<Matrix<Scalar>> a, z, delta;
+  Matrix<Scalar> tmp, dphi;
+  detail::key_path(cfg, w, k, v, gain, a, z, delta, nullptr, tmp, dphi);
+  for (Index l = 0; l < cfg.depth; ++l) grad[l].noalias() += delta[l] * a[l].transpose();
 }
 
-/// \brief Backward of memory_apply (retrieval M*): adds ∂L/∂Θ into `dw` (shapes of the weights)
-/// and ∂L/∂x into `dx` (d, T), given dy = ∂L/∂M(x) (d, T). The forward is recomputed.
+/// \brief Backward of memory_apply (retrieval M*): adds ∂L/∂Θ into `dw` (shapes of the weights),
+/// ∂L/∂x into `dx` (d, T) and, with output_norm, ∂L/∂γ into `dgain` (d), given dy = ∂L/∂M(x)
+/// (d, T). The forward is recomputed.
 template <class Scalar>
 void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
                            const Eigen::Ref<const Matrix<Scalar>>& x /* (d, T) */,
+                           const Vector<Scalar>& gain /* (d) or empty */,
                            const Eigen::Ref<const Matrix<Scalar>>& dy /* (d, T) */,
                            std::vector<Matrix<Scalar>>& dw /* shapes of w, accumulated */,
-                           Eigen::Ref<Matrix<Scalar>> dx /* (d, T), accumulated */) {
+                           Eigen::Ref<Matrix<Scalar>> dx /* (d, T), accumulated */,
+                           Vector<Scalar>* dgain /* (d), accumulated; output_norm only */) {
   constexpr const char* where = "titans::memory_apply_backward";
   cfg.validate(where);
   check_memory_weights(where, "weights", cfg, w);
@@ -226,23 +364,15 @@ void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Sca
   detail::check_shape(where, "x", x, cfg.dim, -1);
   detail::check_shape(where, "dy", dy, cfg.dim, x.cols());
   detail::check_shape(where, "dx", dx, cfg.dim, x.cols());
-  std::vector<Matrix<Scalar>> a(static_cast<std::size_t>(cfg.depth)), z(a.size());
-  a[0] = x;
-  for (Index l = 0; l < cfg.depth; ++l) {
-    z[l].noalias() = w[l] * a[l];
-    if (l + 1 < cfg.depth) detail::activation_apply(cfg.activation, z[l], a[l + 1]);
-  }
-  Matrix<Scalar> delta = dy, dphi;
-  for (Index l = cfg.depth - 1; l >= 0; --l) {
-    dw[l].noalias() += delta * a[l].transpose();
-    Matrix<Scalar> back = w[l].transpose() * delta;
-    if (l > 0) {
-      detail::activation_derivative(cfg.activation, z[l - 1], dphi);
-      delta = back.cwiseProduct(dphi);
-    } else {
-      dx += back;
-    }
-  }
+  detail::check_memory_gain(where, cfg, gain);
+  if (cfg.output_norm && dgain) detail::check_shape(where, "dgain", *dgain, cfg.dim, 1);
+  std::vector<Matrix<Scalar>> a, z, delta(static_cast<std::size_t>(cfg.depth));
+  Matrix<Scalar> tmp, dphi;
+  detail::mlp_forward(cfg, w, x, a, z);
+  detail::memory_readout_backward(cfg, z.back(), gain, dy, delta.back(), dgain);
+  detail::mlp_backprop(cfg, w, z, delta, nullptr, tmp, dphi);
+  for (Index l = 0; l < cfg.depth; ++l) dw[l].noalias() += delta[l] * a[l].transpose();
+  dx.noalias() += w[0].transpose() * delta[0];
   if (cfg.residual) dx += dy;
 }
 
@@ -254,16 +384,18 @@ void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Sca
   PREFIX template void check_memory_weights<S>(const char*, const char*, const MemoryConfig&,                    \
                                                const std::vector<Matrix<S>>&);                                  \
   PREFIX template Matrix<S> memory_apply<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                  \
-                                            const Eigen::Ref<const Matrix<S>>&);                                \
+                                            const Eigen::Ref<const Matrix<S>>&, const Vector<S>&);              \
   PREFIX template S inner_loss<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                            \
-                                  const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&);      \
+                                  const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
+                                  const Vector<S>&);                                                            \
   PREFIX template void inner_loss_gradient<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                \
                                               const Eigen::Ref<const Matrix<S>>&,                              \
-                                              const Eigen::Ref<const Matrix<S>>&, std::vector<Matrix<S>>&);    \
+                                              const Eigen::Ref<const Matrix<S>>&, const Vector<S>&,            \
+                                              std::vector<Matrix<S>>&);                                        \
   PREFIX template void memory_apply_backward<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,              \
-                                                const Eigen::Ref<const Matrix<S>>&,                            \
+                                                const Eigen::Ref<const Matrix<S>>&, const Vector<S>&,          \
                                                 const Eigen::Ref<const Matrix<S>>&, std::vector<Matrix<S>>&,   \
-                                                Eigen::Ref<Matrix<S>>);
+                                                Eigen::Ref<Matrix<S>>, Vector<S>*);
 
 #ifdef TITANS_EXTERN_TEMPLATES
 TITANS_INSTANTIATE_MEMORY_MODEL(extern, float)

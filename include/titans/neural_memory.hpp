@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // \file neural_memory.hpp
-// \brief The neural long-term memory layer (MATH.md §4): projections, causal depthwise
+// \brief The neural long-term memory layer (docs/MATH.md §4): projections, causal depthwise
 // convolutions, ℓ2-normalised keys and queries, data-dependent gates per token and head, H
 // independent memories written and read by the chunked dual form, and the gated output.
 //
@@ -41,10 +41,19 @@ struct NeuralMemoryConfig {
   Index depth = 2;         ///< L: memory MLP depth (1 = linear memory)
   Index expansion = 4;     ///< E: memory hidden width E·d
   Activation activation = Activation::silu;
-  bool residual = false;   ///< memory MLP in residual form M(k) = k + z_L
+  bool residual = false;   ///< memory MLP in residual form M(k) = k + (read-out of z_L)
+  /// The memory's read-out is γ ⊙ LayerNorm(z_L), γ (params.memory_gain) learned by the outer
+  /// loop; with `residual` this is the revised paper's M(k) = k + γ ⊙ LN(z_L) (docs/MATH.md §8.3).
+  bool output_norm = false;
+  /// c > 0: each token's step is scaled by min(1, c / ‖u_t‖), its inner gradient's norm (docs/MATH.md
+  /// §8.2); 0 = off.
+  double surprise_clamp = 0;
   Index chunk_size = 16;   ///< b: tokens per gradient mini-batch (1 = exact token-by-token rule)
   Index conv_kernel = 4;   ///< causal depthwise convolution width over time (1 = none)
   double theta_max = 1.0;  ///< θ = θ_max σ(·)
+  /// η = η_max σ(·), η_max in (0, 1]: bounds the momentum's effective step θ / (1 − η) by
+  /// θ_max / (1 − η_max) (docs/MATH.md §8.4); 1 = unbounded.
+  double eta_max = 1.0;
   /// [choice] Gates constant within each chunk. The paper's "mean over the chunk" would let a
   /// token's gate depend on later tokens of its chunk, which breaks causality and streaming; a
   /// chunk's gates are therefore computed from the pre-activation of its *first* token.
@@ -61,6 +70,9 @@ struct NeuralMemoryConfig {
     m.expansion = expansion;
     m.activation = activation;
     m.residual = residual;
+    m.output_norm = output_norm;
+    m.norm_eps = norm_eps;
+    m.surprise_clamp = surprise_clamp;
     return m;
   }
 
@@ -76,6 +88,8 @@ struct NeuralMemoryConfig {
       detail::raise<InvalidArgument>(where, "theta_max is ", theta_max, ", expected a finite value >= 0");
     if (!(norm_eps > 0) || !std::isfinite(norm_eps))
       detail::raise<InvalidArgument>(where, "norm_eps is ", norm_eps, ", expected a finite value > 0");
+    if (!(eta_max > 0 && eta_max <= 1))
+      detail::raise<InvalidArgument>(where, "eta_max is ", eta_max, ", expected a value in (0, 1]");
     memory().validate(where);
   }
 };
@@ -89,6 +103,9 @@ inline std::map<std::string, std::string> to_metadata(const NeuralMemoryConfig& 
           {"neural_memory.expansion", std::to_string(c.expansion)},
           {"neural_memory.activation", to_string(c.activation)},
           {"neural_memory.residual", detail::format_bool(c.residual)},
+          {"neural_memory.output_norm", detail::format_bool(c.output_norm)},
+          {"neural_memory.surprise_clamp", detail::format_real(c.surprise_clamp)},
+          {"neural_memory.eta_max", detail::format_real(c.eta_max)},
           {"neural_memory.chunk_size", std::to_string(c.chunk_size)},
           {"neural_memory.conv_kernel", std::to_string(c.conv_kernel)},
           {"neural_memory.theta_max", detail::format_real(c.theta_max)},
@@ -97,7 +114,9 @@ inline std::map<std::string, std::string> to_metadata(const NeuralMemoryConfig& 
 }
 
 /// \brief Rebuilds a config from to_metadata's pairs; throws FormatError naming a missing or
-/// malformed key, and InvalidArgument if the values form an invalid config.
+/// malformed key, and InvalidArgument if the values form an invalid config. The bounds added
+/// later (output_norm, surprise_clamp, eta_max) read as off when their keys are missing, so
+/// files written before them load with the behaviour they had.
 inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std::string, std::string>& m) {
   constexpr const char* where = "titans::neural_memory_config_from_metadata";
   const detail::MetadataReader r(where, m, "neural_memory.");
@@ -117,6 +136,9 @@ inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std:
     detail::raise<FormatError>(where, "'neural_memory.activation' is '", act, "', expected silu, gelu or identity");
   }
   c.residual = r.boolean("residual");
+  c.output_norm = r.has("output_norm") ? r.boolean("output_norm") : false;
+  c.surprise_clamp = r.has("surprise_clamp") ? r.real("surprise_clamp") : 0.0;
+  c.eta_max = r.has("eta_max") ? r.real("eta_max") : 1.0;
   c.chunk_size = r.integer("chunk_size");
   c.conv_kernel = r.integer("conv_kernel");
   c.theta_max = r.real("theta_max");
@@ -138,6 +160,7 @@ struct NeuralMemoryParams {
   Matrix<Scalar> w_alpha, w_eta, w_theta;    ///< (H, D) gate projections
   Matrix<Scalar> b_alpha, b_eta, b_theta;    ///< (H, 1) gate biases
   std::vector<Matrix<Scalar>> memory_init;   ///< Θ_init, layer l: (H·n_l, n_{l−1})
+  Matrix<Scalar> memory_gain;                ///< (D, 1) γ of each head's read-out norm (output_norm only; else empty)
   Matrix<Scalar> w_gate;                     ///< (D, D) output gate projection W_G
   Matrix<Scalar> norm_gain;                  ///< (D, 1) RMSNorm gains
   Matrix<Scalar> w_out;                      ///< (D, D) output projection W_O
@@ -160,6 +183,7 @@ struct NeuralMemoryParams {
     f("w_theta", p.w_theta);
     f("b_theta", p.b_theta);
     for (std::size_t l = 0; l < p.memory_init.size(); ++l) f("memory_init.w" + std::to_string(l + 1), p.memory_init[l]);
+    if (p.memory_gain.size() > 0) f("memory_gain", p.memory_gain);
     f("w_gate", p.w_gate);
     f("norm_gain", p.norm_gain);
     f("w_out", p.w_out);
@@ -209,6 +233,7 @@ struct NeuralMemoryCache {
   Matrix<Scalar> silu_k, silu_q;         ///< (D, T) SiLU outputs before ℓ2 normalisation
   MemoryInputs<Scalar> in;               ///< what the memories were fed
   Matrix<Scalar> sig_theta;              ///< (H, T) σ of θ's pre-activation (θ = θ_max σ)
+  Matrix<Scalar> sig_eta;                ///< (H, T) σ of η's pre-activation (η = η_max σ)
   std::vector<Index> gate_source;        ///< per token: column whose gate pre-activation it used; −1: the state's
   Index final_gate_source = -1;          ///< same, for the final state's chunk_gates
   std::vector<MemoryForwardCache<Scalar>> heads;
@@ -227,7 +252,7 @@ struct NeuralMemoryCache {
       add(ext[i]);
       add(conv[i]);
     }
-    for (const auto* m : {&silu_k, &silu_q, &in.k, &in.v, &in.q, &in.alpha, &in.eta, &in.theta, &sig_theta, &y, &rinv,
+    for (const auto* m : {&silu_k, &silu_q, &in.k, &in.v, &in.q, &in.alpha, &in.eta, &in.theta, &sig_theta, &sig_eta, &y, &rinv,
                           &n, &g})
       add(*m);
     for (const auto& h : heads) total += h.bytes();
@@ -254,9 +279,9 @@ class NeuralMemory {
   /// Projections N(0, 1/D); conv kernels pass the current token through (last tap 1) plus small
   /// noise; gate biases start at α ≈ 3e-4 (a memory horizon of thousands of tokens: a faster
   /// forget gate lets a deep memory decay to the all-zero weights, where its gradient vanishes),
-  /// η ≈ 0.73, θ ≈ θ_max·min(0.12, 1/hidden width);
+  /// η ≈ 0.73·η_max, θ ≈ θ_max·min(0.12, 1/hidden width);
   /// memory N(0, 1/n_{l−1});
-  /// norm gains 1.
+  /// norm gains, and the read-out gains γ (output_norm), 1.
   Params init(std::uint64_t seed) const;
 
   /// \brief Throws ShapeError naming the tensor if `p` does not fit this layer's config.
@@ -308,6 +333,10 @@ class NeuralMemory {
   /// projection. Nothing is written.
   Mat read(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, const State& state) const;
 
+  /// \brief Head h's read-out gain γ (d) from params.memory_gain, or an empty vector without
+  /// output_norm: what memory_apply needs to read head h's memory.
+  Vector<Scalar> gain(const Params& p, Index h) const;
+
   /// \brief The keys, values, queries and gates the layer would feed its memories for x, given
   /// the state's history. The state is not changed.
   MemoryInputs<Scalar> memory_inputs(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */,
@@ -327,6 +356,9 @@ class NeuralMemory {
   /// head, and the gates. With advance, the conv tail and chunk gates of `state` move on.
   MemoryInputs<Scalar> inputs_unchecked(const Params& p, const Eigen::Ref<const Mat>& x, State& state,
                                         bool advance, NeuralMemoryCache<Scalar>* cache) const;
+
+  /// Head h's kernel inputs: its rows of `in` and of params.memory_gain (γ, output_norm only).
+  KernelInputs<Scalar> head_inputs(const Params& p, const MemoryInputs<Scalar>& in, Index h) const;
 
   /// o = W_O (RMSNorm_head(y) ⊙ gain ⊙ σ(W_G x)).
   Mat output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y, NeuralMemoryCache<Scalar>* cache) const;
@@ -372,6 +404,7 @@ auto NeuralMemory<Scalar>::init(std::uint64_t seed) const -> Params {
   for (Index l = 0; l < mem_.depth; ++l)
     p.memory_init.push_back(normal(H * mem_.layer_out(l), mem_.layer_in(l),
                                    1.0 / std::sqrt(static_cast<double>(mem_.layer_in(l)))));
+  if (cfg_.output_norm) p.memory_gain = Mat::Ones(D, 1);
   p.w_gate = normal(D, D, proj);
   p.norm_gain = Mat::Ones(D, 1);
   p.w_out = normal(D, D, proj);
@@ -400,6 +433,7 @@ void NeuralMemory<Scalar>::check_params(const Params& p, const char* where) cons
     const std::string name = "params.memory_init[" + std::to_string(l) + "]";
     detail::check_shape(where, name.c_str(), p.memory_init[l], H * mem_.layer_out(l), mem_.layer_in(l));
   }
+  detail::check_shape(where, "params.memory_gain", p.memory_gain, cfg_.output_norm ? D : 0, cfg_.output_norm ? 1 : 0);
   detail::check_shape(where, "params.w_gate", p.w_gate, D, D);
   detail::check_shape(where, "params.norm_gain", p.norm_gain, D, 1);
   detail::check_shape(where, "params.w_out", p.w_out, D, D);
@@ -445,9 +479,7 @@ auto NeuralMemory<Scalar>::forward(const Params& p, const Eigen::Ref<const Mat>&
   Mat y(cfg_.dim, x.cols());
   const Index H = cfg_.heads, d = mem_.dim;
   detail::for_each_head(H, [&](Index h) {
-    detail::memory_forward_unchecked(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
-                                     in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
-                                     in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
+    detail::memory_forward_unchecked(mem_, cfg_.chunk_size, head_inputs(p, in, h), state.heads[h],
                                      y.middleRows(h * d, d));
   });
   state.position += x.cols();
@@ -474,9 +506,7 @@ auto NeuralMemory<Scalar>::forward_train(const Params& p, const Eigen::Ref<const
   cache.heads.resize(static_cast<std::size_t>(H));
   cache.y.resize(cfg_.dim, x.cols());
   detail::for_each_head(H, [&](Index h) {
-    memory_forward_train_into<Scalar>(mem_, cfg_.chunk_size, in.k.middleRows(h * d, d), in.v.middleRows(h * d, d),
-                                      in.q.middleRows(h * d, d), in.alpha.row(h).transpose(),
-                                      in.eta.row(h).transpose(), in.theta.row(h).transpose(), state.heads[h],
+    memory_forward_train_into<Scalar>(mem_, cfg_.chunk_size, head_inputs(p, in, h), state.heads[h],
                                       cache.heads[static_cast<std::size_t>(h)], options,
                                       cache.y.middleRows(h * d, d));
   });
@@ -533,18 +563,21 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
     const auto& hc = cache.heads[static_cast<std::size_t>(h)];
     auto kg = make_kernel_gradients(hc);
     memory_backward<Scalar>(hc, dy.middleRows(h * d, d), dfinal ? dfinal->heads[static_cast<std::size_t>(h)] : no_state, kg);
-    dk.middleRows(h * d, d) = kg.k;
-    dv.middleRows(h * d, d) = kg.v;
-    dq.middleRows(h * d, d) = kg.q;
-    dgate[0].row(h) = kg.alpha.transpose();
-    dgate[1].row(h) = kg.eta.transpose();
-    dgate[2].row(h) = kg.theta.transpose();
+    dk.middleRows(h * d, d) = kg.inputs.k;
+    dv.middleRows(h * d, d) = kg.inputs.v;
+    dq.middleRows(h * d, d) = kg.inputs.q;
+    dgate[0].row(h) = kg.inputs.alpha.transpose();
+    dgate[1].row(h) = kg.inputs.eta.transpose();
+    dgate[2].row(h) = kg.inputs.theta.transpose();
+    if (cfg_.output_norm) grads.memory_gain.middleRows(h * d, d) += kg.inputs.gain;
     if (dinitial) add_state_gradient(dinitial->heads[static_cast<std::size_t>(h)], kg.state);
   });
 
-  // Gates: α = σ(a), η = σ(e), θ = θ_max σ(t); then the per-chunk routing and the projections.
+  // Gates: α = σ(a), η = η_max σ(e), θ = θ_max σ(t); then the per-chunk routing and the projections.
   dgate[0] = (dgate[0].array() * cache.in.alpha.array() * (one - cache.in.alpha.array())).matrix();
-  dgate[1] = (dgate[1].array() * cache.in.eta.array() * (one - cache.in.eta.array())).matrix();
+  dgate[1] = (dgate[1].array() * static_cast<Scalar>(cfg_.eta_max) * cache.sig_eta.array() *
+              (one - cache.sig_eta.array()))
+                 .matrix();
   dgate[2] = (dgate[2].array() * static_cast<Scalar>(cfg_.theta_max) * cache.sig_theta.array() *
               (one - cache.sig_theta.array()))
                  .matrix();
@@ -655,7 +688,7 @@ auto NeuralMemory<Scalar>::read(const Params& p, const Eigen::Ref<const Mat>& x 
   Mat y(cfg_.dim, x.cols());
   const Index d = mem_.dim;
   for (Index h = 0; h < cfg_.heads; ++h)
-    y.middleRows(h * d, d) = memory_apply<Scalar>(mem_, state.heads[h].weights, in.q.middleRows(h * d, d));
+    y.middleRows(h * d, d) = memory_apply<Scalar>(mem_, state.heads[h].weights, in.q.middleRows(h * d, d), gain(p, h));
   return y;
 }
 
@@ -761,10 +794,33 @@ auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<co
   }
   in.alpha = detail::sigmoid<Scalar>(pre[0]);
   in.eta = detail::sigmoid<Scalar>(pre[1]);
+  if (cache) cache->sig_eta = in.eta;
+  in.eta *= static_cast<Scalar>(cfg_.eta_max);
   in.theta = detail::sigmoid<Scalar>(pre[2]);
   if (cache) cache->sig_theta = in.theta;
   in.theta *= static_cast<Scalar>(cfg_.theta_max);
   return in;
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::head_inputs(const Params& p, const MemoryInputs<Scalar>& in, Index h) const
+    -> KernelInputs<Scalar> {
+  const Index d = mem_.dim;
+  KernelInputs<Scalar> k;
+  k.k = in.k.middleRows(h * d, d);
+  k.v = in.v.middleRows(h * d, d);
+  k.q = in.q.middleRows(h * d, d);
+  k.alpha = in.alpha.row(h).transpose();
+  k.eta = in.eta.row(h).transpose();
+  k.theta = in.theta.row(h).transpose();
+  k.gain = gain(p, h);
+  return k;
+}
+
+template <class Scalar>
+auto NeuralMemory<Scalar>::gain(const Params& p, Index h) const -> Vector<Scalar> {
+  if (!cfg_.output_norm) return Vector<Scalar>();
+  return p.memory_gain.col(0).segment(h * mem_.dim, mem_.dim);
 }
 
 template <class Scalar>

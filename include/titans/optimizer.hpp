@@ -6,7 +6,7 @@
 // rate schedule.
 //
 // These train the *outer* parameters (projections, gates, attention, persistent memory). The
-// neural memory's test-time update (the inner loop, MATH.md) is not an optimizer in this sense and
+// neural memory's test-time update (the inner loop, docs/MATH.md §2) is not an optimizer in this sense and
 // lives with the memory itself.
 //
 // Typical loop:

@@ -4,18 +4,17 @@
 // them), values of order one, gates in range, optionally many at the extremes.
 #pragma once
 
-#include <titans/common.hpp>
 #include <titans/detail/random.hpp>
+#include <titans/memory_kernel.hpp>
 
 namespace titans_test {
 
-struct MemoryProblem {
-  titans::Matrix<double> k, v, q;              // (d, T)
-  titans::Vector<double> alpha, eta, theta;    // (T)
-};
+// The kernel's inputs (k, v, q (d, T); alpha, eta, theta (T); gain (d) for output_norm).
+using MemoryProblem = titans::KernelInputs<double>;
 
 // gate_mode 1 puts many gates at the extremes: α = 0 and 1, η = 0 and 1, θ = 0. `floor` lifts
-// α by floor and θ by floor / 2 (0 keeps gates that may come arbitrarily close to 0).
+// α by floor and θ by floor / 2 (0 keeps gates that may come arbitrarily close to 0). The gain
+// γ is drawn around 1 (used only by memories with output_norm).
 inline MemoryProblem make_memory_problem(titans::Index d, titans::Index T, std::uint64_t seed, int gate_mode = 0,
                                          double floor = 0.0) {
   titans::detail::Rng rng(seed);
@@ -42,6 +41,8 @@ inline MemoryProblem make_memory_problem(titans::Index d, titans::Index T, std::
       p.theta(t) = r == 4 ? 0.0 : 0.5 * p.theta(t);  // runs of η = 1, α = 0 must not diverge
     }
   }
+  p.gain.resize(d);
+  for (titans::Index i = 0; i < d; ++i) p.gain(i) = 0.5 + rng.uniform();
   return p;
 }
 

@@ -1,12 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// The slow, obviously-right formulation of the memory update (MATH.md §1–2), independent of the
-// library's kernel: per-token weights are materialised, gradients are taken token by token with
-// a hand-written backprop over std::vector-based per-token activations, and the chunked rule is
-// the literal recurrence with gradients at the chunk-start weights.
+// The slow, obviously-right formulation of the memory update (docs/MATH.md §1–2, §8), independent
+// of the library's kernel: per-token weights are materialised, the inner gradient is taken token by
+// token by a hand-written backprop (the read-out LayerNorm through its explicit d×d Jacobian), the
+// surprise clamp uses the Frobenius norm of the materialised gradient, and the chunked rule is the
+// literal recurrence with gradients at the chunk-start weights. Chunks are aligned to
+// `start_position`; a call starting inside a chunk continues from the given chunk-start weights.
+//
+// Everything is templated on the scalar S with unqualified math calls, so the same loop runs in
+// double (the kernel tests) and in forward-mode dual numbers (support/autodiff_reference.hpp, the
+// backward tests). Nothing here shares code with the library; only its config type is used.
 #pragma once
 
-#include <titans/memory_model.hpp>
+#include <titans/memory_kernel.hpp>
 
 #include <cmath>
 #include <vector>
@@ -21,103 +27,176 @@ template <class S>
 using Vec = Eigen::Matrix<S, Eigen::Dynamic, 1>;
 
 template <class S>
-S ref_phi(titans::Activation a, S z) {
+S ref_phi(titans::Activation a, const S& z) {
+  using std::erf;
+  using std::exp;
   switch (a) {
-    case titans::Activation::silu: return z / (S(1) + std::exp(-z));
-    case titans::Activation::gelu: return S(0.5) * z * (S(1) + std::erf(z / std::sqrt(S(2))));
+    case titans::Activation::silu: return z / (S(1) + exp(-z));
+    case titans::Activation::gelu: return S(0.5) * z * (S(1) + erf(z * S(0.70710678118654752440)));
     case titans::Activation::identity: return z;
   }
   return z;
 }
 
 template <class S>
-S ref_dphi(titans::Activation a, S z) {
+S ref_dphi(titans::Activation a, const S& z) {
+  using std::erf;
+  using std::exp;
   switch (a) {
     case titans::Activation::silu: {
-      const S s = S(1) / (S(1) + std::exp(-z));
-      return s + z * s * (S(1) - s);
+      const S s = S(1) / (S(1) + exp(-z));
+      return s * (S(1) + z * (S(1) - s));
     }
-    case titans::Activation::gelu: {
-      const S pi = S(3.14159265358979323846);
-      return S(0.5) * (S(1) + std::erf(z / std::sqrt(S(2)))) + z * std::exp(-z * z / S(2)) / std::sqrt(S(2) * pi);
-    }
+    case titans::Activation::gelu:
+      return S(0.5) * (S(1) + erf(z * S(0.70710678118654752440))) +
+             z * exp(S(-0.5) * z * z) * S(0.39894228040143267794);
     case titans::Activation::identity: return S(1);
   }
   return S(1);
 }
 
+/// The kernel's inputs in the reference's scalar type.
+template <class S>
+struct RefInputs {
+  Mat<S> k, v, q;            // (d, T)
+  Vec<S> alpha, eta, theta;  // (T)
+  Vec<S> gain;               // (d), read with output_norm
+};
+
+inline RefInputs<double> ref_inputs(const titans::KernelInputs<double>& in) {
+  return {in.k, in.v, in.q, in.alpha, in.eta, in.theta, in.gain};
+}
+
+/// LayerNorm of one column and its Jacobian d LN(z) / dz, built entry by entry.
+template <class S>
+void ref_layer_norm(const Vec<S>& z, double eps, Vec<S>& zhat, Mat<S>& jac) {
+  using std::sqrt;
+  const Index d = z.size();
+  S mean = S(0);
+  for (Index i = 0; i < d; ++i) mean += z(i);
+  mean = mean / S(static_cast<double>(d));
+  S var = S(0);
+  for (Index i = 0; i < d; ++i) var += (z(i) - mean) * (z(i) - mean);
+  var = var / S(static_cast<double>(d));
+  const S sigma = sqrt(var + S(eps));
+  zhat.resize(d);
+  for (Index i = 0; i < d; ++i) zhat(i) = (z(i) - mean) / sigma;
+  jac.resize(d, d);
+  for (Index i = 0; i < d; ++i)
+    for (Index j = 0; j < d; ++j)
+      jac(i, j) = ((i == j ? S(1) : S(0)) - S(1.0 / static_cast<double>(d)) -
+                   zhat(i) * zhat(j) / S(static_cast<double>(d))) /
+                  sigma;
+}
+
+/// The read-out of z_L for input x: [x +] (output_norm ? γ ⊙ LN(z) : z).
+template <class S>
+Vec<S> ref_readout(const titans::MemoryConfig& cfg, const Vec<S>& z, const Vec<S>& x, const Vec<S>& gain) {
+  Vec<S> out = z;
+  if (cfg.output_norm) {
+    Vec<S> zhat;
+    Mat<S> jac;
+    ref_layer_norm<S>(z, cfg.norm_eps, zhat, jac);
+    for (Index i = 0; i < z.size(); ++i) out(i) = gain(i) * zhat(i);
+  }
+  if (cfg.residual) out += x;
+  return out;
+}
+
 /// M_W(x) for one token.
 template <class S>
-Vec<S> ref_apply(const titans::MemoryConfig& cfg, const std::vector<Mat<S>>& w, const Vec<S>& x) {
+Vec<S> ref_apply(const titans::MemoryConfig& cfg, const std::vector<Mat<S>>& w, const Vec<S>& x, const Vec<S>& gain) {
   Vec<S> a = x;
   for (std::size_t l = 0; l < w.size(); ++l) {
     Vec<S> z = w[l] * a;
-    if (l + 1 < w.size()) {
+    if (l + 1 < w.size())
       for (Index i = 0; i < z.size(); ++i) z(i) = ref_phi(cfg.activation, z(i));
-    }
     a = z;
   }
-  if (cfg.residual) a += x;
-  return a;
+  return ref_readout<S>(cfg, a, x, gain);
 }
 
-/// ∇_W ||M_W(k) − v||² for one token.
+/// ∇_W ||M_W(k) − v||² for one token, by per-token backprop.
 template <class S>
 std::vector<Mat<S>> ref_grad(const titans::MemoryConfig& cfg, const std::vector<Mat<S>>& w, const Vec<S>& k,
-                             const Vec<S>& v) {
+                             const Vec<S>& v, const Vec<S>& gain) {
   const std::size_t L = w.size();
-  std::vector<Vec<S>> acts(L + 1), pre(L);
-  acts[0] = k;
+  std::vector<Vec<S>> in(L), pre(L);
+  Vec<S> a = k;
   for (std::size_t l = 0; l < L; ++l) {
-    pre[l] = w[l] * acts[l];
-    acts[l + 1] = pre[l];
+    in[l] = a;
+    pre[l] = w[l] * a;
+    a = pre[l];
     if (l + 1 < L)
-      for (Index i = 0; i < pre[l].size(); ++i) acts[l + 1](i) = ref_phi(cfg.activation, pre[l](i));
+      for (Index i = 0; i < a.size(); ++i) a(i) = ref_phi(cfg.activation, pre[l](i));
   }
-  Vec<S> out = pre[L - 1];
-  if (cfg.residual) out += k;
-  Vec<S> delta = S(2) * (out - v);
-  std::vector<Mat<S>> g(L);
+  const Vec<S> err = S(2) * (ref_readout<S>(cfg, a, k, gain) - v);  // dℓ/dM
+  Vec<S> delta = err;
+  if (cfg.output_norm) {  // dℓ/dz_L = J_LNᵀ (γ ⊙ dℓ/dM)
+    Vec<S> zhat;
+    Mat<S> jac;
+    ref_layer_norm<S>(a, cfg.norm_eps, zhat, jac);
+    Vec<S> g = err;
+    for (Index i = 0; i < g.size(); ++i) g(i) = gain(i) * err(i);
+    delta = jac.transpose() * g;
+  }
+  std::vector<Mat<S>> grad(L);
   for (std::size_t l = L; l-- > 0;) {
-    g[l] = delta * acts[l].transpose();
+    grad[l] = delta * in[l].transpose();
     if (l > 0) {
       Vec<S> back = w[l].transpose() * delta;
-      for (Index i = 0; i < back.size(); ++i) back(i) *= ref_dphi(cfg.activation, pre[l - 1](i));
+      for (Index i = 0; i < back.size(); ++i) back(i) = back(i) * ref_dphi(cfg.activation, pre[l - 1](i));
       delta = back;
     }
   }
-  return g;
+  return grad;
 }
 
-/// The chunked rule literally: per token, u_t at the chunk-start weights, S and Θ updated,
-/// output read at the weights after the token's own write. Chunks aligned to `start_position`
-/// continuing from the given chunk-start weights when `start_position % b != 0`.
 template <class S>
 struct RefResult {
   Mat<S> y;
-  std::vector<Mat<S>> w, s;
+  std::vector<Mat<S>> w, s, c;  // final weights, momentum, chunk-start weights (empty at a boundary)
 };
 
+/// The chunked rule, token by token, for a call whose first token has absolute index
+/// `start_position`; `c` are the chunk-start weights when that index is inside a chunk. Per token:
+/// u at the chunk-start weights, the clamp θ·min(1, c/‖u‖_F), S and Θ updated, and the output
+/// read at the weights after the token's own write.
 template <class S>
-RefResult<S> ref_chunk_loop(const titans::MemoryConfig& cfg, Index b, const Mat<S>& k, const Mat<S>& v,
-                            const Mat<S>& q, const Vec<S>& alpha, const Vec<S>& eta, const Vec<S>& theta,
-                            std::vector<Mat<S>> w, std::vector<Mat<S>> s) {
-  const Index T = k.cols();
+RefResult<S> ref_chunk_loop(const titans::MemoryConfig& cfg, Index b, Index start_position, const RefInputs<S>& in,
+                            std::vector<Mat<S>> w, std::vector<Mat<S>> s, std::vector<Mat<S>> c) {
+  using std::sqrt;
+  const Index T = in.k.cols();
   RefResult<S> r;
-  r.y.resize(k.rows(), T);
-  std::vector<Mat<S>> w0 = w;
+  r.y.resize(in.k.rows(), T);
+  std::vector<Mat<S>> w0 = start_position % b == 0 ? w : c;
   for (Index t = 0; t < T; ++t) {
-    if (t % b == 0) w0 = w;  // chunk start
-    const auto u = ref_grad<S>(cfg, w0, k.col(t), v.col(t));
-    for (std::size_t l = 0; l < w.size(); ++l) {
-      s[l] = eta(t) * s[l] - theta(t) * u[l];
-      w[l] = (S(1) - alpha(t)) * w[l] + s[l];
+    if ((start_position + t) % b == 0) w0 = w;
+    const auto u = ref_grad<S>(cfg, w0, in.k.col(t), in.v.col(t), in.gain);
+    S theta = in.theta(t);
+    if (cfg.surprise_clamp > 0) {
+      S norm2 = S(0);
+      for (const auto& m : u)
+        for (Index i = 0; i < m.size(); ++i) norm2 += m(i) * m(i);
+      const S norm = sqrt(norm2);
+      if (norm > S(cfg.surprise_clamp)) theta = theta * S(cfg.surprise_clamp) / norm;
     }
-    r.y.col(t) = ref_apply<S>(cfg, w, q.col(t));
+    for (std::size_t l = 0; l < w.size(); ++l) {
+      s[l] = in.eta(t) * s[l] - theta * u[l];
+      w[l] = (S(1) - in.alpha(t)) * w[l] + s[l];
+    }
+    r.y.col(t) = ref_apply<S>(cfg, w, in.q.col(t), in.gain);
   }
   r.w = w;
   r.s = s;
+  if ((start_position + T) % b != 0) r.c = w0;
   return r;
+}
+
+/// The same from position 0 (a fresh chunk), in double.
+inline RefResult<double> ref_chunk_loop(const titans::MemoryConfig& cfg, Index b, const titans::KernelInputs<double>& in,
+                                        std::vector<Mat<double>> w, std::vector<Mat<double>> s) {
+  return ref_chunk_loop<double>(cfg, b, 0, ref_inputs(in), std::move(w), std::move(s), {});
 }
 
 }  // namespace titans_test
