@@ -367,7 +367,11 @@ std::string grad_case_name(const ::testing::TestParamInfo<GradCase>& info) {
 titans::GradCheckOptions grad_options() {
   titans::GradCheckOptions opt;
   opt.rtol = 1e-5;
-  opt.atol = 1e-8;
+  // The default memory's LayerNorm read-out has large third derivatives where its z_L is small,
+  // so central differences at h = 1e-6 are good to ~1e-7 absolute here; the memory forms' exact
+  // derivatives are checked against forward mode to 1e-10 in test_memory_backward.
+  opt.atol = 3e-7;
+  opt.step = 3e-7;  // the truncation error ~h²·(third derivative) is what limits these checks
   return titans_test::sampled(opt);
 }
 

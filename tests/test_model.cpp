@@ -171,7 +171,10 @@ TEST_P(ModelGradCheck, LogitsWrtEveryParameter) {
   titans::GradCheckOptions opt;
   opt.check_input = false;  // there is no matrix input
   opt.rtol = 1e-6;
-  opt.atol = 1e-8;
+  // The default memory's LayerNorm read-out has large third derivatives where its z_L is small,
+  // so central differences at h = 1e-6 are good to ~1e-7 absolute here; the memory forms' exact
+  // derivatives are checked against forward mode to 1e-10 in test_memory_backward.
+  opt.atol = 2e-7;
   opt = titans_test::sampled(opt);
   const auto result = titans::gradient_check(p, dummy, forward, backward, opt);
   EXPECT_TRUE(result.ok) << result.report();
@@ -241,7 +244,7 @@ TEST_P(ModelLoss, GradientMatchesFiniteDifferencesOfLoss) {
     const Mat<double>& gt = *g[i++];
     for (int k = 0; k < 2; ++k) {
       const Index e = static_cast<Index>(rng.below(static_cast<std::uint64_t>(t.size())));
-      const double saved = t.data()[e], h = 1e-5;
+      const double saved = t.data()[e], h = 1e-6;  // truncation ~h²·(third derivative): the LayerNorm read-out has large ones
       t.data()[e] = saved + h;
       const double up = model.loss(p, b.inputs, b.targets);
       t.data()[e] = saved - h;

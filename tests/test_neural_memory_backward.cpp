@@ -100,7 +100,10 @@ TEST_P(LayerGradCheck, MatchesFiniteDifferences) {
   };
   titans::GradCheckOptions opt;
   opt.rtol = 2e-5;
-  opt.atol = 1e-8;
+  // The default memory's LayerNorm read-out has large third derivatives where its z_L is small,
+  // so central differences at h = 1e-6 are good to ~1e-7 absolute here; the memory forms' exact
+  // derivatives are checked against forward mode to 1e-10 in test_memory_backward.
+  opt.atol = 2e-7;
   opt = titans_test::sampled(opt);
   const auto r = titans::gradient_check(p, x, fwd, bwd, opt);
   EXPECT_TRUE(r.ok) << r.report();
