@@ -41,10 +41,9 @@ struct Options {
   long values = 16;         // distinct values (chance = 1 / values)
   long keys = 16;           // distinct keys
   long noise = 32;          // distinct distractor tokens
-  // A linear memory (depth 1) with ℓ2-normalised keys has inner-loss curvature 2 per token, so
-  // θ_max · chunk_size <= 1 keeps its test-time updates stable whatever the outer training does.
-  // A deep memory (--mem-depth 2) diverged in this demo after a few hundred outer steps, at
-  // every θ_max tried (0.2, 0.05, 0.01): see the README.
+  // The memory uses the layer's bounded defaults (normalised residual read-out, surprise clamp,
+  // η ≤ η_max; docs/MATH.md §8). Before them a deep memory (--mem-depth 2) diverged in this demo
+  // after a few hundred outer steps; with them it trains (README). The default is still linear.
   long mem_depth = 1;       // memory MLP depth
   double theta_max = 0.12;  // largest memory write step θ (chunk size 8)
   double lr = 3e-3;
