@@ -5,7 +5,7 @@
 // the sanitizers care about: every entry runs the same code on the same buffers. So in a
 // sanitized build gradient checks look at a random sample of kGradCheckSampleEntries entries per
 // tensor (and of the input), chosen by GradCheckOptions::seed; the release build checks every
-// entry. Other sampled checks use `sampled(n)` for their loop counts.
+// entry.
 #pragma once
 
 #include <titans/gradcheck.hpp>
@@ -35,9 +35,6 @@ inline titans::GradCheckOptions sampled(titans::GradCheckOptions opt) {
   if (kSanitized && opt.max_entries < 0) opt.max_entries = kGradCheckSampleEntries;
   return opt;
 }
-
-/// n in a release build, at most `sample` in a sanitized one.
-inline titans::Index sampled(titans::Index n, titans::Index sample) { return kSanitized ? std::min(n, sample) : n; }
 
 /// How many entries gradient_check(params, x, ..., opt) compares: every entry of every tensor (and
 /// of x when opt.check_input), or at most opt.max_entries of each.
