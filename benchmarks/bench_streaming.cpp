@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Streams a long sequence through one neural memory layer in pieces and reports throughput and
-// the process's resident memory as the stream grows: the per-sequence state is fixed-size, so
-// memory must not grow with the number of tokens.
-//
-// Arguments: total tokens (default 1,000,000 via the registered benchmark), piece size 512,
-// D = 256, H = 1 (memory width d = 256), L = 2, E = 4, b = 64, float.
+// Streams a long sequence in pieces and reports throughput and the process's resident memory as
+// the stream grows: the per-sequence state is fixed-size, so memory must not grow with the number
+// of tokens.
+//   BM_StreamLayer     one neural memory layer: D = 256, H = 1 (memory width d = 256), L = 2,
+//                      E = 4, b = 64, float; 10k, 100k and 1M tokens in pieces of 512.
+//   BM_StreamMacBlock  a default MAC block (BlockConfig{}: D = 256, segment 64, deep bounded
+//                      memory), float; 10k and 2M tokens in pieces of 512. Each run resets the
+//                      process's peak RSS first, so peak_rss_MiB is that run's own peak: the 2M
+//                      run's must equal the 10k run's.
 #include "bench_process.hpp"
 
 #include <titans/titans.hpp>
@@ -18,6 +21,7 @@
 namespace {
 
 using titans_bench::peak_rss_mib;
+using titans_bench::reset_peak_rss;
 using titans_bench::rss_mib;
 
 void BM_StreamLayer(benchmark::State& st) {
@@ -72,6 +76,53 @@ BENCHMARK(BM_StreamLayer)
     ->Args({10'000, 512})
     ->Args({100'000, 512})
     ->Args({1'000'000, 512})
+    ->Iterations(1)
+    ->Unit(benchmark::kSecond)
+    ->UseRealTime();
+
+void BM_StreamMacBlock(benchmark::State& st) {
+  const long total = st.range(0), piece = st.range(1);
+  const titans::BlockConfig cfg;  // the defaults: MAC, D = 256, deep bounded memory
+  const titans::Block<float> block(cfg);
+  const auto params = block.init(1);
+  titans::Matrix<float> x(cfg.dim, piece);
+  titans::detail::Rng rng(3);
+  rng.fill_normal(x, 1.0);
+
+  double rss_after_first = 0, rss_end = 0, peak = 0, last_norm = 0;
+  for (auto _ : st) {
+    if (!reset_peak_rss()) st.SkipWithError("cannot reset the peak RSS (/proc/self/clear_refs)");
+    auto state = block.initial_state(params);
+    long done = 0;
+    bool finite = true;
+    while (done < total) {
+      const long n = std::min(piece, total - done);
+      const titans::Matrix<float> y = block.forward(params, x.leftCols(n), state);
+      finite = finite && y.allFinite();
+      last_norm = y.norm();
+      done += n;
+      if (done == n) rss_after_first = rss_mib();
+      if (done % (200 * piece) == 0 || done == total) {
+        std::fprintf(stderr, "\r  MAC block: streamed %ld / %ld tokens, RSS %.1f MiB   ", done, total, rss_mib());
+      }
+    }
+    std::fprintf(stderr, "\n");
+    rss_end = rss_mib();
+    peak = peak_rss_mib();
+    if (!finite) st.SkipWithError("the MAC block's output is not finite while streaming");
+    if (!(last_norm > 0)) st.SkipWithError("the MAC block's output vanished while streaming");
+    benchmark::DoNotOptimize(state.position);
+  }
+  st.SetItemsProcessed(st.iterations() * total);
+  st.counters["rss_first_piece_MiB"] = rss_after_first;
+  st.counters["rss_end_MiB"] = rss_end;
+  st.counters["peak_rss_MiB"] = peak;
+  st.counters["last_piece_norm"] = last_norm;
+}
+
+BENCHMARK(BM_StreamMacBlock)
+    ->Args({10'000, 512})
+    ->Args({2'000'000, 512})
     ->Iterations(1)
     ->Unit(benchmark::kSecond)
     ->UseRealTime();

@@ -117,7 +117,7 @@ namespace detail {
 /// Rotates (inverse: un-rotates) each head's pairs (i, i + d_h/2) of column t by angle
 /// pos[t]·base^(−2i/d_h). The angles are formed in double so long streams stay accurate in float.
 template <class Scalar>
-void rope_rotate(Eigen::Ref<Matrix<Scalar>> m /* (D, T) */, const std::vector<Index>& pos, Index heads, double base,
+void rope_rotate(MatrixRef<Scalar> m /* (D, T) */, const std::vector<Index>& pos, Index heads, double base,
                  bool inverse) {
   const Index dh = m.rows() / heads, half = dh / 2;
   std::vector<double> freq(static_cast<std::size_t>(half));
@@ -490,8 +490,10 @@ void Attention<Scalar>::scatter_add(Mat& m, Index r0, Index n, Index np, Index m
 #define TITANS_INSTANTIATE_ATTENTION(PREFIX, S) \
   PREFIX template class Attention<S>;
 
-#ifdef TITANS_EXTERN_TEMPLATES
+#ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_ATTENTION(extern, float)
+#endif
+#ifdef TITANS_EXTERN_DOUBLE
 TITANS_INSTANTIATE_ATTENTION(extern, double)
 #endif
 

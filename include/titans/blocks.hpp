@@ -966,8 +966,10 @@ void BlockStack<Scalar>::check_sizes(const char* where, const Params& p, const S
   PREFIX template class Block<S>;                                                                                \
   PREFIX template class BlockStack<S>;
 
-#ifdef TITANS_EXTERN_TEMPLATES
+#ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_BLOCKS(extern, float)
+#endif
+#ifdef TITANS_EXTERN_DOUBLE
 TITANS_INSTANTIATE_BLOCKS(extern, double)
 #endif
 

@@ -17,6 +17,19 @@
 #include <type_traits>
 #include <utility>
 
+// Explicit instantiations (cmake/TitansCompiled.cmake): under TITANS_EXTERN_FLOAT and/or
+// TITANS_EXTERN_DOUBLE every heavy template's float / double instantiation is declared
+// `extern template`, to be found in titans::compiled, which defines the macros for the scalar
+// types it holds. TITANS_EXTERN_TEMPLATES means both.
+#ifdef TITANS_EXTERN_TEMPLATES
+#ifndef TITANS_EXTERN_FLOAT
+#define TITANS_EXTERN_FLOAT 1
+#endif
+#ifndef TITANS_EXTERN_DOUBLE
+#define TITANS_EXTERN_DOUBLE 1
+#endif
+#endif
+
 /// Inside a struct that defines `template <class Self, class F> static void for_each_impl(Self&, F&)`
 /// (calling f(name, tensor) for each of its tensors), declares the const and non-const
 /// `for_each(f)` of the parameter-set concept (parameters.hpp) that forward to it.
@@ -41,6 +54,19 @@ using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 /// \brief Dense column vector.
 template <class Scalar>
 using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+/// \brief A read-only / writable view of a matrix argument: `ConstMatrixRef<Scalar>` and
+/// `MatrixRef<Scalar>`, the same types, with the stride spelled out. Function templates
+/// take these rather than the two-argument spelling: there the default stride is a dependent
+/// expression, which clang 14 mangles differently in different translation units, so an
+/// explicitly instantiated function (titans::compiled) would not link.
+template <class Scalar>
+using ConstMatrixRef = Eigen::Ref<const Matrix<Scalar>, 0, Eigen::OuterStride<>>;
+template <class Scalar>
+using MatrixRef = Eigen::Ref<Matrix<Scalar>, 0, Eigen::OuterStride<>>;
+static_assert(std::is_same_v<ConstMatrixRef<double>, Eigen::Ref<const Matrix<double>>> &&
+                  std::is_same_v<MatrixRef<float>, Eigen::Ref<Matrix<float>>>,
+              "titans: ConstMatrixRef / MatrixRef must be Eigen's default Ref types");
 
 // ---------------------------------------------------------------------------------------------
 // Exceptions. Every public entry point checks its arguments in every build type and throws one

@@ -533,7 +533,7 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
 template <class Scalar>
 void memory_forward_train_into(const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
                                MemoryState<Scalar>& state, MemoryForwardCache<Scalar>& cache,
-                               const MemoryTrainOptions& options, Eigen::Ref<Matrix<Scalar>> y) {
+                               const MemoryTrainOptions& options, MatrixRef<Scalar> y) {
   constexpr const char* where = "titans::memory_forward_train";
   if (options.checkpoint_every < 1)
     detail::raise<InvalidArgument>(where, "options.checkpoint_every is ", options.checkpoint_every, ", expected >= 1");
@@ -598,7 +598,7 @@ Matrix<Scalar> memory_forward_train(const MemoryConfig& cfg, Index chunk_size, c
 ///                empty when it ended at a chunk boundary)
 /// \param grads   accumulated
 template <class Scalar>
-void memory_backward(const MemoryForwardCache<Scalar>& cache, const Eigen::Ref<const Matrix<Scalar>>& dY,
+void memory_backward(const MemoryForwardCache<Scalar>& cache, const ConstMatrixRef<Scalar>& dY,
                      const MemoryState<Scalar>& dfinal, MemoryKernelGradients<Scalar>& grads) {
   constexpr const char* where = "titans::memory_backward";
   if (!cache.filled()) detail::raise<InvalidArgument>(where, "cache was never filled by memory_forward_train");
@@ -698,15 +698,17 @@ void memory_backward(const MemoryForwardCache<Scalar>& cache, const Eigen::Ref<c
   PREFIX template MemoryKernelGradients<S> make_kernel_gradients<S>(const MemoryForwardCache<S>&);               \
   PREFIX template void memory_forward_train_into<S>(const MemoryConfig&, Index, const KernelInputs<S>&,          \
                                                     MemoryState<S>&, MemoryForwardCache<S>&,                    \
-                                                    const MemoryTrainOptions&, Eigen::Ref<Matrix<S>>);          \
+                                                    const MemoryTrainOptions&, MatrixRef<S>);          \
   PREFIX template Matrix<S> memory_forward_train<S>(const MemoryConfig&, Index, const KernelInputs<S>&,          \
                                                     MemoryState<S>&, MemoryForwardCache<S>&,                    \
                                                     const MemoryTrainOptions&);                                 \
-  PREFIX template void memory_backward<S>(const MemoryForwardCache<S>&, const Eigen::Ref<const Matrix<S>>&,      \
+  PREFIX template void memory_backward<S>(const MemoryForwardCache<S>&, const ConstMatrixRef<S>&,      \
                                           const MemoryState<S>&, MemoryKernelGradients<S>&);
 
-#ifdef TITANS_EXTERN_TEMPLATES
+#ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_MEMORY_BACKWARD(extern, float)
+#endif
+#ifdef TITANS_EXTERN_DOUBLE
 TITANS_INSTANTIATE_MEMORY_BACKWARD(extern, double)
 #endif
 

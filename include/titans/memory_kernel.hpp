@@ -340,7 +340,7 @@ namespace detail {
 /// The argument checks shared by every entry point of the kernel (forward and training forward).
 template <class Scalar>
 void check_kernel_call(const char* where, const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
-                       const MemoryState<Scalar>& state, const Eigen::Ref<Matrix<Scalar>>& y) {
+                       const MemoryState<Scalar>& state, const MatrixRef<Scalar>& y) {
   cfg.validate(where);
   if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
   check_memory_state(where, cfg, chunk_size, state);
@@ -379,7 +379,7 @@ void check_kernel_call(const char* where, const MemoryConfig& cfg, Index chunk_s
 /// \param y          outputs (d, T), written
 template <class Scalar>
 void memory_forward_into(const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
-                         MemoryState<Scalar>& state, Eigen::Ref<Matrix<Scalar>> y) {
+                         MemoryState<Scalar>& state, MatrixRef<Scalar> y) {
   detail::check_kernel_call("titans::memory_forward", cfg, chunk_size, in, state, y);
   detail::memory_forward_unchecked(cfg, chunk_size, in, state, y);
 }
@@ -397,7 +397,7 @@ Matrix<Scalar> memory_forward(const MemoryConfig& cfg, Index chunk_size, const K
 /// weights and writes nothing. Returns (d, T). `gain` is γ (d) with cfg.output_norm, else empty.
 template <class Scalar>
 Matrix<Scalar> memory_retrieve(const MemoryConfig& cfg, const MemoryState<Scalar>& state,
-                               const Eigen::Ref<const Matrix<Scalar>>& q /* (d, T) */,
+                               const ConstMatrixRef<Scalar>& q /* (d, T) */,
                                const Vector<Scalar>& gain /* (d) or empty */) {
   detail::check_finite("titans::memory_retrieve", "q", q);
   return memory_apply<Scalar>(cfg, state.weights, q, gain);
@@ -425,14 +425,16 @@ inline double memory_forward_flops(const MemoryConfig& cfg, Index chunk_size, In
   PREFIX template MemoryState<S> make_memory_state<S>(const MemoryConfig&, const MemoryWeights<S>&);             \
   PREFIX template void check_memory_state<S>(const char*, const MemoryConfig&, Index, const MemoryState<S>&);    \
   PREFIX template void memory_forward_into<S>(const MemoryConfig&, Index, const KernelInputs<S>&,                \
-                                              MemoryState<S>&, Eigen::Ref<Matrix<S>>);                           \
+                                              MemoryState<S>&, MatrixRef<S>);                           \
   PREFIX template Matrix<S> memory_forward<S>(const MemoryConfig&, Index, const KernelInputs<S>&,                \
                                               MemoryState<S>&);                                                  \
   PREFIX template Matrix<S> memory_retrieve<S>(const MemoryConfig&, const MemoryState<S>&,                       \
-                                               const Eigen::Ref<const Matrix<S>>&, const Vector<S>&);
+                                               const ConstMatrixRef<S>&, const Vector<S>&);
 
-#ifdef TITANS_EXTERN_TEMPLATES
+#ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_MEMORY_KERNEL(extern, float)
+#endif
+#ifdef TITANS_EXTERN_DOUBLE
 TITANS_INSTANTIATE_MEMORY_KERNEL(extern, double)
 #endif
 

@@ -272,7 +272,7 @@ void check_memory_gain(const char* where, const MemoryConfig& cfg, const Vector<
 /// without it, it is not read and may be empty.
 template <class Scalar>
 Matrix<Scalar> memory_apply(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
-                            const Eigen::Ref<const Matrix<Scalar>>& x /* (d, T) */,
+                            const ConstMatrixRef<Scalar>& x /* (d, T) */,
                             const Vector<Scalar>& gain /* (d) or empty */) {
   constexpr const char* where = "titans::memory_apply";
   cfg.validate(where);
@@ -289,8 +289,8 @@ Matrix<Scalar> memory_apply(const MemoryConfig& cfg, const std::vector<Matrix<Sc
 /// \brief Inner loss Σ_t ||M(k_t) − v_t||² (Eq 12, no ½) over the columns of k and v.
 template <class Scalar>
 Scalar inner_loss(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
-                  const Eigen::Ref<const Matrix<Scalar>>& k /* (d, T) */,
-                  const Eigen::Ref<const Matrix<Scalar>>& v /* (d, T) */, const Vector<Scalar>& gain /* (d) or empty */) {
+                  const ConstMatrixRef<Scalar>& k /* (d, T) */,
+                  const ConstMatrixRef<Scalar>& v /* (d, T) */, const Vector<Scalar>& gain /* (d) or empty */) {
   detail::check_shape("titans::inner_loss", "v", v, cfg.dim, k.cols());
   return (memory_apply(cfg, w, k, gain) - v).squaredNorm();
 }
@@ -329,8 +329,8 @@ void key_path(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w, con
 /// δ_L = ∂ℓ/∂z_L, u^{W_l} = δ_l a_{l−1}ᵀ, δ_{l−1} = (W_lᵀ δ_l) ⊙ φ'(z_{l−1}).
 template <class Scalar>
 void inner_loss_gradient(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
-                         const Eigen::Ref<const Matrix<Scalar>>& k /* (d, T) */,
-                         const Eigen::Ref<const Matrix<Scalar>>& v /* (d, T) */,
+                         const ConstMatrixRef<Scalar>& k /* (d, T) */,
+                         const ConstMatrixRef<Scalar>& v /* (d, T) */,
                          const Vector<Scalar>& gain /* (d) or empty */,
                          std::vector<Matrix<Scalar>>& grad /* shapes of w, accumulated */) {
   constexpr const char* where = "titans::inner_loss_gradient";
@@ -351,11 +351,11 @@ void inner_loss_gradient(const MemoryConfig& cfg, const std::vector<Matrix<Scala
 /// (d, T). The forward is recomputed.
 template <class Scalar>
 void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
-                           const Eigen::Ref<const Matrix<Scalar>>& x /* (d, T) */,
+                           const ConstMatrixRef<Scalar>& x /* (d, T) */,
                            const Vector<Scalar>& gain /* (d) or empty */,
-                           const Eigen::Ref<const Matrix<Scalar>>& dy /* (d, T) */,
+                           const ConstMatrixRef<Scalar>& dy /* (d, T) */,
                            std::vector<Matrix<Scalar>>& dw /* shapes of w, accumulated */,
-                           Eigen::Ref<Matrix<Scalar>> dx /* (d, T), accumulated */,
+                           MatrixRef<Scalar> dx /* (d, T), accumulated */,
                            Vector<Scalar>* dgain /* (d), accumulated; output_norm only */) {
   constexpr const char* where = "titans::memory_apply_backward";
   cfg.validate(where);
@@ -384,21 +384,23 @@ void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Sca
   PREFIX template void check_memory_weights<S>(const char*, const char*, const MemoryConfig&,                    \
                                                const std::vector<Matrix<S>>&);                                  \
   PREFIX template Matrix<S> memory_apply<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                  \
-                                            const Eigen::Ref<const Matrix<S>>&, const Vector<S>&);              \
+                                            const ConstMatrixRef<S>&, const Vector<S>&);              \
   PREFIX template S inner_loss<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                            \
-                                  const Eigen::Ref<const Matrix<S>>&, const Eigen::Ref<const Matrix<S>>&,       \
+                                  const ConstMatrixRef<S>&, const ConstMatrixRef<S>&,       \
                                   const Vector<S>&);                                                            \
   PREFIX template void inner_loss_gradient<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                \
-                                              const Eigen::Ref<const Matrix<S>>&,                              \
-                                              const Eigen::Ref<const Matrix<S>>&, const Vector<S>&,            \
+                                              const ConstMatrixRef<S>&,                              \
+                                              const ConstMatrixRef<S>&, const Vector<S>&,            \
                                               std::vector<Matrix<S>>&);                                        \
   PREFIX template void memory_apply_backward<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,              \
-                                                const Eigen::Ref<const Matrix<S>>&, const Vector<S>&,          \
-                                                const Eigen::Ref<const Matrix<S>>&, std::vector<Matrix<S>>&,   \
-                                                Eigen::Ref<Matrix<S>>, Vector<S>*);
+                                                const ConstMatrixRef<S>&, const Vector<S>&,          \
+                                                const ConstMatrixRef<S>&, std::vector<Matrix<S>>&,   \
+                                                MatrixRef<S>, Vector<S>*);
 
-#ifdef TITANS_EXTERN_TEMPLATES
+#ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_MEMORY_MODEL(extern, float)
+#endif
+#ifdef TITANS_EXTERN_DOUBLE
 TITANS_INSTANTIATE_MEMORY_MODEL(extern, double)
 #endif
 

@@ -173,7 +173,7 @@ struct ModelCache {
 /// \brief Mean cross-entropy of softmax(logits) against targets (−1 = ignore). Adds
 /// scale·∂(mean)/∂logits into *dlogits when given. Returns 0 when no target counts.
 template <class Scalar>
-Scalar cross_entropy(const Eigen::Ref<const Matrix<Scalar>>& logits /* (V, T) */, const std::vector<int>& targets,
+Scalar cross_entropy(const ConstMatrixRef<Scalar>& logits /* (V, T) */, const std::vector<int>& targets,
                      Matrix<Scalar>* dlogits = nullptr, Scalar scale = Scalar(1), Index* counted = nullptr) {
   constexpr const char* where = "titans::cross_entropy";
   const Index V = logits.rows(), T = logits.cols();
@@ -521,14 +521,16 @@ std::vector<int> generate(const TitansModel<Scalar>& model, const ModelParams<Sc
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_MODEL(PREFIX, S) \
   PREFIX template class TitansModel<S>;                                                                          \
-  PREFIX template S cross_entropy<S>(const Eigen::Ref<const Matrix<S>>&, const std::vector<int>&, Matrix<S>*, S, \
+  PREFIX template S cross_entropy<S>(const ConstMatrixRef<S>&, const std::vector<int>&, Matrix<S>*, S, \
                                      Index*);                                                                   \
   PREFIX template int sample_token<S>(const Eigen::Ref<const Vector<S>>&, const SamplingOptions&, detail::Rng&); \
   PREFIX template std::vector<int> generate<S>(const TitansModel<S>&, const ModelParams<S>&, ModelState<S>&,     \
                                                const std::vector<int>&, Index, const SamplingOptions&);
 
-#ifdef TITANS_EXTERN_TEMPLATES
+#ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_MODEL(extern, float)
+#endif
+#ifdef TITANS_EXTERN_DOUBLE
 TITANS_INSTANTIATE_MODEL(extern, double)
 #endif
 

@@ -68,8 +68,10 @@ LoadedModel<Scalar> load_model(const std::string& path) {
                                      const std::map<std::string, std::string>&);                               \
   PREFIX template LoadedModel<S> load_model<S>(const std::string&);
 
-#ifdef TITANS_EXTERN_TEMPLATES
+#ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_MODEL_CHECKPOINT(extern, float)
+#endif
+#ifdef TITANS_EXTERN_DOUBLE
 TITANS_INSTANTIATE_MODEL_CHECKPOINT(extern, double)
 #endif
 

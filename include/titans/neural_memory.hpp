@@ -478,6 +478,8 @@ template <class Scalar>
 auto NeuralMemory<Scalar>::forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const -> Mat {
   constexpr const char* where = "titans::NeuralMemory::forward";
   check_call(where, p, x, state);
+  // A zero-length call is no call (and the per-head views below would offset a null pointer).
+  if (x.cols() == 0) return Mat(cfg_.dim, 0);
   MemoryInputs<Scalar> in = inputs_unchecked(p, x, state, /*advance=*/true, nullptr);
   Mat y(cfg_.dim, x.cols());
   const Index H = cfg_.heads, d = mem_.dim;
@@ -844,8 +846,10 @@ auto NeuralMemory<Scalar>::output(const Params& p, const Eigen::Ref<const Mat>& 
 #define TITANS_INSTANTIATE_NEURAL_MEMORY(PREFIX, S) \
   PREFIX template class NeuralMemory<S>;
 
-#ifdef TITANS_EXTERN_TEMPLATES
+#ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_NEURAL_MEMORY(extern, float)
+#endif
+#ifdef TITANS_EXTERN_DOUBLE
 TITANS_INSTANTIATE_NEURAL_MEMORY(extern, double)
 #endif
 

@@ -2,12 +2,16 @@
 // fetchcontent; each defines TITANS_CONSUMER_NAME): the titans headers compile and link through
 // titans::titans, and a few public functions give the expected values. With
 // TITANS_CONSUMER_CHECKPOINT it also round-trips a checkpoint through titans::checkpoint; with
-// TITANS_CONSUMER_COMPILED (linked to titans::compiled) it runs a model and a memory layer, whose
-// float and double code then comes from that library.
+// TITANS_CONSUMER_COMPILED (linked to titans::compiled, built with TITANS_COMPILED_SCALARS=double)
+// it runs a double model, whose code then comes from that library, and a float memory layer, whose
+// code stays header-only.
 #include <titans/titans.hpp>
 #ifdef TITANS_CONSUMER_COMPILED
-#ifndef TITANS_EXTERN_TEMPLATES
-#error "titans::compiled did not bring TITANS_EXTERN_TEMPLATES"
+#ifndef TITANS_EXTERN_DOUBLE
+#error "titans::compiled did not bring TITANS_EXTERN_DOUBLE"
+#endif
+#ifdef TITANS_EXTERN_FLOAT
+#error "titans::compiled built for double only declared the float instantiations extern"
 #endif
 #include <cmath>
 #endif

@@ -37,7 +37,7 @@ Matrix<Scalar> rms_normalize(const Matrix<Scalar>& x, Index groups, double eps, 
 /// Backward of rms_normalize: dx += rinv (dn − n (dn·n) / d), per group.
 template <class Scalar>
 void rms_normalize_backward(const Matrix<Scalar>& dn, const Matrix<Scalar>& n, const Matrix<Scalar>& rinv,
-                            Index groups, Eigen::Ref<Matrix<Scalar>> dx) {
+                            Index groups, MatrixRef<Scalar> dx) {
   const Index d = n.rows() / groups;
   for (Index t = 0; t < n.cols(); ++t)
     for (Index h = 0; h < groups; ++h) {
