@@ -169,7 +169,7 @@ add_test(NAME fuzz.checkpoint
     -DRSS_LIMIT_MB=2048
     -P "${CMAKE_CURRENT_LIST_FILE}")
 math(EXPR _titans_fuzz_timeout "${TITANS_FUZZ_SECONDS} + 600")
-set_tests_properties(fuzz.checkpoint PROPERTIES LABELS fuzz TIMEOUT ${_titans_fuzz_timeout})
+set_tests_properties(fuzz.checkpoint PROPERTIES LABELS fuzz TIMEOUT ${_titans_fuzz_timeout} COST 40)
 unset(_titans_fuzz_timeout)
 unset(_titans_fuzz_includes)
 unset(_titans_checkpoint_root)
