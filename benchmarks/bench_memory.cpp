@@ -158,6 +158,39 @@ void BM_MemoryForward(benchmark::State& state) {
   set_threads(1);
 }
 
+// The cost of the bounds (docs/MATH.md §8): the same forward with the kernel's plain read-out
+// (bound 0) and with the layer's defaults (bound 1: residual, γ ⊙ LN read-out, surprise clamp
+// 250). Registered alternately, three times each, so before and after share the machine's state.
+template <class Scalar>
+void BM_MemoryForwardBound(benchmark::State& state) {
+  const Index d = state.range(0), depth = state.range(1), b = state.range(2);
+  titans::MemoryConfig cfg = memory_config(d, depth);
+  if (state.range(3) != 0) {
+    cfg.residual = true;
+    cfg.output_norm = true;
+    cfg.surprise_clamp = 250;
+  }
+  set_threads(1);
+  MemoryProblem<Scalar> p(cfg, kTokens);
+  titans::MemoryState<Scalar> st = p.initial;
+  for (auto _ : state) {
+    st = p.initial;
+    titans::memory_forward_into<Scalar>(p.cfg, b, p.in, st, p.y);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
+  set_rate_counters(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens);
+}
+
+void bound_grid(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"d", "L", "b", "bound", "round"});
+  for (Index d : {64, 256})
+    for (Index b : {16, 64})
+      for (Index round = 0; round < 3; ++round)
+        for (Index bound : {0, 1}) bm->Args({d, 2, b, bound, round});
+}
+
 template <class Scalar>
 void BM_MemoryForwardThreads(benchmark::State& state) {
   BM_MemoryForward<Scalar>(state);
@@ -348,6 +381,7 @@ BENCHMARK_TEMPLATE(BM_GemmPeak, float)
     ->Args({320, 1})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_MemoryForward, float)->Apply(forward_grid)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_MemoryForwardBound, float)->Apply(bound_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_GemmYardstick, float)->Apply(yardstick_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_MemoryForwardThreads, float)->Apply(threads_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_GemmYardstickThreads, float)->Apply(yardstick_threads_grid)->Unit(benchmark::kMillisecond);

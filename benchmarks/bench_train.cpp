@@ -25,11 +25,18 @@ struct Problem {
   titans::MemoryState<float> state;
 };
 
-Problem make_problem(long d, long L, long T) {
+// bound = 1: the layer's bounded forms (residual, γ ⊙ LN read-out, surprise clamp 250; docs/MATH.md
+// §8); 0: the kernel's plain read-out.
+Problem make_problem(long d, long L, long T, bool bound = false) {
   Problem p;
   p.cfg.dim = d;
   p.cfg.depth = L;
   p.cfg.expansion = 4;
+  if (bound) {
+    p.cfg.residual = true;
+    p.cfg.output_norm = true;
+    p.cfg.surprise_clamp = 250;
+  }
   titans::detail::Rng rng(7);
   p.in.k.resize(d, T);
   p.in.v.resize(d, T);
@@ -44,14 +51,15 @@ Problem make_problem(long d, long L, long T) {
   p.in.alpha = titans::Vector<float>::Constant(T, 0.01f);
   p.in.eta = titans::Vector<float>::Constant(T, 0.9f);
   p.in.theta = titans::Vector<float>::Constant(T, 0.01f);  // 0.05 overflows a depth-2 float memory (benchmarks/README.md)
+  if (bound) p.in.gain = titans::Vector<float>::Ones(d);
   p.state = titans::make_memory_state(p.cfg, titans::init_memory_weights<float>(p.cfg, 1));
   return p;
 }
 
 // Seconds of one inference forward of the same shapes, measured once per shape (for the ratio).
 double forward_seconds(const Problem& p, long b) {
-  static std::map<std::tuple<long, long, long, long>, double> memo;
-  const auto key = std::make_tuple(p.cfg.dim, p.cfg.depth, b, p.in.tokens());
+  static std::map<std::tuple<long, long, long, long, bool>, double> memo;
+  const auto key = std::make_tuple(p.cfg.dim, p.cfg.depth, b, p.in.tokens(), p.cfg.output_norm);
   if (auto it = memo.find(key); it != memo.end()) return it->second;
   double best = 1e30;
   for (int rep = 0; rep < 3; ++rep) {
@@ -66,8 +74,9 @@ double forward_seconds(const Problem& p, long b) {
 
 void BM_TrainStep(benchmark::State& st) {
   const long d = st.range(0), L = st.range(1), b = st.range(2), T = st.range(3), r = st.range(4);
+  const bool bound = st.range(5) != 0;
   Eigen::setNbThreads(1);
-  const Problem p = make_problem(d, L, T);
+  const Problem p = make_problem(d, L, T, bound);
   titans::MemoryForwardCache<float> cache;
   titans::MemoryTrainOptions opt;
   opt.checkpoint_every = r;
@@ -95,13 +104,17 @@ void BM_TrainStep(benchmark::State& st) {
 void train_grid(benchmark::internal::Benchmark* bm) {
   for (long d : {64, 128, 256})
     for (long L : {1, 2})
-      for (long b : {16, 64}) bm->Args({d, L, b, 4096, 1});
+      for (long b : {16, 64}) bm->Args({d, L, b, 4096, 1, 0});
   // Cache memory with and without recomputation at longer T (d = 256, L = 2, b = 64).
   for (long T : {4096, 16384})
-    for (long r : {1, 8}) bm->Args({256, 2, 64, T, r});
+    for (long r : {1, 8}) bm->Args({256, 2, 64, T, r, 0});
+  // The cost of the bounds at d = 256, L = 2: without and with, alternately, three times.
+  for (long b : {16, 64})
+    for (int round = 0; round < 3; ++round)
+      for (long bound : {0, 1}) bm->Args({256, 2, b, 4096, 1, bound});
 }
 
-BENCHMARK(BM_TrainStep)->ArgNames({"d", "L", "b", "T", "r"})->Apply(train_grid)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_TrainStep)->ArgNames({"d", "L", "b", "T", "r", "bound"})->Apply(train_grid)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 
