@@ -9,10 +9,9 @@
 // Vocabulary: the 256 byte values (token = byte), so any file works and a checkpoint needs no
 // vocabulary beside it; bytes that never occur simply keep low probability.
 //
-// The memory is linear by default (--memory-depth 1): with unit-norm keys its test-time updates
-// are stable whenever chunk * theta_max < 1. A deep memory (--memory-depth 2) works at the default
-// sequence length with the smaller automatic theta_max, but its curvature grows with its own
-// updates and it can diverge on longer sequences (the library then throws NumericError).
+// The memory is deep by default (--memory-depth 2) with the layer's bounded updates (normalised
+// residual read-out, surprise clamp, eta <= eta_max; docs/MATH.md §8), which keep its test-time
+// updates finite whatever values the gates take; --memory-depth 1 gives the linear memory.
 //
 //   char_lm                                   # GPL-3 text, two MAC blocks, well under a minute on 2 cores
 //   char_lm --text notes.txt --block mag --layers 3 --steps 2000 --sample 500
@@ -59,7 +58,7 @@ struct Options {
   long segment = 32;
   long chunk = 4;           // memory chunk size b (tokens per inner gradient step)
   long expansion = 2;       // memory hidden width E·d
-  long depth = 1;           // memory MLP depth (1 = linear memory)
+  long depth = 2;           // memory MLP depth (1 = linear memory)
   double theta_max = 0;     // cap of the memory's inner step size θ; 0 = auto (see usage)
   long seq = 128;
   long batch = 8;
@@ -94,7 +93,7 @@ void usage(const char* argv0) {
       "  --window w          sliding-window size of mag/mal/swa (default 32)\n"
       "  --segment C         MAC segment length (default 32)\n"
       "  --chunk b           neural-memory chunk size (default 4)\n"
-      "  --memory-depth L    neural-memory MLP depth, 1 = linear (default 1; see below)\n"
+      "  --memory-depth L    neural-memory MLP depth, 1 = linear (default 2; see below)\n"
       "  --expansion E       neural-memory hidden width E*D/heads (default 2)\n"
       "  --theta-max x       cap of the memory's inner step size (default 0.8/b for a linear\n"
       "                      memory, 0.2/b for a deeper one; see below)\n"
@@ -115,10 +114,9 @@ void usage(const char* argv0) {
       "  --prompt TEXT       prompt for sampling (default: a line start of the validation text)\n"
       "  --help              this text\n"
       "\n"
-      "  The memory's inner loop takes a step of up to theta-max on b tokens at a time. With\n"
-      "  a linear memory (unit-norm keys) b * theta-max < 1 keeps it stable; a deep memory's\n"
-      "  curvature grows with E * D/heads and with its own updates, and it can diverge (an\n"
-      "  error) on long sequences, hence the linear default. More steps than the default\n"
+      "  The memory's inner loop takes a step of up to theta-max on b tokens at a time. Its\n"
+      "  updates are bounded for any step (normalised read-out, surprise clamp, momentum cap;\n"
+      "  docs/MATH.md section 8); theta-max sets how fast it writes. More steps than the default\n"
       "  overfit the 35 kB GPL-3 text (the validation loss rises again).\n"
       "  Checkpoints are %s in this build.\n",
       argv0, CHAR_LM_CHECKPOINTS ? "available" : "NOT available (needs nlohmann/json)");
@@ -412,7 +410,7 @@ int main(int argc, char** argv) {
   } catch (const titans::NumericError& e) {
     std::fprintf(stderr,
                  "char_lm: error: %s\n  (a non-finite value: the memory's inner loop or the training diverged; try a "
-                 "smaller --lr, --theta-max or --chunk, or --memory-depth 1)\n",
+                 "smaller --lr or --theta-max)\n",
                  e.what());
     return 1;
   } catch (const std::exception& e) {
