@@ -55,8 +55,8 @@ using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 template <class Scalar>
 using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
-/// \brief A read-only / writable view of a matrix argument: `ConstMatrixRef<Scalar>` and
-/// `MatrixRef<Scalar>`, the same types, with the stride spelled out. Function templates
+/// \brief A read-only / writable view of a matrix argument: the same types as
+/// `Eigen::Ref<const Matrix<Scalar>>` and `Eigen::Ref<Matrix<Scalar>>`, with the stride spelled out. Function templates
 /// take these rather than the two-argument spelling: there the default stride is a dependent
 /// expression, which clang 14 mangles differently in different translation units, so an
 /// explicitly instantiated function (titans::compiled) would not link.
