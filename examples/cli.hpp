@@ -56,6 +56,22 @@ class Cli {
     return add(name, false, [&dst, value](const std::string&) { dst = value; });
   }
 
+  /// `name a,b,c`: a non-empty comma-separated list of integers, each in [lo, hi].
+  template <class Int>
+  Cli& integers(const std::string& name, std::vector<Int>& dst, long long lo, long long hi) {
+    return add(name, true, [this, name, &dst, lo, hi](const std::string& v) {
+      dst.clear();
+      std::size_t from = 0;
+      while (true) {
+        const std::size_t comma = v.find(',', from);
+        const std::string item = v.substr(from, comma == std::string::npos ? std::string::npos : comma - from);
+        dst.push_back(static_cast<Int>(parse_integer(name, item, lo, hi)));
+        if (comma == std::string::npos) break;
+        from = comma + 1;
+      }
+    });
+  }
+
   /// `name value` handled by `handle`, which may call fail().
   Cli& custom(const std::string& name, std::function<void(const std::string&)> handle) {
     return add(name, true, std::move(handle));
