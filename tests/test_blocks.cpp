@@ -467,7 +467,9 @@ TEST(BlockStackGrad, HybridMagSwaLmm) { stack_gradient_check({BlockKind::mag, Bl
 template <class S>
 class BlockTyped : public ::testing::Test {
  protected:
-  static constexpr double stream_tol = std::is_same_v<S, float> ? 3e-5 : 1e-12;
+  // Float: a five-block stack split into calls differs from one call by 3.1e-5 (relative) on an
+  // AVX2 machine (Zen 3), ~250 float ulps after five memories; 1e-4 leaves room across machines.
+  static constexpr double stream_tol = std::is_same_v<S, float> ? 1e-4 : 1e-12;
 };
 using Scalars = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(BlockTyped, Scalars);

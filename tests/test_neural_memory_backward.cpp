@@ -158,6 +158,52 @@ TEST(LayerBackward, TwoCallsEqualOneCall) {
   }
 }
 
+// A zero-length training call between two calls is no call: its backward passes the state
+// gradient through unchanged (and touches no parameter gradient).
+TEST(LayerBackward, ZeroLengthCallPassesTheStateGradientThrough) {
+  NeuralMemory<double> layer(tiny(2, 3, false, true));
+  const Params p = lively_params(layer, 14);
+  const Index T = 8, cut = 4;
+  const Matrix<double> x = random_matrix<double>(4, T, 17), dy = random_matrix<double>(4, T, 18);
+  State s = layer.initial_state(p);
+  const State s0 = s;
+  titans::NeuralMemoryCache<double> ca, ce, cb;
+  layer.forward_train(p, x.leftCols(cut), s, ca);
+  const State s1 = s;
+  EXPECT_EQ(layer.forward_train(p, x.leftCols(0), s, ce).cols(), 0);
+  layer.forward_train(p, x.rightCols(T - cut), s, cb);
+
+  Params g = titans::zeros_like(p);
+  State d2 = titans::zeros_like(s1), d1 = titans::zeros_like(s1), d0 = titans::zeros_like(s0);
+  Matrix<double> dxb = Matrix<double>::Zero(4, T - cut), dxa = Matrix<double>::Zero(4, cut), dxe(4, 0);
+  layer.backward(p, cb, dy.rightCols(T - cut), nullptr, g, dxb, &d2);
+  auto tensors = [](const Params& q) {
+    std::vector<Matrix<double>> t;
+    q.for_each([&](const std::string&, const Matrix<double>& m) { t.push_back(m); });
+    return t;
+  };
+  const auto g_after_b = tensors(g);
+  layer.backward(p, ce, dy.leftCols(0), &d2, g, dxe, &d1);
+  EXPECT_EQ(tensors(g), g_after_b) << "a parameter gradient changed in the zero-length backward";
+  EXPECT_EQ(d1.heads[0].weights[1], d2.heads[0].weights[1]);
+  EXPECT_EQ(d1.conv_tail, d2.conv_tail);
+  layer.backward(p, ca, dy.leftCols(cut), &d1, g, dxa, &d0);
+
+  // The same gradients as the two calls without the empty one.
+  State sr = layer.initial_state(p);
+  titans::NeuralMemoryCache<double> ra, rb;
+  layer.forward_train(p, x.leftCols(cut), sr, ra);
+  layer.forward_train(p, x.rightCols(T - cut), sr, rb);
+  Params gr = titans::zeros_like(p);
+  State r1 = titans::zeros_like(s1), r0 = titans::zeros_like(s0);
+  Matrix<double> rxb = Matrix<double>::Zero(4, T - cut), rxa = Matrix<double>::Zero(4, cut);
+  layer.backward(p, rb, dy.rightCols(T - cut), nullptr, gr, rxb, &r1);
+  layer.backward(p, ra, dy.leftCols(cut), &r1, gr, rxa, &r0);
+  EXPECT_EQ(dxa, rxa);
+  EXPECT_EQ(d0.heads[1].weights[0], r0.heads[1].weights[0]);
+  EXPECT_EQ(tensors(gr), tensors(g));
+}
+
 TEST(LayerBackward, CheckpointingGivesTheSameGradientsWithLessCache) {
   NeuralMemory<double> layer(tiny(2, 2, false, false));
   const Params p = layer.init(5);  // default gates: the memory stays bounded over 24 tokens

@@ -82,13 +82,14 @@ struct AttentionState {
   Matrix<Scalar> k, v;  ///< (D, n) cached keys (rotated) and values, oldest first
   Index position = 0;   ///< tokens seen since the state was made
 
-  TITANS_DEFINE_FOR_EACH()
+  TITANS_DEFINE_STATE_FIELDS()
 
  private:
-  template <class Self, class F>
-  static void for_each_impl(Self& s, F& f) {
-    f("k", s.k);
-    f("v", s.v);
+  template <class Self, class Ar>
+  static void fields(Self& s, Ar& ar) {
+    ar.tensor("k", s.k);
+    ar.tensor("v", s.v);
+    ar.count("position", s.position);
   }
 };
 

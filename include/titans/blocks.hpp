@@ -125,6 +125,24 @@ struct BlockConfig {
 
 /// \brief Parameters of one block. Which tensors exist depends on the kind; for_each lists
 /// exactly those (names such as "attention.w_q", "memory.w_k", "ffn.w1").
+/// \brief A block config's fields as "block.*" key/value strings, with its memory's
+/// "neural_memory.*" (the kind is the model's "model.layers"; model_config_from_metadata reads them back).
+inline std::map<std::string, std::string> to_metadata(const BlockConfig& b) {
+  using detail::format_real;
+  std::map<std::string, std::string> m = to_metadata(b.memory);
+  m.insert({{"block.dim", std::to_string(b.dim)},
+            {"block.attention_heads", std::to_string(b.attention_heads)},
+            {"block.window", std::to_string(b.window)},
+            {"block.segment", std::to_string(b.segment)},
+            {"block.persistent", std::to_string(b.persistent)},
+            {"block.ffn_hidden", std::to_string(b.ffn_hidden)},
+            {"block.rope_base", format_real(b.rope_base)},
+            {"block.attention_block", std::to_string(b.attention_block)},
+            {"block.norm_eps", format_real(b.norm_eps)},
+            {"block.checkpoint_every", std::to_string(b.checkpoint_every)}});
+  return m;
+}
+
 template <class Scalar>
 struct BlockParams {
   using scalar_type = Scalar;
@@ -172,18 +190,17 @@ struct BlockState {
   bool primed = false;                            ///< the memory has read the persistent tokens
   Index position = 0;                             ///< tokens seen since the state was made
 
-  TITANS_DEFINE_FOR_EACH()
+  TITANS_DEFINE_STATE_FIELDS()
 
  private:
-  template <class Self, class F>
-  static void for_each_impl(Self& s, F& f) {
-    if (!s.memory.heads.empty()) s.memory.for_each([&](const std::string& n, auto& t) { f("memory." + n, t); });
-    f("attention.k", s.attention.k);
-    f("attention.v", s.attention.v);
-    for (std::size_t h = 0; h < s.snapshot.size(); ++h)
-      for (std::size_t l = 0; l < s.snapshot[h].size(); ++l)
-        f("snapshot.head" + std::to_string(h) + ".w" + std::to_string(l + 1), s.snapshot[h][l]);
-    f("persistent_y", s.persistent_y);
+  template <class Self, class Ar>
+  static void fields(Self& s, Ar& ar) {
+    if (!s.memory.heads.empty()) ar.nested("memory.", s.memory);
+    ar.nested("attention.", s.attention);
+    for (std::size_t h = 0; h < s.snapshot.size(); ++h) ar.tensor_list("snapshot.head" + std::to_string(h) + ".w", s.snapshot[h]);
+    ar.tensor("persistent_y", s.persistent_y);
+    ar.flag("primed", s.primed);
+    ar.count("position", s.position);
   }
 };
 
@@ -240,6 +257,8 @@ class Block {
   State initial_state(const Params& p) const;
 
   /// \brief Throws unless `s` is a state of this block.
+  /// Throws if `s` is not a state of this block: shapes, and the counters' agreement (the KV
+  /// cache, the memory's position and the priming flag follow from the block's position).
   void check_state(const State& s, const char* where = "titans::Block::check_state") const;
 
   /// \brief Runs T tokens through the block, continuing `state`: returns (D, T).
@@ -264,6 +283,7 @@ class Block {
   MemoryTrainOptions train_options() const;
 
   static std::vector<std::vector<Mat>> weights_of(const NeuralMemoryState<Scalar>& m);
+  void check_counters(const State& s, const char* where) const;
 
   Mat run(const char* where, const Params& p, const Eigen::Ref<const Mat>& xin, State& state, Cache* c) const;
 
@@ -392,6 +412,44 @@ void Block<Scalar>::check_state(const State& s, const char* where) const {
   }
   if (cfg_.kind == BlockKind::mal && s.primed)
     detail::check_shape(where, "state.persistent_y", s.persistent_y, cfg_.dim, cfg_.persistent);
+  check_counters(s, where);
+}
+
+template <class Scalar>
+void Block<Scalar>::check_counters(const State& s, const char* where) const {
+  // What the positions imply (a state restored from a file must agree with itself):
+  // the memory has read the block's tokens (plus the persistent tokens once primed, except in
+  // MAC, where they go to the attention), the KV cache holds the tokens the attention still
+  // sees, and only the blocks whose memory reads the persistent tokens are ever primed.
+  const Index pos = s.position, np = cfg_.persistent;
+  const bool primes = cfg_.has_memory() && cfg_.kind != BlockKind::mac;
+  if (s.primed != (primes && pos > 0))
+    detail::raise<InvalidArgument>(where, "state.primed is ", detail::format_bool(s.primed), " at position ", pos,
+                                   " of a ", to_string(cfg_.kind), " block, expected ",
+                                   detail::format_bool(primes && pos > 0));
+  if (cfg_.has_memory()) {
+    const Index want = pos + (s.primed ? np : 0);
+    if (s.memory.position != want)
+      detail::raise<InvalidArgument>(where, "state.memory.position is ", s.memory.position, ", expected ", want,
+                                     " (block position ", pos, s.primed ? " plus the persistent tokens)" : ")");
+  }
+  Index cached = 0;
+  switch (cfg_.kind) {
+    case BlockKind::lmm: break;
+    case BlockKind::mac: cached = 2 * (pos % cfg_.segment); break;
+    case BlockKind::mag:
+    case BlockKind::mal:
+    case BlockKind::swa: cached = std::min(pos, cfg_.window - 1); break;
+  }
+  const Index attention_position = cfg_.has_attention() ? pos : 0;
+  if (s.attention.k.cols() != cached)
+    detail::raise<InvalidArgument>(where, "state.attention holds ", s.attention.k.cols(), " keys at position ", pos,
+                                   " of a ", to_string(cfg_.kind), " block, expected ", cached);
+  if (s.attention.position != attention_position)
+    detail::raise<InvalidArgument>(where, "state.attention.position is ", s.attention.position, ", expected ",
+                                   attention_position);
+  const Index py = cfg_.kind == BlockKind::mal && s.primed ? np : 0;
+  detail::check_shape(where, "state.persistent_y", s.persistent_y, cfg_.dim, py);
 }
 
 template <class Scalar>
@@ -801,11 +859,25 @@ struct BlockList {
 
   TITANS_DEFINE_FOR_EACH()
 
+  /// Every field of every block's state under "block{i}." (states only: io/session.hpp).
+  template <class Ar>
+  void visit(Ar& ar) {
+    visit_impl(*this, ar);
+  }
+  template <class Ar>
+  void visit(Ar& ar) const {
+    visit_impl(*this, ar);
+  }
+
  private:
   template <class Self, class F>
   static void for_each_impl(Self& s, F& f) {
     for (std::size_t i = 0; i < s.blocks.size(); ++i)
       s.blocks[i].for_each([&](const std::string& n, auto& t) { f("block" + std::to_string(i) + "." + n, t); });
+  }
+  template <class Self, class Ar>
+  static void visit_impl(Self& s, Ar& ar) {
+    for (std::size_t i = 0; i < s.blocks.size(); ++i) ar.nested("block" + std::to_string(i) + ".", s.blocks[i]);
   }
 };
 
@@ -841,6 +913,9 @@ class BlockStack {
   void check_params(const Params& p, const char* where = "titans::BlockStack::check_params") const;
 
   State initial_state(const Params& p) const;
+
+  /// Throws if `s` is not a state of this stack (each block's check_state; all at one position).
+  void check_state(const State& s, const char* where = "titans::BlockStack::check_state") const;
 
   Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const;
 
@@ -958,6 +1033,18 @@ void BlockStack<Scalar>::check_sizes(const char* where, const Params& p, const S
     detail::raise<ShapeError>(where, "params hold ", p.blocks.size(), " blocks, the stack has ", blocks_.size());
   if (s.blocks.size() != blocks_.size())
     detail::raise<ShapeError>(where, "state holds ", s.blocks.size(), " blocks, the stack has ", blocks_.size());
+}
+
+template <class Scalar>
+void BlockStack<Scalar>::check_state(const State& s, const char* where) const {
+  if (s.blocks.size() != blocks_.size())
+    detail::raise<ShapeError>(where, "state holds ", s.blocks.size(), " blocks, the stack has ", blocks_.size());
+  for (std::size_t i = 0; i < blocks_.size(); ++i) {
+    blocks_[i].check_state(s.blocks[i], where);
+    if (s.blocks[i].position != s.blocks[0].position)
+      detail::raise<InvalidArgument>(where, "block ", i, " is at position ", s.blocks[i].position, ", block 0 at ",
+                                     s.blocks[0].position);
+  }
 }
 
 // The float and double instantiations (README, "Build time"): PREFIX is `extern` for the

@@ -43,9 +43,65 @@
     for_each_impl(*this, f);              \
   }
 
+/// Inside a state struct that defines `template <class Self, class Ar> static void fields(Self&, Ar&)`
+/// (listing, once, everything the state holds: ar.tensor, ar.tensor_list, ar.nested, ar.count,
+/// ar.flag), declares `for_each(f)` (its tensors, as a parameter set: parameters.hpp) and
+/// `visit(ar)` (every field, for saving and loading a session: io/session.hpp).
+#define TITANS_DEFINE_STATE_FIELDS()                   \
+  template <class F>                                   \
+  void for_each(F&& f) {                               \
+    ::titans::detail::TensorVisitor<F> v{f, {}};       \
+    fields(*this, v);                                  \
+  }                                                    \
+  template <class F>                                   \
+  void for_each(F&& f) const {                         \
+    ::titans::detail::TensorVisitor<F> v{f, {}};       \
+    fields(*this, v);                                  \
+  }                                                    \
+  template <class Ar>                                  \
+  void visit(Ar& ar) {                                 \
+    fields(*this, ar);                                 \
+  }                                                    \
+  template <class Ar>                                  \
+  void visit(Ar& ar) const {                           \
+    fields(*this, ar);                                 \
+  }
+
 namespace titans {
 
 using Index = Eigen::Index;
+
+namespace detail {
+
+/// The field visitor behind a state's for_each: calls f(name, tensor) for each tensor (lists
+/// as name1, name2, …; nested states under their prefix) and skips counters and flags.
+template <class F>
+struct TensorVisitor {
+  F& f;
+  std::string prefix;
+  template <class M>
+  void tensor(const std::string& name, M& t) {
+    f(prefix + name, t);
+  }
+  /// `like`: the list is optional and, when present, has the count and shapes of *like.
+  template <class L, class Like = L>
+  void tensor_list(const std::string& name, L& list, const Like* /*like*/ = nullptr) {
+    for (std::size_t l = 0; l < list.size(); ++l) f(prefix + name + std::to_string(l + 1), list[l]);
+  }
+  template <class S>
+  void nested(const std::string& name, S& s) {
+    const std::size_t n = prefix.size();
+    prefix += name;
+    s.visit(*this);
+    prefix.resize(n);
+  }
+  template <class I>
+  void count(const std::string&, I&) {}
+  template <class B>
+  void flag(const std::string&, B&) {}
+};
+
+}  // namespace detail
 
 /// \brief Dense column-major matrix; every tensor in titans is one (vectors are `(n, 1)`).
 template <class Scalar>

@@ -44,16 +44,16 @@ struct MemoryState {
   /// the state's value: never enumerated, saved or checked.
   std::vector<Matrix<Scalar>> chunk_start_storage;
 
-  /// Enumerates the tensors (for checkpoints of a session): "weights.w1", "momentum.w1", …
-  TITANS_DEFINE_FOR_EACH()
+  /// Tensors "weights.w1", "momentum.w1", …, "chunk_start.w1", … (mid-chunk only); counter "position".
+  TITANS_DEFINE_STATE_FIELDS()
 
  private:
-  template <class Self, class F>
-  static void for_each_impl(Self& self, F& f) {
-    for (std::size_t l = 0; l < self.weights.size(); ++l) f("weights.w" + std::to_string(l + 1), self.weights[l]);
-    for (std::size_t l = 0; l < self.momentum.size(); ++l) f("momentum.w" + std::to_string(l + 1), self.momentum[l]);
-    for (std::size_t l = 0; l < self.chunk_start.size(); ++l)
-      f("chunk_start.w" + std::to_string(l + 1), self.chunk_start[l]);
+  template <class Self, class Ar>
+  static void fields(Self& s, Ar& ar) {
+    ar.tensor_list("weights.w", s.weights);
+    ar.tensor_list("momentum.w", s.momentum);
+    ar.tensor_list("chunk_start.w", s.chunk_start, &s.weights);
+    ar.count("position", s.position);
   }
 };
 

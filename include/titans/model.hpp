@@ -61,26 +61,15 @@ struct ModelConfig {
 };
 
 /// \brief The config as "model.*" key/value strings (for a checkpoint's metadata), and back.
+/// The block template's keys ("block.*", "neural_memory.*") are to_metadata(c.block)'s.
 inline std::map<std::string, std::string> to_metadata(const ModelConfig& c) {
-  using detail::format_real;
   std::string layers;
   for (std::size_t i = 0; i < c.layers.size(); ++i) layers += (i ? "," : "") + std::string(to_string(c.layers[i]));
-  std::map<std::string, std::string> m = to_metadata(c.block.memory);
-  const BlockConfig& b = c.block;
+  std::map<std::string, std::string> m = to_metadata(c.block);
   m.insert({{"model.vocab", std::to_string(c.vocab)},
             {"model.layers", layers},
             {"model.tied", detail::format_bool(c.tied)},
-            {"model.norm_eps", format_real(c.norm_eps)},
-            {"block.dim", std::to_string(b.dim)},
-            {"block.attention_heads", std::to_string(b.attention_heads)},
-            {"block.window", std::to_string(b.window)},
-            {"block.segment", std::to_string(b.segment)},
-            {"block.persistent", std::to_string(b.persistent)},
-            {"block.ffn_hidden", std::to_string(b.ffn_hidden)},
-            {"block.rope_base", format_real(b.rope_base)},
-            {"block.attention_block", std::to_string(b.attention_block)},
-            {"block.norm_eps", format_real(b.norm_eps)},
-            {"block.checkpoint_every", std::to_string(b.checkpoint_every)}});
+            {"model.norm_eps", detail::format_real(c.norm_eps)}});
   return m;
 }
 
@@ -153,12 +142,13 @@ struct ModelState {
   BlockStackState<Scalar> blocks;
   Index position = 0;
 
-  TITANS_DEFINE_FOR_EACH()
+  TITANS_DEFINE_STATE_FIELDS()
 
  private:
-  template <class Self, class F>
-  static void for_each_impl(Self& s, F& f) {
-    s.blocks.for_each(f);
+  template <class Self, class Ar>
+  static void fields(Self& s, Ar& ar) {
+    ar.nested("", s.blocks);
+    ar.count("position", s.position);
   }
 };
 
@@ -227,6 +217,9 @@ class TitansModel {
   void check_params(const Params& p, const char* where = "titans::TitansModel::check_params") const;
 
   State initial_state(const Params& p) const;
+
+  /// Throws if `s` is not a state of this model (the stack's check_state; one position).
+  void check_state(const State& s, const char* where = "titans::TitansModel::check_state") const;
 
   /// \brief Logits (V, T) for the tokens, continuing `state`.
   Mat forward(const Params& p, const std::vector<int>& tokens, State& state) const;
@@ -297,6 +290,14 @@ auto TitansModel<Scalar>::initial_state(const Params& p) const -> State {
   State s;
   s.blocks = stack_.initial_state(p.blocks);
   return s;
+}
+
+template <class Scalar>
+void TitansModel<Scalar>::check_state(const State& s, const char* where) const {
+  stack_.check_state(s.blocks, where);
+  if (!s.blocks.blocks.empty() && s.blocks.blocks[0].position != s.position)
+    detail::raise<InvalidArgument>(where, "state.position is ", s.position, ", its blocks are at ",
+                                   s.blocks.blocks[0].position);
 }
 
 template <class Scalar>

@@ -202,16 +202,16 @@ struct NeuralMemoryState {
   Matrix<Scalar> chunk_gates;              ///< (3H, 1): gate pre-activations of the chunk in progress
   Index position = 0;                      ///< tokens seen since the state was made
 
-  /// Enumerates the state's tensors ("head0.weights.w1", "conv_tail", …), e.g. to save a session.
-  TITANS_DEFINE_FOR_EACH()
+  /// Tensors "head0.weights.w1", …, "conv_tail", "chunk_gates"; counters "position", "head0.position", ….
+  TITANS_DEFINE_STATE_FIELDS()
 
  private:
-  template <class Self, class F>
-  static void for_each_impl(Self& s, F& f) {
-    for (std::size_t h = 0; h < s.heads.size(); ++h)
-      s.heads[h].for_each([&](const std::string& n, auto& t) { f("head" + std::to_string(h) + "." + n, t); });
-    f("conv_tail", s.conv_tail);
-    f("chunk_gates", s.chunk_gates);
+  template <class Self, class Ar>
+  static void fields(Self& s, Ar& ar) {
+    for (std::size_t h = 0; h < s.heads.size(); ++h) ar.nested("head" + std::to_string(h) + ".", s.heads[h]);
+    ar.tensor("conv_tail", s.conv_tail);
+    ar.tensor("chunk_gates", s.chunk_gates);
+    ar.count("position", s.position);
   }
 };
 
@@ -465,10 +465,10 @@ void NeuralMemory<Scalar>::check_state(const State& s, const char* where) const 
   if (static_cast<Index>(s.heads.size()) != cfg_.heads)
     detail::raise<ShapeError>(where, "state.heads has ", s.heads.size(), " memories, expected heads = ", cfg_.heads);
   for (const auto& h : s.heads) {
-    check_memory_state(where, mem_, cfg_.chunk_size, h);
     if (h.position != s.position)
       detail::raise<InvalidArgument>(where, "a head's position (", h.position, ") differs from state.position (",
                                      s.position, ")");
+    check_memory_state(where, mem_, cfg_.chunk_size, h);
   }
   detail::check_shape(where, "state.conv_tail", s.conv_tail, 3 * cfg_.dim, cfg_.conv_kernel - 1);
   detail::check_shape(where, "state.chunk_gates", s.chunk_gates, 3 * cfg_.heads, 1);
@@ -502,13 +502,17 @@ auto NeuralMemory<Scalar>::forward_train(const Params& p, const Eigen::Ref<const
   if (options.checkpoint_every < 1)
     detail::raise<InvalidArgument>(where, "options.checkpoint_every is ", options.checkpoint_every,
                                    ", expected >= 1");
+  const Index H = cfg_.heads, d = mem_.dim;
+  cache = NeuralMemoryCache<Scalar>();
   cache.x = x;
   cache.start_conv_tail = state.conv_tail;
   cache.start_position = state.position;
+  cache.heads.resize(static_cast<std::size_t>(H));
+  // A zero-length call is no call: the state is unchanged and backward passes dfinal through
+  // (the per-head views below would offset a null pointer).
+  if (x.cols() == 0) return Mat(cfg_.dim, 0);
   cache.in = inputs_unchecked(p, x, state, /*advance=*/true, &cache);
   const MemoryInputs<Scalar>& in = cache.in;
-  const Index H = cfg_.heads, d = mem_.dim;
-  cache.heads.resize(static_cast<std::size_t>(H));
   cache.y.resize(cfg_.dim, x.cols());
   detail::for_each_head(H, [&](Index h) {
     memory_forward_train_into<Scalar>(mem_, cfg_.chunk_size, head_inputs(p, in, h), state.heads[h],
@@ -545,6 +549,15 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
     detail::check_shape(where, "dinitial->chunk_gates", dinitial->chunk_gates, 3 * H, 1);
     if (static_cast<Index>(dinitial->heads.size()) != H)
       detail::raise<ShapeError>(where, "dinitial->heads has ", dinitial->heads.size(), " memories, expected ", H);
+  }
+  if (T == 0) {  // forward_train's zero-length call changed nothing: d(initial) = d(final)
+    if (dfinal && dinitial) {
+      dinitial->conv_tail += dfinal->conv_tail;
+      dinitial->chunk_gates += dfinal->chunk_gates;
+      for (Index h = 0; h < H; ++h)
+        add_state_gradient(dinitial->heads[static_cast<std::size_t>(h)], dfinal->heads[static_cast<std::size_t>(h)]);
+    }
+    return;
   }
   const Scalar one(1);
 

@@ -21,4 +21,5 @@
 #if !defined(TITANS_NO_CHECKPOINT) && __has_include(<nlohmann/json.hpp>)
 #include "checkpoint.hpp"
 #include "model_checkpoint.hpp"
+#include "io/session.hpp"
 #endif
