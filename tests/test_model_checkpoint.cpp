@@ -6,7 +6,14 @@
 
 #if !defined(TITANS_NO_CHECKPOINT) && __has_include(<nlohmann/json.hpp>)
 
+#include "support/edit_checkpoint.hpp"
 #include "support/temp_dir.hpp"
+
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <new>
 
 #include <string>
 #include <vector>
@@ -112,6 +119,97 @@ TEST(ModelCheckpoint, BadArgumentsAndFilesThrowClearly) {
   EXPECT_THROW(titans::load_model<double>(path), titans::FormatError);
   titans::save_model(path, model, params);
   EXPECT_NO_THROW(titans::load_model<double>(path));
+}
+
+// parameter_count() is computed from the config alone; it must be what init() allocates.
+TEST(ModelCheckpoint, ParameterCountFromTheConfigEqualsTheParameters) {
+  for (bool tied : {true, false})
+    for (titans::Index depth : {1, 3})
+      for (bool output_norm : {true, false})
+        for (titans::Index persistent : {0, 2}) {
+          ModelConfig c = small_config(tied);
+          c.layers = {BlockKind::mac, BlockKind::mag, BlockKind::mal, BlockKind::lmm, BlockKind::swa};
+          c.block.memory.depth = depth;
+          c.block.memory.output_norm = output_norm;
+          c.block.persistent = persistent;
+          c.block.ffn_hidden = depth == 3 ? 20 : 0;
+          const TitansModel<float> model(c);
+          EXPECT_EQ(model.parameter_count(), titans::parameter_count(model.init(1)))
+              << "tied " << tied << " depth " << depth << " output_norm " << output_norm;
+        }
+}
+
+// A small real file whose metadata declares a huge model (D = 4096, V = 2^24: 275 GB of
+// parameters in float). Without the check, load_model would allocate them before looking at the
+// tensors.
+std::vector<std::uint8_t> huge_model_file() {
+  const TitansModel<float> model(small_config(true));
+  const auto params = model.init(1);
+  auto e = titans_test::edit_checkpoint(titans::save_checkpoint_to_memory(params, titans::to_metadata(model.config())));
+  e.metadata["model.vocab"] = std::to_string(titans::Index(1) << 24);
+  for (const char* key : {"block.dim", "neural_memory.dim"}) e.metadata[key] = "4096";
+  return e.bytes();
+}
+
+TEST(ModelCheckpoint, AFileDeclaringAHugeModelIsRefusedBeforeAllocating) {
+  const auto bytes = huge_model_file();
+  try {
+    titans::load_model_from_memory<float>(bytes.data(), bytes.size());
+    ADD_FAILURE() << "expected FormatError";
+  } catch (const titans::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("but the file holds only"), std::string::npos) << e.what();
+  }
+  // Config integers past titans::limits are refused by name.
+  auto e = titans_test::edit_checkpoint(bytes);
+  e.metadata["model.vocab"] = "9223372036854775807";
+  try {
+    titans::load_model_from_memory<float>(e.bytes().data(), e.bytes().size());
+    ADD_FAILURE() << "expected FormatError";
+  } catch (const titans::FormatError& err) {
+    EXPECT_NE(std::string(err.what()).find("vocab is 9223372036854775807"), std::string::npos) << err.what();
+  }
+}
+
+// The same under an address-space limit of 1 GiB, in a child process: the load must end in
+// FormatError, not std::bad_alloc or an out-of-memory kill. (Sanitizers reserve terabytes of
+// shadow memory, so the limit cannot apply to them.)
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define TITANS_TEST_NO_RLIMIT 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define TITANS_TEST_NO_RLIMIT 1
+#endif
+#endif
+
+TEST(ModelCheckpoint, AFileDeclaringAHugeModelFailsCleanlyUnderAMemoryLimit) {
+#ifdef TITANS_TEST_NO_RLIMIT
+  GTEST_SKIP() << "an address-space limit does not apply under the sanitizers";
+#else
+  const auto bytes = huge_model_file();
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    rlimit lim{};
+    lim.rlim_cur = lim.rlim_max = rlim_t(1) << 30;
+    if (setrlimit(RLIMIT_AS, &lim) != 0) _exit(10);
+    int code = 0;
+    try {
+      titans::load_model_from_memory<float>(bytes.data(), bytes.size());
+      code = 1;
+    } catch (const titans::FormatError&) {
+      code = 0;
+    } catch (const std::bad_alloc&) {
+      code = 2;
+    } catch (...) {
+      code = 3;
+    }
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child was killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: loaded; 2: std::bad_alloc; 3: another exception; 10: setrlimit failed";
+#endif
 }
 
 }  // namespace

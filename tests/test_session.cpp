@@ -9,6 +9,7 @@
 
 #if !defined(TITANS_NO_CHECKPOINT) && __has_include(<nlohmann/json.hpp>)
 
+#include "support/edit_checkpoint.hpp"
 #include "support/random_matrix.hpp"
 #include "support/temp_dir.hpp"
 
@@ -197,32 +198,8 @@ TEST(Session, GenerationAfterAResumeEqualsGenerationWithoutOne) {
 
 // --- refusals -------------------------------------------------------------------------------
 
-// The session's tensors and metadata, to edit and write back.
-struct Edited {
-  std::map<std::string, Matrix<double>> tensors;
-  std::map<std::string, std::string> metadata;
-  using scalar_type = double;
-  template <class F>
-  void for_each(F&& f) {
-    for (auto& [n, t] : tensors) f(n, t);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    for (const auto& [n, t] : tensors) f(n, t);
-  }
-  Bytes bytes() const { return titans::save_checkpoint_to_memory(*this, metadata); }
-};
-
-Edited edit(const Bytes& bytes) {
-  Edited e;
-  e.metadata = titans::read_checkpoint_metadata_from_memory(bytes.data(), bytes.size());
-  for (const auto& info : titans::list_checkpoint_from_memory(bytes.data(), bytes.size())) {
-    const Index r = static_cast<Index>(info.shape.at(0)), c = static_cast<Index>(info.shape.at(1));
-    e.tensors[info.name] = Matrix<double>::Zero(r, c);
-  }
-  titans::load_checkpoint_from_memory(bytes, e);
-  return e;
-}
+using Edited = titans_test::EditedCheckpoint;
+Edited edit(const Bytes& bytes) { return titans_test::edit_checkpoint(bytes); }
 
 template <class E, class F>
 void expect_refused(F&& f, const std::string& needle) {

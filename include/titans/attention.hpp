@@ -43,16 +43,18 @@ struct AttentionConfig {
 
   /// Throws InvalidArgument naming the field.
   void validate(const char* where = "titans::AttentionConfig") const {
-    if (dim < 1) detail::raise<InvalidArgument>(where, "dim is ", dim, ", expected >= 1");
-    if (heads < 1) detail::raise<InvalidArgument>(where, "heads is ", heads, ", expected >= 1");
+    detail::check_range(where, "dim", dim, 1, limits::dim);
+    detail::check_range(where, "heads", heads, 1, dim);
     if (dim % heads != 0) detail::raise<InvalidArgument>(where, "heads (", heads, ") does not divide dim (", dim, ")");
     if (head_dim() % 2 != 0)
       detail::raise<InvalidArgument>(where, "head width dim / heads = ", head_dim(),
                                      " is odd; rotary embeddings need an even head width");
-    if (window < 0) detail::raise<InvalidArgument>(where, "window is ", window, ", expected >= 1 (or 0 for full causal)");
+    if (window < 0 || window > limits::span)
+      detail::raise<InvalidArgument>(where, "window is ", window, ", expected a value in [1, ", limits::span,
+                                     "] (or 0 for full causal)");
     if (!(rope_base > 1) || !std::isfinite(rope_base))
       detail::raise<InvalidArgument>(where, "rope_base is ", rope_base, ", expected a finite value > 1");
-    if (block < 1) detail::raise<InvalidArgument>(where, "block is ", block, ", expected >= 1");
+    detail::check_range(where, "block", block, 1, limits::block);
   }
 };
 
@@ -158,6 +160,10 @@ class Attention {
   const AttentionConfig& config() const { return cfg_; }
 
   /// \brief Deterministic initialisation: projections N(0, 1/D).
+  /// Number of scalars in init()'s parameters, computed from the config alone (nothing is
+  /// allocated: load_model checks it against the file before building the parameters).
+  Index parameter_count() const { return 4 * cfg_.dim * cfg_.dim; }
+
   Params init(std::uint64_t seed) const;
 
   void check_params(const Params& p, const char* where = "titans::Attention::check_params") const;

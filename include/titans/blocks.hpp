@@ -99,13 +99,12 @@ struct BlockConfig {
 
   /// Throws InvalidArgument naming the field.
   void validate(const char* where = "titans::BlockConfig") const {
-    if (dim < 1) detail::raise<InvalidArgument>(where, "dim is ", dim, ", expected >= 1");
-    if (window < 1) detail::raise<InvalidArgument>(where, "window is ", window, ", expected >= 1");
-    if (segment < 1) detail::raise<InvalidArgument>(where, "segment is ", segment, ", expected >= 1");
-    if (persistent < 0) detail::raise<InvalidArgument>(where, "persistent (N_p) is ", persistent, ", expected >= 0");
-    if (checkpoint_every < 1)
-      detail::raise<InvalidArgument>(where, "checkpoint_every is ", checkpoint_every, ", expected >= 1");
-    if (ffn_hidden < 0) detail::raise<InvalidArgument>(where, "ffn_hidden is ", ffn_hidden, ", expected >= 0");
+    detail::check_range(where, "dim", dim, 1, limits::dim);
+    detail::check_range(where, "window", window, 1, limits::span);
+    detail::check_range(where, "segment", segment, 1, limits::span);
+    detail::check_range(where, "persistent (N_p)", persistent, 0, limits::persistent);
+    detail::check_range(where, "checkpoint_every", checkpoint_every, 1, limits::block);
+    detail::check_range(where, "ffn_hidden", ffn_hidden, 0, limits::ffn_hidden);
     if (!(norm_eps > 0) || !std::isfinite(norm_eps))
       detail::raise<InvalidArgument>(where, "norm_eps is ", norm_eps, ", expected a finite value > 0");
     if (has_attention()) {
@@ -248,6 +247,15 @@ class Block {
   BlockKind kind() const { return cfg_.kind; }
 
   /// \brief Deterministic initialisation from `seed`.
+  /// Number of scalars in init()'s parameters, computed from the config alone (nothing is
+  /// allocated: load_model checks it against the file before building the parameters).
+  Index parameter_count() const {
+    const Index D = cfg_.dim;
+    return 2 * D + D * cfg_.persistent + (cfg_.has_attention() ? attn_.parameter_count() : 0) +
+           (cfg_.has_memory() ? mem_.parameter_count() : 0) + (cfg_.has_gate() ? 2 * D : 0) +
+           (cfg_.kind == BlockKind::mac ? D * D + D : 0) + 3 * D * cfg_.ffn_width();
+  }
+
   Params init(std::uint64_t seed) const;
 
   /// \brief Throws ShapeError naming the tensor if `p` does not fit this block.
@@ -908,6 +916,14 @@ class BlockStack {
   const Block<Scalar>& block(Index i) const { return blocks_.at(static_cast<std::size_t>(i)); }
 
   /// Block i is initialised from a seed derived from `seed` and i.
+  /// Number of scalars in init()'s parameters, computed from the config alone (nothing is
+  /// allocated: load_model checks it against the file before building the parameters).
+  Index parameter_count() const {
+    Index n = 0;
+    for (const auto& b : blocks_) n += b.parameter_count();
+    return n;
+  }
+
   Params init(std::uint64_t seed) const;
 
   void check_params(const Params& p, const char* where = "titans::BlockStack::check_params") const;

@@ -173,6 +173,32 @@ template <class Exception, class... Parts>
   throw Exception(concat(where, ": ", std::forward<Parts>(parts)...));
 }
 
+/// Throws InvalidArgument unless lo <= v <= hi, naming the field.
+inline void check_range(const char* where, const char* field, Index v, Index lo, Index hi) {
+  if (v < lo || v > hi) raise<InvalidArgument>(where, field, " is ", v, ", expected a value in [", lo, ", ", hi, "]");
+}
+
+}  // namespace detail
+
+/// \brief Upper bounds of the config integers, far above any model this library runs well, and
+/// low enough that sizes computed from them cannot overflow: a file's config is checked against
+/// them (and its parameter count against the bytes the file holds) before anything is allocated.
+namespace limits {
+inline constexpr Index dim = Index(1) << 16;          ///< model width D, memory width
+inline constexpr Index vocab = Index(1) << 24;        ///< vocabulary
+inline constexpr Index layers = 1024;                 ///< blocks of a model
+inline constexpr Index depth = 16;                    ///< memory MLP depth L
+inline constexpr Index expansion = 64;                ///< memory hidden-width factor E
+inline constexpr Index chunk_size = Index(1) << 16;   ///< memory chunk b
+inline constexpr Index conv_kernel = 1024;            ///< convolution width K
+inline constexpr Index span = Index(1) << 24;         ///< attention window w, MAC segment C
+inline constexpr Index persistent = Index(1) << 16;   ///< persistent tokens N_p
+inline constexpr Index ffn_hidden = Index(1) << 20;   ///< SwiGLU hidden width
+inline constexpr Index block = Index(1) << 16;        ///< attention query block; checkpoint_every
+}  // namespace limits
+
+namespace detail {
+
 /// Throws ShapeError unless `m` is `(rows, cols)`; a negative expected size matches anything.
 template <class Derived>
 void check_shape(const char* where, const char* what, const Eigen::EigenBase<Derived>& m, Index rows,

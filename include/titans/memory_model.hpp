@@ -53,9 +53,9 @@ struct MemoryConfig {
 
   /// Throws InvalidArgument naming the field if the config is unusable.
   void validate(const char* where = "titans::MemoryConfig") const {
-    if (dim < 1) detail::raise<InvalidArgument>(where, "dim (d) is ", dim, ", expected >= 1");
-    if (depth < 1) detail::raise<InvalidArgument>(where, "depth (L) is ", depth, ", expected >= 1");
-    if (expansion < 1) detail::raise<InvalidArgument>(where, "expansion (E) is ", expansion, ", expected >= 1");
+    detail::check_range(where, "dim (d)", dim, 1, limits::dim);
+    detail::check_range(where, "depth (L)", depth, 1, limits::depth);
+    detail::check_range(where, "expansion (E)", expansion, 1, limits::expansion);
     if (activation != Activation::silu && activation != Activation::gelu && activation != Activation::identity)
       detail::raise<InvalidArgument>(where, "activation has an unknown value");
     if (!(norm_eps > 0) || !std::isfinite(norm_eps))

@@ -48,8 +48,10 @@ struct ModelConfig {
   Index dim() const { return block.dim; }
 
   void validate(const char* where = "titans::ModelConfig") const {
-    if (vocab < 1) detail::raise<InvalidArgument>(where, "vocab is ", vocab, ", expected >= 1");
+    detail::check_range(where, "vocab", vocab, 1, limits::vocab);
     if (layers.empty()) detail::raise<InvalidArgument>(where, "layers is empty, expected at least one block");
+    if (static_cast<Index>(layers.size()) > limits::layers)
+      detail::raise<InvalidArgument>(where, "layers has ", layers.size(), " blocks, expected at most ", limits::layers);
     if (!(norm_eps > 0) || !std::isfinite(norm_eps))
       detail::raise<InvalidArgument>(where, "norm_eps is ", norm_eps, ", expected a finite value > 0");
     for (BlockKind k : layers) {
@@ -212,6 +214,13 @@ class TitansModel {
 
   /// \brief Deterministic initialisation: embedding N(0, 1/D) (so tied logits start near unit
   /// scale), blocks as Block::init, untied head N(0, 1/D), final norm gain 1.
+  /// Number of scalars in init()'s parameters, computed from the config alone (nothing is
+  /// allocated: load_model checks it against the file before building the parameters).
+  Index parameter_count() const {
+    const Index D = cfg_.block.dim, V = cfg_.vocab;
+    return D * V + stack_.parameter_count() + D + (cfg_.tied ? 0 : V * D);
+  }
+
   Params init(std::uint64_t seed) const;
 
   void check_params(const Params& p, const char* where = "titans::TitansModel::check_params") const;

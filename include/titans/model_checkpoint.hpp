@@ -47,18 +47,52 @@ void save_model(const std::string& path, const TitansModel<Scalar>& model, const
   save_checkpoint(path, params, metadata);
 }
 
+namespace detail {
+namespace ckpt {
+
+/// load_model on validated bytes: the config is read and bounded (ModelConfig::validate), its
+/// parameter count is compared with the values the file holds, and only then are the parameters
+/// allocated and read. A small file that declares a huge model is refused before any allocation.
+template <class Scalar>
+LoadedModel<Scalar> load_model_bytes(const char* where, const std::uint8_t* data, std::size_t size) {
+  const Header h = parse_buffer(where, data, size);
+  ModelConfig config;
+  try {
+    config = model_config_from_metadata(h.metadata);
+  } catch (const FormatError& e) {
+    raise<FormatError>(where, e.what());
+  }
+  TitansModel<Scalar> model(config);  // configs and small tables only
+  std::uint64_t held = 0;
+  for (const Entry& e : h.entries) held += (e.end - e.begin) / e.width;
+  const auto needed = static_cast<std::uint64_t>(model.parameter_count());
+  if (needed > held)
+    raise<FormatError>(where, "the metadata describes a model of ", needed, " parameters, but the file holds only ",
+                       held, " values");
+  ModelParams<Scalar> params = model.init(0);  // the shapes; every tensor is then read from the file
+  load_into(where, h, data + 8 + get_le64(data), params, LoadOptions{});
+  return LoadedModel<Scalar>{std::move(config), std::move(model), std::move(params), h.metadata};
+}
+
+}  // namespace ckpt
+}  // namespace detail
+
 /// \brief Rebuilds a model saved by save_model: config from the metadata, then every tensor
-/// (F32 and F64 files load into either Scalar). Throws FormatError naming a missing or malformed
-/// config key or tensor, InvalidArgument if the config is invalid, IoError if the file cannot be
-/// read.
+/// (F32 and F64 files load into either Scalar). The config is checked (every integer bounded,
+/// titans::limits) and its parameter count compared with the values the file holds before any
+/// parameter is allocated. Throws FormatError naming a missing or malformed config key or tensor,
+/// or a file too small for the model it describes; IoError if the file cannot be read.
 template <class Scalar>
 LoadedModel<Scalar> load_model(const std::string& path) {
-  std::map<std::string, std::string> metadata = read_checkpoint_metadata(path);
-  ModelConfig config = model_config_from_metadata(metadata);
-  TitansModel<Scalar> model(config);
-  ModelParams<Scalar> params = model.init(0);  // the shapes; every tensor is then read from the file
-  load_checkpoint(path, params);
-  return LoadedModel<Scalar>{std::move(config), std::move(model), std::move(params), std::move(metadata)};
+  const std::string where = detail::ckpt::where_path("titans::load_model", path);
+  const std::vector<std::uint8_t> bytes = detail::ckpt::read_file(where.c_str(), path);
+  return detail::ckpt::load_model_bytes<Scalar>(where.c_str(), bytes.data(), bytes.size());
+}
+
+/// \brief load_model on bytes in memory (a file read by the caller, a network buffer).
+template <class Scalar>
+LoadedModel<Scalar> load_model_from_memory(const std::uint8_t* data, std::size_t size) {
+  return detail::ckpt::load_model_bytes<Scalar>("titans::load_model_from_memory", data, size);
 }
 
 // The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
@@ -66,7 +100,8 @@ LoadedModel<Scalar> load_model(const std::string& path) {
 #define TITANS_INSTANTIATE_MODEL_CHECKPOINT(PREFIX, S) \
   PREFIX template void save_model<S>(const std::string&, const TitansModel<S>&, const ModelParams<S>&,           \
                                      const std::map<std::string, std::string>&);                               \
-  PREFIX template LoadedModel<S> load_model<S>(const std::string&);
+  PREFIX template LoadedModel<S> load_model<S>(const std::string&);                                            \
+  PREFIX template LoadedModel<S> load_model_from_memory<S>(const std::uint8_t*, std::size_t);
 
 #ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_MODEL_CHECKPOINT(extern, float)

@@ -81,12 +81,12 @@ struct NeuralMemoryConfig {
 
   /// Throws InvalidArgument naming the field.
   void validate(const char* where = "titans::NeuralMemoryConfig") const {
-    if (dim < 1) detail::raise<InvalidArgument>(where, "dim is ", dim, ", expected >= 1");
-    if (heads < 1) detail::raise<InvalidArgument>(where, "heads is ", heads, ", expected >= 1");
+    detail::check_range(where, "dim", dim, 1, limits::dim);
+    detail::check_range(where, "heads", heads, 1, dim);
     if (dim % heads != 0)
       detail::raise<InvalidArgument>(where, "heads (", heads, ") does not divide dim (", dim, ")");
-    if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
-    if (conv_kernel < 1) detail::raise<InvalidArgument>(where, "conv_kernel is ", conv_kernel, ", expected >= 1");
+    detail::check_range(where, "chunk_size", chunk_size, 1, limits::chunk_size);
+    detail::check_range(where, "conv_kernel", conv_kernel, 1, limits::conv_kernel);
     if (!(theta_max >= 0) || !std::isfinite(theta_max))
       detail::raise<InvalidArgument>(where, "theta_max is ", theta_max, ", expected a finite value >= 0");
     if (!(norm_eps > 0) || !std::isfinite(norm_eps))
@@ -285,6 +285,16 @@ class NeuralMemory {
   /// η ≈ 0.73·η_max, θ ≈ θ_max·min(0.12, 1/hidden width);
   /// memory N(0, 1/n_{l−1});
   /// norm gains, and the read-out gains γ (output_norm), 1.
+  /// Number of scalars in init()'s parameters, computed from the config alone (nothing is
+  /// allocated: load_model checks it against the file before building the parameters).
+  Index parameter_count() const {
+    const Index D = cfg_.dim, H = cfg_.heads;
+    // w_k, w_v, w_q, w_gate, w_out; the convolutions; the gate projections and biases; Θ_init
+    // of every head; the read-out gain; the output norm's gain.
+    return 5 * D * D + 3 * D * cfg_.conv_kernel + 3 * H * D + 3 * H + H * mem_.weight_count() +
+           (cfg_.output_norm ? D : 0) + D;
+  }
+
   Params init(std::uint64_t seed) const;
 
   /// \brief Throws ShapeError naming the tensor if `p` does not fit this layer's config.
