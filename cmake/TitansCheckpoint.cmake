@@ -9,13 +9,14 @@
 #        adds it to the titansTargets export set when TITANS_INSTALL is on, links it into
 #        test_checkpoint if that target exists, and sets TITANS_HAVE_CHECKPOINT to ON.
 #      - when titans is the top-level project, tests are on, TITANS_FUZZ is on and a clang++ that
-#        can link -fsanitize=fuzzer is found, registers the ctest test `fuzz.checkpoint`
-#        (label `fuzz`): it compiles fuzz/fuzz_checkpoint.cpp with that clang++ (the main build may
-#        use another compiler) and runs it for TITANS_FUZZ_SECONDS on a fresh copy of fuzz/corpus.
+#        can link -fsanitize=fuzzer is found, registers the ctest tests `fuzz.checkpoint` and
+#        `fuzz.model` (label `fuzz`): each compiles fuzz/fuzz_<name>.cpp with that clang++ (the
+#        main build may use another compiler) and runs it for TITANS_FUZZ_SECONDS on a fresh copy
+#        of its seed corpus (fuzz/corpus, fuzz/corpus_model).
 #
 # 2. cmake -DCLANGXX=... -DSOURCE_DIR=... -DINCLUDE_DIRS=a|b -DWORK_DIR=... -DSECONDS=...
-#          [-DRSS_LIMIT_MB=2048] -P cmake/TitansCheckpoint.cmake
-#    is what `fuzz.checkpoint` runs: build the fuzzer, run it, fail on any finding.
+#          [-DNAME=checkpoint|model] [-DCORPUS=fuzz/corpus] [-DRSS_LIMIT_MB=2048] -P cmake/TitansCheckpoint.cmake
+#    is what those tests run: build the fuzzer, run it, fail on any finding.
 
 if(CMAKE_SCRIPT_MODE_FILE AND CMAKE_SCRIPT_MODE_FILE STREQUAL CMAKE_CURRENT_LIST_FILE)
   # ------------------------------------------------------------------------------------------
@@ -28,6 +29,12 @@ if(CMAKE_SCRIPT_MODE_FILE AND CMAKE_SCRIPT_MODE_FILE STREQUAL CMAKE_CURRENT_LIST
   endforeach()
   if(NOT DEFINED RSS_LIMIT_MB)
     set(RSS_LIMIT_MB 2048)
+  endif()
+  if(NOT DEFINED NAME)
+    set(NAME checkpoint)
+  endif()
+  if(NOT DEFINED CORPUS)
+    set(CORPUS fuzz/corpus)
   endif()
 
   set(flags -std=c++17 -g -O1 -fno-omit-frame-pointer
@@ -43,24 +50,24 @@ if(CMAKE_SCRIPT_MODE_FILE AND CMAKE_SCRIPT_MODE_FILE STREQUAL CMAKE_CURRENT_LIST
     endif()
   endforeach()
 
-  set(binary "${WORK_DIR}/fuzz_checkpoint")
+  set(binary "${WORK_DIR}/fuzz_${NAME}")
   set(corpus "${WORK_DIR}/corpus")
   set(artifacts "${WORK_DIR}/artifacts")
   set(log "${WORK_DIR}/fuzz.log")
   file(REMOVE_RECURSE "${corpus}" "${artifacts}")
   file(MAKE_DIRECTORY "${WORK_DIR}" "${artifacts}")
   # The fuzzer adds the inputs it finds to its corpus; work on a copy so the seeds stay as committed.
-  file(COPY "${SOURCE_DIR}/fuzz/corpus/" DESTINATION "${corpus}")
+  file(COPY "${SOURCE_DIR}/${CORPUS}/" DESTINATION "${corpus}")
 
-  message(STATUS "Compiling the checkpoint fuzzer with ${CLANGXX}")
+  message(STATUS "Compiling the ${NAME} fuzzer with ${CLANGXX}")
   execute_process(
-    COMMAND "${CLANGXX}" ${flags} "${SOURCE_DIR}/fuzz/fuzz_checkpoint.cpp" -o "${binary}"
+    COMMAND "${CLANGXX}" ${flags} "${SOURCE_DIR}/fuzz/fuzz_${NAME}.cpp" -o "${binary}"
     RESULT_VARIABLE rc)
   if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "Compiling fuzz/fuzz_checkpoint.cpp with ${CLANGXX} failed (${rc})")
+    message(FATAL_ERROR "Compiling fuzz/fuzz_${NAME}.cpp with ${CLANGXX} failed (${rc})")
   endif()
 
-  message(STATUS "Fuzzing titans checkpoint loading for ${SECONDS} s (log: ${log})")
+  message(STATUS "Fuzzing titans ${NAME} loading for ${SECONDS} s (log: ${log})")
   execute_process(
     COMMAND "${binary}" -max_total_time=${SECONDS} -rss_limit_mb=${RSS_LIMIT_MB} -timeout=30
             "-artifact_prefix=${artifacts}/" -print_final_stats=1 "${corpus}"
@@ -78,7 +85,7 @@ if(CMAKE_SCRIPT_MODE_FILE AND CMAKE_SCRIPT_MODE_FILE STREQUAL CMAKE_CURRENT_LIST
     endif()
     message("${tail}")
     message(FATAL_ERROR
-      "The checkpoint fuzzer failed (exit ${rc}). Reproducer(s): ${findings}\n"
+      "The ${NAME} fuzzer failed (exit ${rc}). Reproducer(s): ${findings}\n"
       "Rerun one with: ${binary} <file>   (full log: ${log})")
   endif()
   file(STRINGS "${log}" stats REGEX "^(Done|stat::number_of_executed_units)")
@@ -118,7 +125,7 @@ cmake_language(DEFER DIRECTORY "${PROJECT_SOURCE_DIR}" CALL _titans_checkpoint_l
 
 # --- fuzz test (top level only) ------------------------------------------------------------
 option(TITANS_FUZZ "Register the checkpoint fuzz test (needs clang++ with libFuzzer)" ON)
-set(TITANS_FUZZ_SECONDS 20 CACHE STRING "How long the fuzz.checkpoint test fuzzes, in seconds")
+set(TITANS_FUZZ_SECONDS 20 CACHE STRING "How long each fuzz test (fuzz.checkpoint, fuzz.model) fuzzes, in seconds")
 
 if(NOT (PROJECT_IS_TOP_LEVEL AND TITANS_BUILD_TESTS AND TITANS_FUZZ))
   return()
@@ -159,17 +166,27 @@ get_filename_component(_titans_checkpoint_root "${CMAKE_CURRENT_LIST_DIR}/.." AB
 set(_titans_fuzz_includes
   "$<TARGET_PROPERTY:Eigen3::Eigen,INTERFACE_INCLUDE_DIRECTORIES>"
   "$<TARGET_PROPERTY:nlohmann_json::nlohmann_json,INTERFACE_INCLUDE_DIRECTORIES>")
-add_test(NAME fuzz.checkpoint
-  COMMAND "${CMAKE_COMMAND}"
-    "-DCLANGXX=${TITANS_CLANGXX}"
-    "-DSOURCE_DIR=${_titans_checkpoint_root}"
-    "-DINCLUDE_DIRS=$<JOIN:${_titans_fuzz_includes},|>"
-    "-DWORK_DIR=${PROJECT_BINARY_DIR}/fuzz/checkpoint"
-    "-DSECONDS=${TITANS_FUZZ_SECONDS}"
-    -DRSS_LIMIT_MB=2048
-    -P "${CMAKE_CURRENT_LIST_FILE}")
 math(EXPR _titans_fuzz_timeout "${TITANS_FUZZ_SECONDS} + 600")
-set_tests_properties(fuzz.checkpoint PROPERTIES LABELS fuzz TIMEOUT ${_titans_fuzz_timeout} COST 40)
+foreach(_titans_fuzz IN ITEMS "checkpoint|fuzz/corpus" "model|fuzz/corpus_model")
+  string(REPLACE "|" ";" _titans_fuzz "${_titans_fuzz}")
+  list(GET _titans_fuzz 0 _name)
+  list(GET _titans_fuzz 1 _corpus)
+  add_test(NAME fuzz.${_name}
+    COMMAND "${CMAKE_COMMAND}"
+      "-DCLANGXX=${TITANS_CLANGXX}"
+      "-DSOURCE_DIR=${_titans_checkpoint_root}"
+      "-DINCLUDE_DIRS=$<JOIN:${_titans_fuzz_includes},|>"
+      "-DWORK_DIR=${PROJECT_BINARY_DIR}/fuzz/${_name}"
+      "-DSECONDS=${TITANS_FUZZ_SECONDS}"
+      "-DNAME=${_name}"
+      "-DCORPUS=${_corpus}"
+      -DRSS_LIMIT_MB=2048
+      -P "${CMAKE_CURRENT_LIST_FILE}")
+  set_tests_properties(fuzz.${_name} PROPERTIES LABELS fuzz TIMEOUT ${_titans_fuzz_timeout} COST 40)
+endforeach()
+unset(_name)
+unset(_corpus)
+unset(_titans_fuzz)
 unset(_titans_fuzz_timeout)
 unset(_titans_fuzz_includes)
 unset(_titans_checkpoint_root)
