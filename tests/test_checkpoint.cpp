@@ -11,6 +11,11 @@
 
 #include "support/temp_dir.hpp"
 
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -763,6 +768,75 @@ TEST(CheckpointSave, FailedSaveKeepsTheOldFile) {
   EXPECT_THROW(titans::save_checkpoint(path.string(), bad), titans::NumericError);
   EXPECT_EQ(read_bytes(path), before);
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"ckpt.safetensors"});
+}
+
+NamedSet<double> big_set(unsigned seed, Index cols) {
+  NamedSet<double> p;
+  p.tensors = {{"w", Matrix<double>::Zero(1000, cols)}};
+  fill_random(p, seed);
+  return p;
+}
+
+// A write that fails partway (the file-size limit is reached after 64 kB of a 1.6 MB file, in a
+// child process, so the write fails with EFBIG): IoError, the old file byte for byte, no temp.
+TEST(CheckpointSave, AWriteThatFailsPartwayKeepsTheOldFileAndLeavesNoTemp) {
+  TempDir dir;
+  const fs::path path = dir.path() / "ckpt.safetensors";
+  titans::save_checkpoint(path.string(), big_set(1, 10));
+  const Bytes before = read_bytes(path);
+  const NamedSet<double> next = big_set(2, 200);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    signal(SIGXFSZ, SIG_IGN);  // the write then fails with EFBIG instead of killing the process
+    rlimit lim{};
+    lim.rlim_cur = lim.rlim_max = 64 * 1024;
+    if (setrlimit(RLIMIT_FSIZE, &lim) != 0) _exit(10);
+    try {
+      titans::save_checkpoint(path.string(), next);
+    } catch (const titans::IoError&) {
+      _exit(0);
+    } catch (...) {
+      _exit(2);
+    }
+    _exit(1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: the save succeeded; 2: not IoError; 10: setrlimit failed";
+  EXPECT_EQ(read_bytes(path), before);
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"ckpt.safetensors"});
+}
+
+// A process killed (SIGKILL) while it saves, again and again, two different 8 MB checkpoints:
+// the target is always one of them, byte for byte. The temporary file of the interrupted save
+// may remain, under the documented name `<path>.tmp.<random>` (save_checkpoint's comment).
+TEST(CheckpointSave, AProcessKilledMidSaveLeavesTheOldOrTheNewFile) {
+  TempDir dir;
+  const fs::path path = dir.path() / "ckpt.safetensors";
+  const NamedSet<double> a = big_set(3, 1000), b = big_set(4, 1000);
+  const Bytes bytes_a = titans::save_checkpoint_to_memory(a), bytes_b = titans::save_checkpoint_to_memory(b);
+  titans::save_checkpoint(path.string(), a);
+  for (int round = 0; round < 6; ++round) {
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      for (int i = 0;; ++i) titans::save_checkpoint(path.string(), i % 2 ? a : b);
+    }
+    usleep(static_cast<useconds_t>(20000 + 13000 * round));
+    kill(pid, SIGKILL);
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFSIGNALED(status));
+    const Bytes now = read_bytes(path);
+    EXPECT_TRUE(now == bytes_a || now == bytes_b) << "round " << round << ": a partial file (" << now.size() << " bytes)";
+    for (const std::string& e : dir.entries()) {
+      if (e == "ckpt.safetensors") continue;
+      EXPECT_EQ(e.rfind("ckpt.safetensors.tmp.", 0), 0u) << "unexpected file " << e;
+      fs::remove(dir.path() / e);  // what the documentation tells the user to do
+    }
+  }
 }
 
 TEST(CheckpointSave, RenameFailureRemovesTheTempFile) {

@@ -840,7 +840,9 @@ std::vector<std::uint8_t> save_checkpoint_to_memory(const P& params,
 /// The bytes go to a temporary file beside `path` (`path + ".tmp.<random>"`), which is flushed,
 /// closed, checked, and renamed over `path`; readers see either the old file or the complete new
 /// one, never a partial write. On any failure the temporary file is removed and `path` is left as
-/// it was. (Standard C++ cannot fsync, so durability across a power loss is up to the OS.)
+/// it was. A process killed during the save leaves `path` intact too, but cannot remove its
+/// temporary file: a leftover `path + ".tmp.*"` is an interrupted save and may be deleted.
+/// (Standard C++ cannot fsync, so durability across a power loss is up to the OS.)
 /// \param metadata string pairs stored under "__metadata__" (omitted when empty).
 /// \param dtype element type on disk; `native` is the parameter set's own width.
 /// \throws IoError the file cannot be written or renamed (the message names the path).
