@@ -196,6 +196,11 @@ Scalar cross_entropy(const ConstMatrixRef<Scalar>& logits /* (V, T) */, const st
   return static_cast<Scalar>(total / static_cast<double>(n));
 }
 
+/// \brief How many gradient buffers a batch is summed in (TitansModel::loss_and_gradient): up to
+/// this many threads share a batch's sequences, and the result does not depend on how many run.
+/// Memory: min(batch, batch_parts) extra copies of the gradients.
+inline constexpr Index batch_parts = 8;
+
 /// \brief The language model. Holds only its config; parameters and state are explicit.
 template <class Scalar>
 class TitansModel {
@@ -419,14 +424,13 @@ auto TitansModel<Scalar>::batch_loss(const char* where, const Params& p, const s
     for (int t : targets[i]) total += t >= 0;
   }
   if (total == 0) return Scalar(0);
-  // Sequences are independent: under OpenMP each thread takes whole sequences and its own
-  // gradient buffer; the buffers are summed in a fixed order, so results do not depend on timing.
+  // Sequences are independent. They are dealt into min(n, batch_parts) parts (sequence i to part
+  // i mod parts), each part sums its sequences' gradients in order into its own buffer, and the
+  // buffers are summed in part order. The partition depends only on the batch, not on the number
+  // of threads (which only decides which thread runs which part), so results are identical for
+  // any thread count and any timing (tests/test_model.cpp: 1, 2 and 3 threads).
   const Index n_seq = static_cast<Index>(inputs.size());
-  Index n_parts = 1;
-#ifdef _OPENMP
-  n_parts = std::min<Index>(n_seq, static_cast<Index>(omp_get_max_threads()));
-#endif
-  if (n_parts < 1) n_parts = 1;
+  const Index n_parts = std::max<Index>(1, std::min<Index>(n_seq, batch_parts));
   std::vector<double> part_sum(static_cast<std::size_t>(n_parts), 0.0);
   std::vector<Params> part_grads;
   if (grads && n_parts > 1) part_grads.assign(static_cast<std::size_t>(n_parts), zeros_like(p));
