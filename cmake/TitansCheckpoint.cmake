@@ -125,7 +125,7 @@ cmake_language(DEFER DIRECTORY "${PROJECT_SOURCE_DIR}" CALL _titans_checkpoint_l
 
 # --- fuzz test (top level only) ------------------------------------------------------------
 option(TITANS_FUZZ "Register the checkpoint fuzz test (needs clang++ with libFuzzer)" ON)
-set(TITANS_FUZZ_SECONDS 20 CACHE STRING "How long each fuzz test (fuzz.checkpoint, fuzz.model) fuzzes, in seconds")
+set(TITANS_FUZZ_SECONDS 10 CACHE STRING "How long each fuzz test (fuzz.checkpoint, fuzz.model) fuzzes, in seconds")
 
 if(NOT (PROJECT_IS_TOP_LEVEL AND TITANS_BUILD_TESTS AND TITANS_FUZZ))
   return()

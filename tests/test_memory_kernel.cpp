@@ -97,8 +97,9 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
       ys.middleCols(t0, n) =
           titans::memory_forward<double>(cfg, b, p.columns(t0, n), st);
     }
-    EXPECT_LT(rel_err(ys, y), 1e-12) << "cut at " << cut << ", " << cut2;
-    for (Index l = 0; l < L; ++l) EXPECT_LT(rel_err(st.weights[l], one.weights[l]), 1e-12);
+    // A split regroups the chunk sums: 1.5e-12 seen (L = 3, clang, AVX2), so 1e-11.
+    EXPECT_LT(rel_err(ys, y), 1e-11) << "cut at " << cut << ", " << cut2;
+    for (Index l = 0; l < L; ++l) EXPECT_LT(rel_err(st.weights[l], one.weights[l]), 1e-11);
   }
 }
 

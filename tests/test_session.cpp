@@ -88,7 +88,9 @@ void expect_resumes(const Module& m, const typename Module::Params& p, Run run, 
     const Matrix<double> a = run(m, p, resumed, cut, kT);
     const Matrix<double> b = run(m, p, live, cut, kT);
     EXPECT_EQ(a, b) << "the resumed state differs from the live one";
-    EXPECT_LT((a - unsplit.rightCols(kT - cut)).cwiseAbs().maxCoeff(), 1e-12);
+    // The split itself regroups the chunk sums (the session adds nothing: a == b above).
+    const double scale = std::max(1.0, unsplit.cwiseAbs().maxCoeff());
+    EXPECT_LT((a - unsplit.rightCols(kT - cut)).cwiseAbs().maxCoeff(), 1e-12 * scale);
   }
 }
 
