@@ -28,12 +28,14 @@ Matrix<double> fwd(const Affine& p, const Matrix<double>& x) {
   return (p.w * x.array().tanh().matrix()).colwise() + p.b.col(0);
 }
 
-enum class Bug { none, scale_w, overwrite_b, forget_dx };
+enum class Bug { none, scale_w, overwrite_b, forget_dx, drop_tiny_b };
 
 void bwd(const Affine& p, const Matrix<double>& x, const Matrix<double>& dy, Affine& g, Matrix<double>& dx, Bug bug) {
   const Matrix<double> t = x.array().tanh().matrix();
   g.w += (bug == Bug::scale_w ? 1.01 : 1.0) * dy * t.transpose();
-  if (bug == Bug::overwrite_b) {
+  if (bug == Bug::drop_tiny_b) {
+    // b's gradient left out: caught even when every one of its entries is below atol
+  } else if (bug == Bug::overwrite_b) {
     g.b = dy.rowwise().sum();
   } else {
     g.b += dy.rowwise().sum();
@@ -98,6 +100,30 @@ TEST(GradCheck, ChecksTheInputGradient) {
   titans::GradCheckOptions opt;
   opt.check_input = false;
   EXPECT_TRUE(s.run(Bug::forget_dx, opt).ok);
+}
+
+// The absolute tolerance forgives finite-difference noise on near-zero entries; it must not let a
+// tensor whose true gradient is small everywhere pass with a wrong (here: missing) gradient.
+TEST(GradCheck, CatchesAWrongGradientBelowTheAbsoluteTolerance) {
+  Problem s;
+  titans::GradCheckOptions opt;
+  opt.atol = 1e3;  // far above every entry of every gradient here
+  auto r = s.run(Bug::drop_tiny_b, opt);
+  ASSERT_FALSE(r.ok);
+  bool named_b = false;
+  for (const auto& f : r.failures) named_b = named_b || (f.tensor == "b" && f.row < 0);
+  EXPECT_TRUE(named_b) << r.report();
+  EXPECT_NE(r.report().find("b: not exercised"), std::string::npos) << r.report();
+  // Allowed to be zero: then the entries are compared on atol alone, and pass.
+  opt.may_be_zero = {"w", "b", "input"};
+  r = s.run(Bug::drop_tiny_b, opt);
+  EXPECT_TRUE(r.ok) << r.report();
+  EXPECT_GT(r.near_zero, 0);
+  // At the default atol, the same bug fails entry by entry.
+  EXPECT_FALSE(s.run(Bug::drop_tiny_b).ok);
+  opt = {};
+  opt.atol = -1;
+  EXPECT_THROW(s.run(Bug::none, opt), titans::InvalidArgument);
 }
 
 TEST(GradCheck, SamplesEntries) {

@@ -3,7 +3,10 @@
 // \file gradcheck.hpp
 // \brief A gradient checker for any module: one random projection of the output, central finite
 // differences in double for every parameter tensor and the input, gradients pre-filled with junk
-// to prove that backward accumulates (+=), failures named by tensor and index.
+// to prove that backward accumulates (+=), failures named by tensor and index. A tensor whose
+// gradient is below the absolute tolerance everywhere it was checked fails as "not exercised"
+// (unless listed in GradCheckOptions::may_be_zero): the absolute tolerance, which forgives the
+// finite differences' noise on near-zero entries, must not let a whole tensor pass unchecked.
 //
 //     auto result = titans::gradient_check(params, x,
 //         [&](const P& p, const Matrix<double>& x) { /* return the output */ },
@@ -29,6 +32,10 @@ struct GradCheckOptions {
   double step = 1e-6;          ///< central-difference step h
   double rtol = 1e-6;          ///< allowed |analytic − numeric| / max(|analytic|, |numeric|, scale)
   double atol = 1e-9;          ///< allowed absolute difference (for entries whose gradient is ~0)
+  /// A tensor is exercised when some checked entry's numeric gradient exceeds exercised·atol; one
+  /// that is not fails the check (its entries all passed on atol alone, so nothing was verified).
+  double exercised = 100;
+  std::vector<std::string> may_be_zero;  ///< tensors whose gradient may be zero (entries still compared)
   Index max_entries = -1;      ///< entries checked per tensor (chosen at random); −1 = all
   std::uint64_t seed = 1234;   ///< seeds the projection and the choice of entries
   double junk = 0.375;         ///< value the gradients are pre-filled with
@@ -39,7 +46,7 @@ struct GradCheckOptions {
 /// \brief One entry where analytic and numeric gradients disagree.
 struct GradCheckFailure {
   std::string tensor;  ///< parameter name, or "input"
-  Index row = 0, col = 0;
+  Index row = 0, col = 0;  ///< −1, −1: the whole tensor (not exercised)
   double analytic = 0, numeric = 0;
 };
 
@@ -47,6 +54,7 @@ struct GradCheckFailure {
 struct GradCheckResult {
   bool ok = true;
   Index checked = 0;             ///< entries compared
+  Index near_zero = 0;           ///< entries that passed on atol alone (their relative error was above rtol)
   double max_error = 0;          ///< worst |analytic − numeric| / max(|analytic|, |numeric|) seen
   std::string worst;             ///< "tensor(row, col)" of the worst error
   std::vector<GradCheckFailure> failures;
@@ -55,10 +63,17 @@ struct GradCheckResult {
   std::string report() const {
     std::ostringstream os;
     os << (ok ? "gradient check passed" : "gradient check FAILED") << ": " << checked
-       << " entries, worst normalised error " << max_error << " at " << worst << "\n";
-    for (const auto& f : failures)
-      os << "  " << f.tensor << "(" << f.row << ", " << f.col << "): analytic " << f.analytic << ", numeric "
-         << f.numeric << "\n";
+       << " entries (" << near_zero << " passed on atol alone), worst normalised error " << max_error << " at "
+       << worst << "\n";
+    for (const auto& f : failures) {
+      if (f.row < 0) {
+        os << "  " << f.tensor << ": not exercised (largest |numeric| gradient " << f.numeric
+           << ", largest |analytic| " << f.analytic << ", at most exercised * atol)\n";
+      } else {
+        os << "  " << f.tensor << "(" << f.row << ", " << f.col << "): analytic " << f.analytic << ", numeric "
+           << f.numeric << "\n";
+      }
+    }
     return os.str();
   }
 };
@@ -73,6 +88,9 @@ GradCheckResult gradient_check(P& params, Matrix<double>& x, Forward&& forward, 
   static_assert(std::is_same_v<typename P::scalar_type, double>, "titans::gradient_check works in double");
   constexpr const char* where = "titans::gradient_check";
   if (!(opt.step > 0)) detail::raise<InvalidArgument>(where, "options.step is ", opt.step, ", expected > 0");
+  if (!(opt.atol >= 0)) detail::raise<InvalidArgument>(where, "options.atol is ", opt.atol, ", expected >= 0");
+  if (!(opt.exercised >= 0))
+    detail::raise<InvalidArgument>(where, "options.exercised is ", opt.exercised, ", expected >= 0");
   detail::Rng rng(opt.seed);
 
   const Matrix<double> y0 = forward(static_cast<const P&>(params), static_cast<const Matrix<double>&>(x));
@@ -105,6 +123,7 @@ GradCheckResult gradient_check(P& params, Matrix<double>& x, Forward&& forward, 
       }
       entries.resize(static_cast<std::size_t>(opt.max_entries));
     }
+    double largest_numeric = 0, largest_analytic = 0;
     for (Index e : entries) {
       double& v = t.data()[e];
       const double saved = v;
@@ -119,6 +138,8 @@ GradCheckResult gradient_check(P& params, Matrix<double>& x, Forward&& forward, 
       const double scale = std::max({std::abs(analytic), std::abs(numeric), 1e-300});
       const double err = diff / scale;
       ++result.checked;
+      largest_numeric = std::max(largest_numeric, std::abs(numeric));
+      largest_analytic = std::max(largest_analytic, std::abs(analytic));
       const Index row = e % t.rows(), col = e / t.rows();
       if (err >= result.max_error) {
         result.max_error = err;
@@ -128,7 +149,16 @@ GradCheckResult gradient_check(P& params, Matrix<double>& x, Forward&& forward, 
         result.ok = false;
         if (static_cast<Index>(result.failures.size()) < opt.max_failures)
           result.failures.push_back({name, row, col, analytic, numeric});
+      } else if (err > opt.rtol) {
+        ++result.near_zero;
       }
+    }
+    const bool zero_allowed =
+        std::find(opt.may_be_zero.begin(), opt.may_be_zero.end(), name) != opt.may_be_zero.end();
+    if (!entries.empty() && !zero_allowed && !(largest_numeric > opt.exercised * opt.atol)) {
+      result.ok = false;
+      if (static_cast<Index>(result.failures.size()) < opt.max_failures)
+        result.failures.push_back({name, -1, -1, largest_analytic, largest_numeric});
     }
   };
 
