@@ -484,11 +484,12 @@ void Block<Scalar>::backward(const Params& p, const Cache& c, const Eigen::Ref<c
                              Eigen::Ref<Mat> dx) const {
   constexpr const char* where = "titans::Block::backward";
   check_params(p, where);
-  check_params(grads, where);
+  check_params(grads, "titans::Block::backward (grads)");
   const Index D = cfg_.dim, T = c.x.cols();
   if (c.x.rows() != D || c.u2.cols() != T)
     detail::raise<InvalidArgument>(where, "cache was not filled by forward_train of this block");
   detail::check_shape(where, "dout", dout, D, T);
+  detail::check_finite(where, "dout", dout);
   detail::check_shape(where, "dx", dx, D, T);
   // FFN: out = x1 + W2 (silu(a1) ⊙ a3), a1 = W1 u2, a3 = W3 u2, u2 = RMSNorm(x1).
   const Mat sig = detail::sigmoid<Scalar>(c.ffn_a1);
@@ -514,9 +515,17 @@ void Block<Scalar>::backward(const Params& p, const Cache& c, const Eigen::Ref<c
 
 template <class Scalar>
 auto Block<Scalar>::forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const -> std::vector<Mat> {
+  constexpr const char* where = "titans::Block::forward_batch";
   if (xs.size() != states.size())
-    detail::raise<InvalidArgument>("titans::Block::forward_batch", "got ", xs.size(), " sequences and ",
-                                   states.size(), " states");
+    detail::raise<InvalidArgument>(where, "got ", xs.size(), " sequences and ", states.size(), " states");
+  // Every sequence and state before any state advances.
+  check_params(p, where);
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    const std::string x = detail::concat("xs[", i, "]"), at = detail::concat(where, " (states[", i, "])");
+    detail::check_shape(where, x.c_str(), xs[i], cfg_.dim, -1);
+    detail::check_finite(where, x.c_str(), xs[i]);
+    check_state(states[i], at.c_str());
+  }
   std::vector<Mat> ys(xs.size());
   for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = forward(p, xs[i], states[i]);
   return ys;
@@ -946,6 +955,8 @@ class BlockStack {
  private:
   static std::vector<BlockConfig> expand(const BlockConfig& base, const std::vector<BlockKind>& kinds);
   void check_sizes(const char* where, const Params& p, const State& s) const;
+  // Every block's params and state, and x, before the first block advances its state.
+  void check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const State& s) const;
 
   std::vector<Block<Scalar>> blocks_;
 };
@@ -988,6 +999,7 @@ template <class Scalar>
 auto BlockStack<Scalar>::forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const -> Mat {
   constexpr const char* where = "titans::BlockStack::forward";
   check_sizes(where, p, state);
+  check_call(where, p, x, state);
   return detail::naming_bad_parameters(where, p, [&] {
     Mat h = x;
     for (std::size_t i = 0; i < blocks_.size(); ++i) h = blocks_[i].forward(p.blocks[i], h, state.blocks[i]);
@@ -1005,6 +1017,7 @@ template <class Scalar>
 auto BlockStack<Scalar>::forward_train(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state, Cache& cache) const -> Mat {
   constexpr const char* where = "titans::BlockStack::forward_train";
   check_sizes(where, p, state);
+  check_call(where, p, x, state);
   cache.assign(blocks_.size(), BlockCache<Scalar>{});
   return detail::naming_bad_parameters(where, p, [&] {
     Mat h = x;
@@ -1019,16 +1032,23 @@ void BlockStack<Scalar>::backward(const Params& p, const Cache& cache, const Eig
                                   Eigen::Ref<Mat> dx) const {
   constexpr const char* where = "titans::BlockStack::backward";
   check_params(p, where);
-  check_params(grads, where);
+  check_params(grads, "titans::BlockStack::backward (grads)");
   if (cache.size() != blocks_.size())
     detail::raise<InvalidArgument>(where, "cache holds ", cache.size(), " blocks, the stack has ", blocks_.size());
+  // Every argument before the last block adds into grads.
+  const Index D = dim(), T = cache.front().x.cols();
+  for (std::size_t i = 0; i < cache.size(); ++i)
+    if (cache[i].x.rows() != D || cache[i].x.cols() != T || cache[i].u2.cols() != T)
+      detail::raise<InvalidArgument>(where, "cache[", i, "] was not filled by forward_train of this stack");
+  detail::check_shape(where, "dout", dout, D, T);
+  detail::check_finite(where, "dout", dout);
+  detail::check_shape(where, "dx", dx, D, T);
   Mat d = dout;
   for (std::size_t i = blocks_.size(); i-- > 0;) {
     Mat di = Mat::Zero(d.rows(), d.cols());
     blocks_[i].backward(p.blocks[i], cache[i], d, grads.blocks[i], di);
     d = std::move(di);
   }
-  detail::check_shape(where, "dx", dx, d.rows(), d.cols());
   dx += d;
 }
 
@@ -1049,6 +1069,15 @@ void BlockStack<Scalar>::check_sizes(const char* where, const Params& p, const S
     detail::raise<ShapeError>(where, "params hold ", p.blocks.size(), " blocks, the stack has ", blocks_.size());
   if (s.blocks.size() != blocks_.size())
     detail::raise<ShapeError>(where, "state holds ", s.blocks.size(), " blocks, the stack has ", blocks_.size());
+}
+
+template <class Scalar>
+void BlockStack<Scalar>::check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x,
+                                    const State& s) const {
+  check_params(p, where);
+  check_state(s, where);
+  detail::check_shape(where, "x", x, dim(), -1);
+  detail::check_finite(where, "x", x);
 }
 
 template <class Scalar>

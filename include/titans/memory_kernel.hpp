@@ -399,7 +399,12 @@ template <class Scalar>
 Matrix<Scalar> memory_retrieve(const MemoryConfig& cfg, const MemoryState<Scalar>& state,
                                const ConstMatrixRef<Scalar>& q /* (d, T) */,
                                const Vector<Scalar>& gain /* (d) or empty */) {
-  detail::check_finite("titans::memory_retrieve", "q", q);
+  constexpr const char* where = "titans::memory_retrieve";
+  cfg.validate(where);
+  check_memory_weights(where, "state.weights", cfg, state.weights);
+  detail::check_shape(where, "q", q, cfg.dim, -1);
+  detail::check_finite(where, "q", q);
+  detail::check_memory_gain(where, cfg, gain);
   return memory_apply<Scalar>(cfg, state.weights, q, gain);
 }
 

@@ -318,6 +318,7 @@ template <class Scalar>
 auto TitansModel<Scalar>::forward(const Params& p, const std::vector<int>& tokens, State& state) const -> Mat {
   constexpr const char* where = "titans::TitansModel::forward";
   check_params(p, where);
+  check_state(state, where);
   return detail::naming_bad_parameters(where, p, [&] {
     const Mat h = stack_.forward(p.blocks, embed(where, p, tokens), state.blocks);
     state.position += static_cast<Index>(tokens.size());
@@ -337,6 +338,7 @@ template <class Scalar>
 auto TitansModel<Scalar>::forward_train(const Params& p, const std::vector<int>& tokens, State& state, Cache& cache) const -> Mat {
   constexpr const char* where = "titans::TitansModel::forward_train";
   check_params(p, where);
+  check_state(state, where);
   cache.tokens = tokens;
   return detail::naming_bad_parameters(where, p, [&] {
     cache.h = stack_.forward_train(p.blocks, embed(where, p, tokens), state.blocks, cache.blocks);
@@ -351,23 +353,31 @@ template <class Scalar>
 void TitansModel<Scalar>::backward(const Params& p, const Cache& cache, const Eigen::Ref<const Mat>& dlogits, Params& grads) const {
   constexpr const char* where = "titans::TitansModel::backward";
   check_params(p, where);
-  check_params(grads, where);
+  check_params(grads, "titans::TitansModel::backward (grads)");
   const Index D = cfg_.dim(), T = static_cast<Index>(cache.tokens.size());
   detail::check_shape(where, "dlogits", dlogits, cfg_.vocab, T);
-  if (cache.h.cols() != T) detail::raise<InvalidArgument>(where, "cache was not filled by forward_train");
+  detail::check_finite(where, "dlogits", dlogits);
+  if (cache.h.cols() != T || cache.blocks.size() != static_cast<std::size_t>(stack_.size()))
+    detail::raise<InvalidArgument>(where, "cache was not filled by forward_train");
   const Mat& W = cfg_.tied ? p.embedding : p.head;  // tied: logits = Eᵀ u
   Mat du;
   if (cfg_.tied) {
-    grads.embedding.noalias() += cache.u * dlogits.transpose();
     du.noalias() = W * dlogits;
   } else {
-    grads.head.noalias() += dlogits * cache.u.transpose();
     du.noalias() = W.transpose() * dlogits;
   }
-  Mat dh = Mat::Zero(D, T);
-  detail::rms_norm_backward<Scalar>(cache.h, p.norm_final, cache.rinv, du, dh, grads.norm_final);
+  Mat dh = Mat::Zero(D, T), dnorm = Mat::Zero(D, 1);
+  detail::rms_norm_backward<Scalar>(cache.h, p.norm_final, cache.rinv, du, dh, dnorm);
   Mat dx = Mat::Zero(D, T);
+  // The stack checks its caches before it adds into grads; this call's own sums follow it, so a
+  // rejected cache leaves grads as they were.
   stack_.backward(p.blocks, cache.blocks, dh, grads.blocks, dx);
+  grads.norm_final += dnorm;
+  if (cfg_.tied) {
+    grads.embedding.noalias() += cache.u * dlogits.transpose();
+  } else {
+    grads.head.noalias() += dlogits * cache.u.transpose();
+  }
   for (Index t = 0; t < T; ++t) grads.embedding.col(cache.tokens[static_cast<std::size_t>(t)]) += dx.col(t);
 }
 
@@ -413,14 +423,26 @@ template <class Scalar>
 auto TitansModel<Scalar>::batch_loss(const char* where, const Params& p, const std::vector<std::vector<int>>& inputs,
                                      const std::vector<std::vector<int>>& targets, Params* grads) const -> Scalar {
   check_params(p, where);
+  if (grads) check_params(*grads, detail::concat(where, " (grads)").c_str());
   if (inputs.size() != targets.size())
     detail::raise<InvalidArgument>(where, "got ", inputs.size(), " input sequences and ", targets.size(),
                                    " target sequences");
   Index total = 0;
+  const Index V = cfg_.vocab;
   for (std::size_t i = 0; i < inputs.size(); ++i) {
     if (inputs[i].size() != targets[i].size())
       detail::raise<ShapeError>(where, "sequence ", i, " has ", inputs[i].size(), " inputs and ", targets[i].size(),
                                 " targets");
+    // Every sequence before any runs (their errors would otherwise surface from inside the batch).
+    for (std::size_t t = 0; t < inputs[i].size(); ++t) {
+      const int tok = inputs[i][t], y = targets[i][t];
+      if (tok < 0 || tok >= V)
+        detail::raise<InvalidArgument>(where, "inputs[", i, "] has token ", tok, " at position ", t,
+                                       ", outside [0, ", V, ")");
+      if (y < -1 || y >= V)
+        detail::raise<InvalidArgument>(where, "targets[", i, "] has target ", y, " at position ", t,
+                                       ", outside [0, ", V, ") (or -1 to ignore)");
+    }
     for (int t : targets[i]) total += t >= 0;
   }
   if (total == 0) return Scalar(0);

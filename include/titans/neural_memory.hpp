@@ -365,6 +365,12 @@ class NeuralMemory {
 
   void check_call(const char* where, const Params& p, const Eigen::Ref<const Mat>& x, const State& state) const;
 
+  // Throws unless `g` (the argument `name` of backward: "dfinal", "dinitial") is a finite state
+  // gradient for a state at `position`: conv_tail, chunk_gates, one memory per head. With
+  // `empty_is_zero` a head's weights, momentum or chunk_start may be empty (zero), as in memory_backward.
+  void check_state_gradient(const char* where, const char* name, const State& g, Index position,
+                            bool empty_is_zero) const;
+
   /// Projections, causal convolutions (continuing state.conv_tail), SiLU, ℓ2 normalisation per
   /// head, and the gates. With advance, the conv tail and chunk gates of `state` move on.
   MemoryInputs<Scalar> inputs_unchecked(const Params& p, const Eigen::Ref<const Mat>& x, State& state,
@@ -542,24 +548,17 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
                                     State* dinitial) const {
   constexpr const char* where = "titans::NeuralMemory::backward";
   check_params(p, where);
-  check_params(grads, where);
+  check_params(grads, "titans::NeuralMemory::backward (grads)");
   const Index D = cfg_.dim, H = cfg_.heads, T = cache.x.cols(), K = cfg_.conv_kernel, d = mem_.dim;
   if (static_cast<Index>(cache.heads.size()) != H || cache.x.rows() != D)
     detail::raise<InvalidArgument>(where, "cache was not filled by forward_train of this layer");
   detail::check_shape(where, "dout", dout, D, T);
+  detail::check_finite(where, "dout", dout);
   detail::check_shape(where, "dx", dx, D, T);
-  if (dfinal) {
-    detail::check_shape(where, "dfinal->conv_tail", dfinal->conv_tail, 3 * D, K - 1);
-    detail::check_shape(where, "dfinal->chunk_gates", dfinal->chunk_gates, 3 * H, 1);
-    if (static_cast<Index>(dfinal->heads.size()) != H)
-      detail::raise<ShapeError>(where, "dfinal->heads has ", dfinal->heads.size(), " memories, expected ", H);
-  }
-  if (dinitial) {
-    detail::check_shape(where, "dinitial->conv_tail", dinitial->conv_tail, 3 * D, K - 1);
-    detail::check_shape(where, "dinitial->chunk_gates", dinitial->chunk_gates, 3 * H, 1);
-    if (static_cast<Index>(dinitial->heads.size()) != H)
-      detail::raise<ShapeError>(where, "dinitial->heads has ", dinitial->heads.size(), " memories, expected ", H);
-  }
+  // Every argument before anything is added: the heads' kernels check theirs only after the
+  // output path has added into grads and dx.
+  if (dfinal) check_state_gradient(where, "dfinal", *dfinal, cache.start_position + T, /*empty_is_zero=*/true);
+  if (dinitial) check_state_gradient(where, "dinitial", *dinitial, cache.start_position, /*empty_is_zero=*/false);
   if (T == 0) {  // forward_train's zero-length call changed nothing: d(initial) = d(final)
     if (dfinal && dinitial) {
       dinitial->conv_tail += dfinal->conv_tail;
@@ -672,12 +671,16 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
 template <class Scalar>
 void NeuralMemory<Scalar>::initial_state_backward(const State& dstate, Params& grads) const {
   constexpr const char* where = "titans::NeuralMemory::initial_state_backward";
-  check_params(grads, where);
+  check_params(grads, "titans::NeuralMemory::initial_state_backward (grads)");
   if (static_cast<Index>(dstate.heads.size()) != cfg_.heads)
     detail::raise<ShapeError>(where, "dstate.heads has ", dstate.heads.size(), " memories, expected ", cfg_.heads);
+  for (Index h = 0; h < cfg_.heads; ++h) {  // every head before any is added
+    const std::string name = "dstate.heads[" + std::to_string(h) + "].weights";
+    check_memory_weights(where, name.c_str(), mem_, dstate.heads[static_cast<std::size_t>(h)].weights);
+  }
+  check_finite_tensors(where, "dstate", dstate);
   for (Index h = 0; h < cfg_.heads; ++h) {
     const auto& w = dstate.heads[static_cast<std::size_t>(h)].weights;
-    check_memory_weights(where, "dstate.heads[h].weights", mem_, w);
     for (Index l = 0; l < mem_.depth; ++l)
       grads.memory_init[l].middleRows(h * mem_.layer_out(l), mem_.layer_out(l)) += w[l];
   }
@@ -694,6 +697,14 @@ auto NeuralMemory<Scalar>::forward_batch(const Params& p, const std::vector<Mat>
   constexpr const char* where = "titans::NeuralMemory::forward_batch";
   if (xs.size() != states.size())
     detail::raise<InvalidArgument>(where, "got ", xs.size(), " sequences and ", states.size(), " states");
+  // Every sequence and state before any state advances.
+  check_params(p, where);
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    const std::string x = detail::concat("xs[", i, "]"), at = detail::concat(where, " (states[", i, "])");
+    detail::check_shape(where, x.c_str(), xs[i], cfg_.dim, -1);
+    detail::check_finite(where, x.c_str(), xs[i]);
+    check_state(states[i], at.c_str());
+  }
   std::vector<Mat> ys(xs.size());
   for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = forward(p, xs[i], states[i]);
   return ys;
@@ -735,15 +746,14 @@ auto NeuralMemory<Scalar>::memory_inputs(const Params& p, const Eigen::Ref<const
 template <class Scalar>
 void NeuralMemory<Scalar>::add_state_gradient(MemoryState<Scalar>& dst, const MemoryState<Scalar>& src) {
   constexpr const char* where = "titans::NeuralMemory::backward";
-  if (dst.weights.size() != src.weights.size() || dst.momentum.size() != src.momentum.size() ||
-      dst.chunk_start.size() != src.chunk_start.size())
+  // An empty list of src is zero (dfinal's may be empty: check_state_gradient).
+  auto fits = [](const auto& d, const auto& s) { return s.empty() || d.size() == s.size(); };
+  if (!fits(dst.weights, src.weights) || !fits(dst.momentum, src.momentum) || !fits(dst.chunk_start, src.chunk_start))
     detail::raise<ShapeError>(where, "dinitial->heads does not have the shape of the state at the call start ",
                               "(make it with zeros_like of that state)");
-  for (std::size_t l = 0; l < src.weights.size(); ++l) {
-    dst.weights[l] += src.weights[l];
-    dst.momentum[l] += src.momentum[l];
-    if (!src.chunk_start.empty()) dst.chunk_start[l] += src.chunk_start[l];
-  }
+  for (std::size_t l = 0; l < src.weights.size(); ++l) dst.weights[l] += src.weights[l];
+  for (std::size_t l = 0; l < src.momentum.size(); ++l) dst.momentum[l] += src.momentum[l];
+  for (std::size_t l = 0; l < src.chunk_start.size(); ++l) dst.chunk_start[l] += src.chunk_start[l];
 }
 
 template <class Scalar>
@@ -762,6 +772,31 @@ void NeuralMemory<Scalar>::check_call(const char* where, const Params& p, const 
   check_state(state, where);
   detail::check_shape(where, "x", x, cfg_.dim, -1);
   detail::check_finite(where, "x", x);
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::check_state_gradient(const char* where, const char* name, const State& g, Index position,
+                                                bool empty_is_zero) const {
+  const Index H = cfg_.heads;
+  const std::string n(name);
+  detail::check_shape(where, (n + "->conv_tail").c_str(), g.conv_tail, 3 * cfg_.dim, cfg_.conv_kernel - 1);
+  detail::check_shape(where, (n + "->chunk_gates").c_str(), g.chunk_gates, 3 * H, 1);
+  if (static_cast<Index>(g.heads.size()) != H)
+    detail::raise<ShapeError>(where, name, "->heads has ", g.heads.size(), " memories, expected ", H);
+  const bool inside_chunk = position % cfg_.chunk_size != 0;
+  for (Index h = 0; h < H; ++h) {
+    const MemoryState<Scalar>& m = g.heads[static_cast<std::size_t>(h)];
+    const std::string at = n + "->heads[" + std::to_string(h) + "]";
+    if (!(empty_is_zero && m.weights.empty())) check_memory_weights(where, (at + ".weights").c_str(), mem_, m.weights);
+    if (!(empty_is_zero && m.momentum.empty())) check_memory_weights(where, (at + ".momentum").c_str(), mem_, m.momentum);
+    if (!inside_chunk && !m.chunk_start.empty())
+      detail::raise<ShapeError>(where, at, ".chunk_start holds ", m.chunk_start.size(),
+                                " tensors at a chunk boundary (position ", position, ", chunk_size ", cfg_.chunk_size,
+                                "), expected none");
+    if (inside_chunk && !(empty_is_zero && m.chunk_start.empty()))
+      check_memory_weights(where, (at + ".chunk_start").c_str(), mem_, m.chunk_start);
+  }
+  check_finite_tensors(where, name, g);
 }
 
 template <class Scalar>
