@@ -75,6 +75,7 @@ struct Options {
   double temperature = 0.8;
   long top_k = 20;
   std::string prompt;  // empty: the start of a line of the validation text
+  bool check = false;  // exit 3 unless training lowered the validation loss
 };
 
 void usage(const char* argv0) {
@@ -112,6 +113,8 @@ void usage(const char* argv0) {
       "  --temperature x     sampling temperature, 0 = greedy (default 0.8)\n"
       "  --top-k k           sample among the k likeliest bytes, 0 = all (default 20)\n"
       "  --prompt TEXT       prompt for sampling (default: a line start of the validation text)\n"
+      "  --check             exit with status 3 unless training lowered the validation loss\n"
+      "                      (what the tests assert)\n"
       "  --help              this text\n"
       "\n"
       "  The memory's inner loop takes a step of up to theta-max on b tokens at a time. Its\n"
@@ -165,7 +168,8 @@ Options parse_args(int argc, char** argv) {
       .integer("--sample", o.sample, 0, 1L << 24)
       .real("--temperature", o.temperature, 0, 100)
       .integer("--top-k", o.top_k, 0, kVocab)
-      .text("--prompt", o.prompt);
+      .text("--prompt", o.prompt)
+      .flag("--check", o.check);
   cli.parse(argc, argv);
   if (o.block != "lmm" && o.block != "mac" && o.block != "mag" && o.block != "mal" && o.block != "swa")
     cli.fail("--block is '" + o.block + "', expected one of lmm, mac, mag, mal, swa");
@@ -266,6 +270,7 @@ int main(int argc, char** argv) {
     bad(std::string("invalid model settings: ") + e.what());
   }
 
+  titans_example::Claims claims("char_lm", o.check);
   try {
     using Model = titans::TitansModel<float>;
     using Params = titans::ModelParams<float>;
@@ -348,6 +353,8 @@ int main(int argc, char** argv) {
                 static_cast<double>(tokens) / train_secs);
     std::printf("validation loss: %.4f -> %.4f nats, %.3f -> %.3f bits/char (best %.3f at step %ld; unigram %.3f)\n",
                 val0, last_val, val0 / kLn2, last_val / kLn2, best_val / kLn2, best_step, unigram_bits);
+    claims.expect(last_val < val0, "training lowered the validation loss: " + titans_example::fixed(val0 / kLn2) +
+                                       " -> " + titans_example::fixed(last_val / kLn2) + " bits/char");
 
     // The model that samples: the reloaded one when checkpoints are available.
     const Model* sampler = &model;
@@ -417,5 +424,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "char_lm: error: %s\n", e.what());
     return 1;
   }
-  return 0;
+  return claims.status();
 }

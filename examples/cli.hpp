@@ -149,4 +149,51 @@ class Cli {
   std::vector<Option> options_;
 };
 
+/// What an example's output claims, checked when it runs with --check (as its ctest test does):
+/// each claim is printed with its figures (to stderr when it does not hold), and status() is 3 if
+/// any failed: a test fails when the program runs but no longer shows what it says it shows.
+///
+///   titans_example::Claims claims("niah", o.check);
+///   claims.expect(mac > swa, "MAC above SWA beyond the window: MAC " + fixed(mac) + ", SWA " + fixed(swa));
+///   return claims.status();
+class Claims {
+ public:
+  Claims(std::string program, bool enabled) : program_(std::move(program)), enabled_(enabled) {}
+
+  void expect(bool holds, const std::string& claim) {
+    if (enabled_) claims_.push_back({holds, claim});
+  }
+
+  /// Prints the claims (after the program's own output); 0 when every one held (or --check was
+  /// not given), else 3.
+  int status() const {
+    if (!enabled_) return 0;
+    int failed = 0;
+    std::printf("\ncheck:\n");
+    for (const auto& [holds, claim] : claims_) {
+      std::printf("  %s: %s\n", holds ? "holds" : "FAILS", claim.c_str());
+      failed += holds ? 0 : 1;
+    }
+    std::fflush(stdout);
+    if (failed > 0) {
+      std::fprintf(stderr, "%s: check failed: %d of %zu claims do not hold\n", program_.c_str(), failed, claims_.size());
+      return 3;
+    }
+    std::printf("all %zu claims hold\n", claims_.size());
+    return 0;
+  }
+
+ private:
+  std::string program_;
+  bool enabled_;
+  std::vector<std::pair<bool, std::string>> claims_;
+};
+
+/// x with `digits` decimals, for the claims' messages.
+inline std::string fixed(double x, int digits = 3) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, x);
+  return buf;
+}
+
 }  // namespace titans_example

@@ -52,6 +52,7 @@ struct Options {
   std::string csv = "niah.csv";
   std::string png = "niah.png";
   bool quiet = false;
+  bool check = false;  // exit 3 unless MAC recalls better than SWA beyond SWA's reach
 };
 
 void usage(const char* argv0) {
@@ -75,7 +76,10 @@ void usage(const char* argv0) {
       "  --lr x          peak learning rate (3e-3)    --seed s   random seed (1)\n"
       "  --csv path      where to write the table (niah.csv; '' to skip)\n"
       "  --png path      where gnuplot draws the curve, if installed (niah.png; '' to skip)\n"
-      "  --quiet         no progress lines\n",
+      "  --quiet         no progress lines\n"
+      "  --check         exit with status 3 unless, at the contexts beyond the SWA stack's reach\n"
+      "                  (layers x span), MAC's mean accuracy is above SWA's by 0.1 and above twice\n"
+      "                  chance (what the tests assert)\n",
       argv0);
 }
 
@@ -99,7 +103,8 @@ void parse_args(int argc, char** argv, Options& o) {
       .integer("--seed", o.seed, 0, 2147483647L)
       .text("--csv", o.csv, /*allow_empty=*/true)
       .text("--png", o.png, /*allow_empty=*/true)
-      .flag("--quiet", o.quiet);
+      .flag("--quiet", o.quiet)
+      .flag("--check", o.check);
   cli.parse(argc, argv);
   if (o.train_max < o.train_min) cli.fail("--train-max must be >= --train-min");
   if ((o.eval_max & (o.eval_max - 1)) != 0) cli.fail("--eval-max must be a power of two");
@@ -246,6 +251,7 @@ int main(int argc, char** argv) {
   std::printf("Training at contexts of %ld-%ld tokens (the longest growing from %ld over the first %.0f%% of the steps), "
               "%ld steps x %ld sequences per model.\n",
               o.train_min * o.span, o.train_max * o.span, longest_context(o, 0) * o.span, 100 * o.ramp, o.steps, o.batch);
+  titans_example::Claims claims("niah", o.check);
   try {
     struct Entry {
       const char* name;
@@ -274,6 +280,27 @@ int main(int argc, char** argv) {
     }
     std::printf("(chance %.3f; %ld sequences per context; %.0f s in all)\n", 1.0 / static_cast<double>(o.values),
                 o.eval_n, seconds_since(t0));
+    // Beyond the SWA stack's reach: each of its layers sees one window back, so a needle further
+    // than layers x span from the query is out of its sight (closer ones are not).
+    double mac = 0, swa = 0;
+    long beyond = 0;
+    for (std::size_t i = 0; i < contexts.size(); ++i)
+      if (contexts[i] > o.layers * o.span) {
+        mac += acc[i][0];
+        swa += acc[i][1];
+        ++beyond;
+      }
+    if (beyond > 0) {
+      mac /= static_cast<double>(beyond);
+      swa /= static_cast<double>(beyond);
+      const double chance = 1.0 / static_cast<double>(o.values);
+      const std::string where = "at contexts beyond " + std::to_string(o.layers * o.span) + " tokens, MAC's mean accuracy " +
+                                titans_example::fixed(mac, 2);
+      claims.expect(mac > swa + 0.1, where + " is above SWA's " + titans_example::fixed(swa, 2) + " by more than 0.1");
+      claims.expect(mac > 2 * chance, where + " is above twice chance (" + titans_example::fixed(2 * chance, 2) + ")");
+    } else {
+      claims.expect(false, "--check needs an --eval-max beyond --layers x --span");
+    }
     if (!o.csv.empty()) {
       std::ofstream f(o.csv);
       f << "context,spans,mac_accuracy,swa_accuracy,chance\n";
@@ -307,5 +334,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }
-  return 0;
+  return claims.status();
 }

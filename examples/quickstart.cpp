@@ -26,17 +26,21 @@ struct Options {
   long passes = 150;    // how many times the pairs are streamed in
   long max_pairs = 256;
   unsigned long seed = 1;
+  bool check = false;  // exit 3 unless the table shows what it claims (below)
 };
 
 void usage(const char* argv0) {
   std::printf(
-      "usage: %s [--dim d] [--passes n] [--max-pairs n] [--seed s]\n"
+      "usage: %s [--dim d] [--passes n] [--max-pairs n] [--seed s] [--check]\n"
       "  Streams N key/value pairs (N = d/4, d/2, d, 2d, ... up to --max-pairs) into a linear and a\n"
       "  deep neural memory layer and prints the relative recall error of each.\n"
       "  --dim d        key/value width (default 32, >= 2)\n"
       "  --passes n     times the pairs are streamed through the layer (default 150, >= 1)\n"
       "  --max-pairs n  largest N (default 256, >= 1)\n"
-      "  --seed s       random seed (default 1)\n",
+      "  --seed s       random seed (default 1)\n"
+      "  --check        exit with status 3 unless both memories recall N <= d/2 pairs (error\n"
+      "                below 0.01) and the deep one recalls better than the linear one from\n"
+      "                N = 2d on (what the tests assert)\n",
       argv0);
 }
 
@@ -73,6 +77,13 @@ double recall_error(long d, long depth, long pairs, long passes, std::uint64_t s
   cfg.expansion = 4;
   cfg.activation = depth == 1 ? titans::Activation::identity : titans::Activation::silu;
   cfg.chunk_size = 1;
+  // A plain key -> value store, M(k) = MLP(k): the layer's default read-out, k + γ ⊙ LN(z_L)
+  // (docs/MATH.md §8.3), adds the key itself to every read, and here keys and values live in
+  // different halves of the width, so that form would start every recall with an error of
+  // ‖k‖² / ‖v‖² = 1 and must first learn to cancel it. The fixed small step, no momentum and no
+  // forgetting keep this memory's updates bounded without it (the surprise clamp stays on).
+  cfg.residual = false;
+  cfg.output_norm = false;
   titans::NeuralMemory<double> layer(cfg);
   const double theta = depth == 1 ? 0.2 : 0.05;
   const auto params = routing_params(layer, d, theta, seed);
@@ -99,8 +110,10 @@ int main(int argc, char** argv) {
   cli.integer("--dim", o.dim, 2, 4096)
       .integer("--passes", o.passes, 1, 1000000)
       .integer("--max-pairs", o.max_pairs, 1, 1000000)
-      .integer("--seed", o.seed, 0, 2147483647L);
+      .integer("--seed", o.seed, 0, 2147483647L)
+      .flag("--check", o.check);
   cli.parse(argc, argv);
+  titans_example::Claims claims("quickstart", o.check);
 
   std::printf("titans quickstart: test-time memorisation of key/value pairs\n");
   std::printf("d = %ld, %ld passes, keys and values N(0, 1), memory written by the layer's forward\n\n", o.dim,
@@ -116,9 +129,17 @@ int main(int argc, char** argv) {
     tokens += 2 * n * o.passes;
     std::printf("%8ld  %22.4f  %22.4f%s\n", n, lin, deep, n == o.dim ? "   <- N = d" : "");
     std::fflush(stdout);
+    const std::string at = "N = " + std::to_string(n) + ": ";
+    if (2 * n <= o.dim) {
+      claims.expect(lin < 0.01, at + "the linear memory recalls (error " + titans_example::fixed(lin, 4) + " < 0.01)");
+      claims.expect(deep < 0.01, at + "the deep memory recalls (error " + titans_example::fixed(deep, 4) + " < 0.01)");
+    } else if (n >= 2 * o.dim) {
+      claims.expect(deep < lin, at + "the deep memory's error " + titans_example::fixed(deep, 4) +
+                                    " is below the linear one's " + titans_example::fixed(lin, 4));
+    }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("\nrelative recall error ||M(k) - v||^2 / ||v||^2 over all stored pairs (0 = perfect)\n");
   std::printf("%ld tokens written in %.2f s (%.0f tokens/s, double precision)\n", tokens, secs, tokens / secs);
-  return 0;
+  return claims.status();
 }

@@ -46,6 +46,7 @@ struct Options {
   long eval = 200;  // evaluation sequences
   std::string csv;  // where to write the table ('' = not written)
   bool quiet = false;
+  bool check = false;  // exit 3 unless every trained layer recalls better than untrained and than chance
 };
 
 void usage(const char* argv0) {
@@ -63,7 +64,9 @@ void usage(const char* argv0) {
       "  --keys n       distinct keys (32)                 --values n distinct values; chance 1/n (8)\n"
       "  --lr x         peak learning rate (default 3e-3)  --eval n   evaluation sequences (200)\n"
       "  --seed s       random seed (default 1)            --csv path write the table as CSV\n"
-      "  --quiet        no progress lines\n",
+      "  --quiet        no progress lines\n"
+      "  --check        exit with status 3 unless every trained layer recalls better than it did\n"
+      "                 untrained and better than chance (what the tests assert)\n",
       argv0);
 }
 
@@ -220,7 +223,8 @@ int main(int argc, char** argv) {
       .integer("--eval", o.eval, 1, 10000000)
       .integer("--seed", o.seed, 0, 2147483647L)
       .text("--csv", o.csv, /*allow_empty=*/true)
-      .flag("--quiet", o.quiet);
+      .flag("--quiet", o.quiet)
+      .flag("--check", o.check);
   cli.parse(argc, argv);
   if (o.dim % 2 != 0) cli.fail("--dim must be even, got " + std::to_string(o.dim));
   if (o.dim % o.heads != 0) cli.fail("--heads must divide --dim");
@@ -230,6 +234,7 @@ int main(int argc, char** argv) {
   std::printf("titans: training neural memory layers on associative recall (D = %ld, H = %ld: head width %ld, "
               "%ld values, chance %.3f)\n",
               o.dim, o.heads, o.dim / o.heads, o.values, 1.0 / static_cast<double>(o.values));
+  titans_example::Claims claims("train_memory", o.check);
   try {
     std::vector<std::vector<Result>> results;  // [pairs][depth]
     for (long n : o.pairs) {
@@ -269,9 +274,19 @@ int main(int argc, char** argv) {
       }
       std::printf("wrote %s\n", o.csv.c_str());
     }
+    const double chance = 1.0 / static_cast<double>(o.values);
+    for (std::size_t i = 0; i < o.pairs.size(); ++i)
+      for (std::size_t j = 0; j < o.depths.size(); ++j) {
+        const Result& r = results[i][j];
+        const std::string where = "N = " + std::to_string(o.pairs[i]) + ", L = " + std::to_string(o.depths[j]);
+        claims.expect(r.after > r.before, where + ": trained recall " + titans_example::fixed(r.after) +
+                                              " above untrained " + titans_example::fixed(r.before));
+        claims.expect(r.after > 2 * chance, where + ": trained recall " + titans_example::fixed(r.after) +
+                                                " above twice chance (" + titans_example::fixed(2 * chance) + ")");
+      }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }
-  return 0;
+  return claims.status();
 }
