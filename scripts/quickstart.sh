@@ -4,7 +4,7 @@
 #   scripts/quickstart.sh demo [args...]   build the demo (release preset) and run it with args
 #   scripts/quickstart.sh test             build everything and run the tests: the release preset
 #                                          (all labels, default compiler), then the asan preset
-#                                          (unit and example): asan-clang, the same built with
+#                                          (unit tests): asan-clang, the same built with
 #                                          clang++, when installed (its sanitized tests run in
 #                                          half GCC's time)
 #
@@ -216,7 +216,7 @@ cmd_test() {
     asan=asan-clang
   fi
   timed "configure + build, $asan" eval "configure $asan && build $asan"
-  timed "tests, $asan (unit, example)" run_tests "$asan"
+  timed "tests, $asan (unit)" run_tests "$asan"
 
   section "Times"
   printf '%s\n' "${PHASES[@]}"
