@@ -12,11 +12,12 @@
 # (Eigen's alignment depends on them): set them in CMAKE_CXX_FLAGS, or on titans::compiled too.
 #
 #   titans_add_compiled_library(<target> SOURCE_DIR <dir> [EXCLUDE_FROM_ALL] [SCALARS <types>...]
-#                               [PRIVATE_LINK <targets>...])
+#                               [PRIVATE_LINK <targets>...] [PUBLIC_LINK <targets>...])
 #     defines the static library <target> and the alias titans::compiled. Each source is compiled
 #     once per scalar type, with TITANS_SCALAR=<type> (object libraries <target>_<type>), so the
 #     instantiations build in parallel; PRIVATE_LINK targets (build settings) are linked privately
-#     into each. SCALARS is `float double` (the default) or one of them; without it the cache
+#     into each; PUBLIC_LINK targets (a GEMM backend, titans::openblas) also reach its users.
+#     SCALARS is `float double` (the default) or one of them; without it the cache
 #     variable TITANS_COMPILED_SCALARS, when set, gives the list (so `-DTITANS_COMPILED_SCALARS=float`
 #     halves the library's compile for a program that uses only float). Linking the target defines
 #     TITANS_EXTERN_FLOAT / TITANS_EXTERN_DOUBLE for the types it holds; the other type's templates
@@ -25,7 +26,7 @@
 include_guard(GLOBAL)
 
 function(titans_add_compiled_library target)
-  cmake_parse_arguments(PARSE_ARGV 1 arg "EXCLUDE_FROM_ALL" "SOURCE_DIR" "PRIVATE_LINK;SCALARS")
+  cmake_parse_arguments(PARSE_ARGV 1 arg "EXCLUDE_FROM_ALL" "SOURCE_DIR" "PRIVATE_LINK;PUBLIC_LINK;SCALARS")
   if(NOT arg_SCALARS)
     if(DEFINED TITANS_COMPILED_SCALARS AND NOT TITANS_COMPILED_SCALARS STREQUAL "")
       set(arg_SCALARS ${TITANS_COMPILED_SCALARS})
@@ -49,7 +50,7 @@ function(titans_add_compiled_library target)
     "${arg_SOURCE_DIR}/instantiate_attention.cpp"
     "${arg_SOURCE_DIR}/instantiate_blocks.cpp"
     "${arg_SOURCE_DIR}/instantiate_model.cpp")
-  set(deps titans::titans)
+  set(deps titans::titans ${arg_PUBLIC_LINK})
   if(TARGET nlohmann_json::nlohmann_json)
     list(APPEND sources "${arg_SOURCE_DIR}/instantiate_model_checkpoint.cpp")
     list(APPEND deps nlohmann_json::nlohmann_json)

@@ -72,6 +72,25 @@ if(TITANS_USE_BLAS)
   target_link_libraries(titans_dev INTERFACE BLAS::BLAS)
 endif()
 
+# The GEMM backend (cmake/TitansGemm.cmake): titans_dev carries it to every program of the
+# project and to titans::compiled, so all of them use the same one.
+if(NOT TITANS_GEMM STREQUAL "eigen")
+  include("${CMAKE_CURRENT_LIST_DIR}/TitansGemm.cmake")
+  if(NOT TITANS_GEMM MATCHES "^(openblas|blis)$")
+    message(FATAL_ERROR "titans: TITANS_GEMM is '${TITANS_GEMM}', expected eigen, openblas or blis")
+  endif()
+  titans_gemm_backend(${TITANS_GEMM} _titans_gemm_found)
+  if(NOT _titans_gemm_found)
+    message(FATAL_ERROR "titans: TITANS_GEMM=${TITANS_GEMM} but it was not found (see the message above), "
+                        "or configure with -DTITANS_GEMM=eigen")
+  endif()
+  target_link_libraries(titans_dev INTERFACE titans::${TITANS_GEMM})
+  if(TITANS_USE_BLAS)
+    message(FATAL_ERROR "titans: TITANS_USE_BLAS (Eigen's EIGEN_USE_BLAS) and TITANS_GEMM=${TITANS_GEMM} "
+                        "would link two BLAS libraries; choose one")
+  endif()
+endif()
+
 if(TITANS_SANITIZE)
   if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
     message(FATAL_ERROR "titans: TITANS_SANITIZE needs GCC or Clang")

@@ -17,6 +17,7 @@
 
 #include "blocks.hpp"
 #include "common.hpp"
+#include "detail/gemm.hpp"
 #include "detail/metadata.hpp"
 #include "detail/parallel.hpp"
 #include "detail/random.hpp"
@@ -362,9 +363,9 @@ void TitansModel<Scalar>::backward(const Params& p, const Cache& cache, const Ei
   const Mat& W = cfg_.tied ? p.embedding : p.head;  // tied: logits = Eᵀ u
   Mat du;
   if (cfg_.tied) {
-    du.noalias() = W * dlogits;
+    detail::product(detail::Trans::no, detail::Trans::no, W, dlogits, du);
   } else {
-    du.noalias() = W.transpose() * dlogits;
+    detail::product(detail::Trans::yes, detail::Trans::no, W, dlogits, du);
   }
   Mat dh = Mat::Zero(D, T), dnorm = Mat::Zero(D, 1);
   detail::rms_norm_backward<Scalar>(cache.h, p.norm_final, cache.rinv, du, dh, dnorm);
@@ -374,9 +375,9 @@ void TitansModel<Scalar>::backward(const Params& p, const Cache& cache, const Ei
   stack_.backward(p.blocks, cache.blocks, dh, grads.blocks, dx);
   grads.norm_final += dnorm;
   if (cfg_.tied) {
-    grads.embedding.noalias() += cache.u * dlogits.transpose();
+    detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), cache.u, dlogits, grads.embedding);
   } else {
-    grads.head.noalias() += dlogits * cache.u.transpose();
+    detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), dlogits, cache.u, grads.head);
   }
   for (Index t = 0; t < T; ++t) grads.embedding.col(cache.tokens[static_cast<std::size_t>(t)]) += dx.col(t);
 }
@@ -414,7 +415,12 @@ auto TitansModel<Scalar>::embed(const char* where, const Params& p, const std::v
 template <class Scalar>
 auto TitansModel<Scalar>::head(const Params& p, const Mat& h, Mat* rinv, Mat* u_out) const -> Mat {
   Mat u = detail::rms_norm<Scalar>(h, p.norm_final, cfg_.norm_eps, rinv);
-  Mat logits = cfg_.tied ? Mat(p.embedding.transpose() * u) : Mat(p.head * u);
+  Mat logits;
+  if (cfg_.tied) {
+    detail::product(detail::Trans::yes, detail::Trans::no, p.embedding, u, logits);
+  } else {
+    detail::product(detail::Trans::no, detail::Trans::no, p.head, u, logits);
+  }
   if (u_out) *u_out = std::move(u);
   return logits;
 }

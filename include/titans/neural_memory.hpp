@@ -17,6 +17,7 @@
 #pragma once
 
 #include "common.hpp"
+#include "detail/gemm.hpp"
 #include "detail/metadata.hpp"
 #include "detail/norms.hpp"
 #include "detail/parallel.hpp"
@@ -572,14 +573,16 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
 
   // Output path: o = W_O h, h = gain ⊙ n ⊙ g, g = σ(W_G x), n = y / rms (per head).
   const Mat ng = cache.n.cwiseProduct(cache.g);
-  grads.w_out.noalias() += dout * (p.norm_gain.col(0).asDiagonal() * ng).transpose();
-  const Mat dh = p.w_out.transpose() * dout;
+  const Mat h = p.norm_gain.col(0).asDiagonal() * ng;
+  detail::product_add(detail::Trans::no, detail::Trans::yes, one, dout, h, grads.w_out);
+  Mat dh;
+  detail::product(detail::Trans::yes, detail::Trans::no, p.w_out, dout, dh);
   grads.norm_gain.col(0) += dh.cwiseProduct(ng).rowwise().sum();
   const Mat dn = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.g);
   Mat dag = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.n);
   dag = (dag.array() * cache.g.array() * (one - cache.g.array())).matrix();
-  grads.w_gate.noalias() += dag * cache.x.transpose();
-  dx.noalias() += p.w_gate.transpose() * dag;
+  detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), dag, cache.x, grads.w_gate);
+  detail::product_add(detail::Trans::yes, detail::Trans::no, Scalar(1), p.w_gate, dag, dx);
   Mat dy = Mat::Zero(D, T);
   detail::rms_normalize_backward<Scalar>(dn, cache.n, cache.rinv, H, dy);
 
@@ -635,9 +638,9 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
   Mat* gb[3] = {&grads.b_alpha, &grads.b_eta, &grads.b_theta};
   const Mat* pw[3] = {&p.w_alpha, &p.w_eta, &p.w_theta};
   for (int gi = 0; gi < 3; ++gi) {
-    gw[gi]->noalias() += dgate[gi] * cache.x.transpose();
+    detail::product_add(detail::Trans::no, detail::Trans::yes, one, dgate[gi], cache.x, *gw[gi]);
     gb[gi]->col(0) += dgate[gi].rowwise().sum();
-    dx.noalias() += pw[gi]->transpose() * dgate[gi];
+    detail::product_add(detail::Trans::yes, detail::Trans::no, one, *pw[gi], dgate[gi], dx);
   }
 
   // ℓ2 normalisation of k and q.
@@ -662,8 +665,8 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
     }
     if (dfinal && K > 1) dext.rightCols(K - 1) += dfinal->conv_tail.middleRows(si * D, D);
     // The final tail is the last K−1 columns of ext; its gradient joins before the split below.
-    gproj[si]->noalias() += dext.rightCols(T) * cache.x.transpose();
-    dx.noalias() += pproj[si]->transpose() * dext.rightCols(T);
+    detail::product_add(detail::Trans::no, detail::Trans::yes, one, dext.rightCols(T), cache.x, *gproj[si]);
+    detail::product_add(detail::Trans::yes, detail::Trans::no, one, *pproj[si], dext.rightCols(T), dx);
     if (dinitial && K > 1) dinitial->conv_tail.middleRows(si * D, D) += dext.leftCols(K - 1);
   }
 }
@@ -811,7 +814,7 @@ auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<co
   for (int s = 0; s < 3; ++s) {
     // ext = [tail | W x]; out_t = Σ_j conv[:, j] ⊙ ext[:, t + j]  (causal, width K)
     ext.leftCols(K - 1) = state.conv_tail.middleRows(s * D, D);
-    ext.rightCols(T).noalias() = *w[s] * x;
+    detail::gemm(detail::Trans::no, detail::Trans::no, Scalar(1), *w[s], x, Scalar(0), ext.rightCols(T));
     Mat& o = *outs[s];
     o.noalias() = conv[s]->col(K - 1).asDiagonal() * ext.rightCols(T);
     for (Index j = 0; j + 1 < K; ++j) o.noalias() += conv[s]->col(j).asDiagonal() * ext.middleCols(j, T);
@@ -830,9 +833,12 @@ auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<co
   detail::l2_normalize<Scalar>(in.q, H, cfg_.norm_eps);
   // Gates: pre-activations (H, T) per gate, optionally held constant within each chunk.
   Mat pre[3];
-  pre[0] = (p.w_alpha * x).colwise() + p.b_alpha.col(0);
-  pre[1] = (p.w_eta * x).colwise() + p.b_eta.col(0);
-  pre[2] = (p.w_theta * x).colwise() + p.b_theta.col(0);
+  const Mat* gate_w[3] = {&p.w_alpha, &p.w_eta, &p.w_theta};
+  const Mat* gate_b[3] = {&p.b_alpha, &p.b_eta, &p.b_theta};
+  for (int gi = 0; gi < 3; ++gi) {
+    detail::product(detail::Trans::no, detail::Trans::no, *gate_w[gi], x, pre[gi]);
+    pre[gi].colwise() += gate_b[gi]->col(0);
+  }
   if (cache) {
     cache->gate_source.resize(static_cast<std::size_t>(T));
     for (Index t = 0; t < T; ++t) cache->gate_source[static_cast<std::size_t>(t)] = t;
@@ -888,7 +894,9 @@ auto NeuralMemory<Scalar>::gain(const Params& p, Index h) const -> Vector<Scalar
 
 template <class Scalar>
 auto NeuralMemory<Scalar>::output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y, NeuralMemoryCache<Scalar>* cache) const -> Mat {
-  const Mat g = detail::sigmoid<Scalar>(p.w_gate * x);
+  Mat g;
+  detail::product(detail::Trans::no, detail::Trans::no, p.w_gate, x, g);
+  g = detail::sigmoid<Scalar>(g);
   Mat n = detail::rms_normalize<Scalar>(y, cfg_.heads, cfg_.norm_eps, cache ? &cache->rinv : nullptr);
   if (cache) {
     cache->n = n;
@@ -896,7 +904,9 @@ auto NeuralMemory<Scalar>::output(const Params& p, const Eigen::Ref<const Mat>& 
   }
   n = (n.array() * g.array()).matrix();
   n = p.norm_gain.col(0).asDiagonal() * n;
-  return p.w_out * n;
+  Mat o;
+  detail::product(detail::Trans::no, detail::Trans::no, p.w_out, n, o);
+  return o;
 }
 
 // The float and double instantiations (README, "Build time"): PREFIX is `extern` for the

@@ -1,0 +1,138 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// \file detail/gemm.hpp
+// \brief The one routine the library's large matrix products go through (the memory kernel, its
+// backward, the layer's projections, attention and the model's head): C = α op(A) op(B) + β C.
+//
+// Backends (README, "GEMM backends"):
+//   - Eigen (the default): the product is an Eigen expression, as everywhere else.
+//   - CBLAS, when TITANS_GEMM_CBLAS is defined (the CMake option TITANS_GEMM=openblas|blis, or
+//     the installed package's components `openblas` / `blis`, define it and link the library):
+//     float and double products call cblas_sgemm / cblas_dgemm directly. Only these products
+//     change: unlike EIGEN_USE_BLAS, no other Eigen product of the program is touched.
+// The choice must be the same in every translation unit of a program (the CMake targets set it
+// for all their users), since the templates that call gemm are shared between them.
+#pragma once
+
+#include "../common.hpp"
+
+#include <algorithm>
+#include <type_traits>
+
+#ifdef TITANS_GEMM_CBLAS
+#include <cblas.h>
+#endif
+
+namespace titans {
+
+/// \brief The backend of the library's large products, as built: "eigen", or "cblas (<name>)"
+/// where <name> is TITANS_GEMM_CBLAS_NAME (set by the CMake option; e.g. "openblas").
+inline const char* gemm_backend() {
+#ifdef TITANS_GEMM_CBLAS
+#ifdef TITANS_GEMM_CBLAS_NAME
+  return "cblas (" TITANS_GEMM_CBLAS_NAME ")";
+#else
+  return "cblas";
+#endif
+#else
+  return "eigen";
+#endif
+}
+
+namespace detail {
+
+/// Whether an operand is used as it is or transposed.
+enum class Trans : bool { no = false, yes = true };
+
+namespace gemm_detail {
+
+// c = α op(a) op(b) (Assign) or c += α op(a) op(b): one branch per pair of transposes, each a
+// plain Eigen product.
+template <bool Assign, class Scalar, class DA, class DB, class DC>
+void eigen_gemm(Trans ta, Trans tb, Scalar alpha, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
+                Eigen::MatrixBase<DC>& c) {
+  auto run = [&](const auto& product) {
+    if constexpr (Assign) {
+      c.noalias() = alpha * product;
+    } else {
+      c.noalias() += alpha * product;
+    }
+  };
+  if (ta == Trans::no && tb == Trans::no) {
+    run(a * b);
+  } else if (ta == Trans::no) {
+    run(a * b.transpose());
+  } else if (tb == Trans::no) {
+    run(a.transpose() * b);
+  } else {
+    run(a.transpose() * b.transpose());
+  }
+}
+
+#ifdef TITANS_GEMM_CBLAS
+inline void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, float alpha, const float* a,
+                       int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+  cblas_sgemm(CblasColMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, double alpha, const double* a,
+                       int lda, const double* b, int ldb, double beta, double* c, int ldc) {
+  cblas_dgemm(CblasColMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+#endif
+
+}  // namespace gemm_detail
+
+/// \brief C = α op(A) op(B) + β C, with C of the product's shape (not resized). β = 0 does not
+/// read C (it may hold anything, NaN included). A, B and C are column-major dense expressions of
+/// one scalar type; with the CBLAS backend, operands whose inner stride is not 1 are copied first.
+template <class DA, class DB, class DC>
+void gemm(Trans ta, Trans tb, typename DA::Scalar alpha, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
+          typename DA::Scalar beta, const Eigen::MatrixBase<DC>& c_out) {
+  using Scalar = typename DA::Scalar;
+  static_assert(std::is_same_v<Scalar, typename DB::Scalar> && std::is_same_v<Scalar, typename DC::Scalar>,
+                "titans::detail::gemm: operands of one scalar type");
+  auto& c = const_cast<Eigen::MatrixBase<DC>&>(c_out);  // writable block (Eigen's documented idiom)
+  const Index m = ta == Trans::no ? a.rows() : a.cols(), k = ta == Trans::no ? a.cols() : a.rows();
+  const Index kb = tb == Trans::no ? b.rows() : b.cols(), n = tb == Trans::no ? b.cols() : b.rows();
+  eigen_assert(k == kb && c.rows() == m && c.cols() == n && "titans::detail::gemm: shapes do not match");
+  (void)m, (void)n, (void)k, (void)kb;  // only the CBLAS path and the assertion use them
+#ifdef TITANS_GEMM_CBLAS
+  if constexpr (std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>) {
+    if (m == 0 || n == 0) return;
+    using Stride = Eigen::OuterStride<>;
+    const Eigen::Ref<const Matrix<Scalar>, 0, Stride> ar(a.derived()), br(b.derived());
+    Eigen::Ref<Matrix<Scalar>, 0, Stride> cr(c.derived());
+    const auto ld = [](Index stride, Index rows) { return static_cast<int>(std::max<Index>({stride, rows, 1})); };
+    gemm_detail::cblas_gemm(ta == Trans::no ? CblasNoTrans : CblasTrans, tb == Trans::no ? CblasNoTrans : CblasTrans,
+                            static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, ar.data(),
+                            ld(ar.outerStride(), ar.rows()), br.data(), ld(br.outerStride(), br.rows()), beta,
+                            cr.data(), ld(cr.outerStride(), cr.rows()));
+    return;
+  }
+#endif
+  if (beta == Scalar(0)) {
+    gemm_detail::eigen_gemm<true>(ta, tb, alpha, a, b, c);
+  } else {
+    if (beta != Scalar(1)) c *= beta;
+    gemm_detail::eigen_gemm<false>(ta, tb, alpha, a, b, c);
+  }
+}
+
+/// c = op(a) op(b), c resized to the product's shape.
+template <class DA, class DB>
+void product(Trans ta, Trans tb, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
+             Matrix<typename DA::Scalar>& c) {
+  using Scalar = typename DA::Scalar;
+  c.resize(ta == Trans::no ? a.rows() : a.cols(), tb == Trans::no ? b.cols() : b.rows());
+  gemm(ta, tb, Scalar(1), a, b, Scalar(0), c);
+}
+
+/// c += α op(a) op(b).
+template <class DA, class DB, class DC>
+void product_add(Trans ta, Trans tb, typename DA::Scalar alpha, const Eigen::MatrixBase<DA>& a,
+                 const Eigen::MatrixBase<DB>& b, const Eigen::MatrixBase<DC>& c) {
+  gemm(ta, tb, alpha, a, b, typename DA::Scalar(1), c);
+}
+
+}  // namespace detail
+}  // namespace titans
