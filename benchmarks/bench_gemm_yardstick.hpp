@@ -21,14 +21,21 @@
 // the fraction of the machine's GEMM rate that survives everything else the kernel does
 // (coefficients, diag scalings, activations, the Gram, state bookkeeping).
 //
+// `run_chunk_with(gemm)` issues the same list through a BLAS-style column-major GEMM instead
+// (bench_gemm_backends.hpp: OpenBLAS's cblas_?gemm, BLIS's bli_?gemm), with the same operands,
+// leading dimensions, transposes, α and β; `max_relative_difference` compares two yardsticks'
+// buffers, to check that a backend computed the same products as Eigen.
+//
 // `row_pad` allocates every buffer with that many extra rows (leading dimension n + row_pad)
 // and works on the top n rows, to test whether power-of-two leading dimensions hurt.
 #pragma once
 
 #include <titans/memory_model.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace titans_bench {
@@ -81,6 +88,53 @@ class GemmYardstick {
       w.noalias() -= delta * ak.transpose();
       s.noalias() -= delta * ak.transpose();
     }
+  }
+
+  /// The products of run_chunk through `gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+  /// beta, c, ldc)`, which computes C = α·op(A)·op(B) + β·C on column-major operands
+  /// (op(A): m × k, op(B): k × n, C: m × n), as the BLAS ?gemm does.
+  template <class Gemm>
+  void run_chunk_with(const Gemm& gemm) {
+    for (Index l = 0; l < cfg_.depth; ++l) {
+      const std::size_t i = static_cast<std::size_t>(l);
+      const Index no = cfg_.layer_out(l), ni = cfg_.layer_in(l);
+      Mat& w = w_[i];
+      Mat& s = s_[i];
+      const Mat& ak = ak_[i];
+      const Mat& aq = aq_[i];
+      const Mat& delta = delta_[i];
+      Mat& zk = zk_[i];
+      Mat& zq = zq_[i];
+      // Leading dimensions: the allocated rows (n + row_pad), as the Eigen blocks above have.
+      gemm(false, false, no, b_, ni, Scalar(1), w.data(), w.rows(), ak.data(), ak.rows(), Scalar(0), zk.data(), zk.rows());
+      gemm(false, false, no, b_, ni, Scalar(1), w.data(), w.rows(), aq.data(), aq.rows(), Scalar(0), zq.data(), zq.rows());
+      gemm(false, false, no, b_, ni, Scalar(1), s.data(), s.rows(), aq.data(), aq.rows(), Scalar(1), zq.data(), zq.rows());
+      if (l > 0)
+        gemm(true, false, ni, b_, no, Scalar(1), w.data(), w.rows(), delta.data(), delta.rows(), Scalar(0), back_[i].data(),
+             back_[i].rows());
+      gemm(false, true, no, ni, b_, Scalar(-1), delta.data(), delta.rows(), ak.data(), ak.rows(), Scalar(1), w.data(), w.rows());
+      gemm(false, true, no, ni, b_, Scalar(-1), delta.data(), delta.rows(), ak.data(), ak.rows(), Scalar(1), s.data(), s.rows());
+    }
+  }
+
+  /// Largest difference between the buffers (weights, S, outputs) of this and `other` (built with
+  /// the same arguments), each relative to the largest entry of that buffer here; infinity if
+  /// any difference is NaN.
+  double max_relative_difference(const GemmYardstick& other) const {
+    double worst = 0;
+    auto compare = [&worst](const std::vector<Mat>& a, const std::vector<Mat>& b) {
+      for (std::size_t i = 0; i < a.size(); ++i) {
+        const double scale = std::max(static_cast<double>(a[i].cwiseAbs().maxCoeff()), std::numeric_limits<double>::min());
+        const double d = static_cast<double>((a[i] - b[i]).cwiseAbs().maxCoeff()) / scale;
+        worst = std::isnan(d) ? std::numeric_limits<double>::infinity() : std::max(worst, d);
+      }
+    };
+    compare(w_, other.w_);
+    compare(s_, other.s_);
+    compare(zk_, other.zk_);
+    compare(zq_, other.zq_);
+    compare(back_, other.back_);
+    return worst;
   }
 
   /// Flops of one run_chunk (2·m·n·k per product).

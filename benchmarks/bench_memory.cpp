@@ -13,9 +13,18 @@
 //   BM_GemmSquare<float>/n                  n×n×n GEMMs around n = 256 (allocator effects)
 //   BM_GemmLeadingDim<float>/d/pad          the yardstick with leading dimension n + pad
 //   BM_MemoryDecode<float>/d/b              one token per call (T = 1): latency per token
+//   BM_FmaPeak<float>, BM_FmaPeak<double>   the FMA peak of one core (bench_fma_peak.hpp)
+//   BM_GemmYardstickOpenBLAS<float>/…, BM_GemmYardstickBLIS<float>/…
+//                                           the yardstick's products through OpenBLAS / BLIS
+//                                           (bench_gemm_backends.hpp), where found
+//
+// Every row with a GFLOPS counter also reports `fma_peak` (the FMA peak of one core in GFLOP/s,
+// measured once per process on first use) and `pct_fma` (GFLOPS as a percentage of fma_peak ×
+// the cores the row uses), so that each figure is a ratio to the same run's machine.
 //
 // Built with EIGEN_USE_BLAS (TITANS_USE_BLAS=ON), Eigen hands its large products to OpenBLAS;
 // the run's context then names the OpenBLAS kernels in use.
+#include "bench_fma_peak.hpp"
 #include "bench_gemm_yardstick.hpp"
 #include "bench_process.hpp"
 
@@ -30,7 +39,11 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+// Last: with BLIS, blis.h defines many macros.
+#include "bench_gemm_backends.hpp"
 
 namespace {
 
@@ -49,7 +62,7 @@ constexpr Index kTokens = 4096;  // T of the prefill benchmarks
 
 void set_threads(int n) {
   Eigen::setNbThreads(n);
-#ifdef EIGEN_USE_BLAS
+#if defined(EIGEN_USE_BLAS) || defined(TITANS_BENCH_HAVE_OPENBLAS)
   openblas_set_num_threads(n);
 #endif
 }
@@ -128,9 +141,25 @@ class FaultCounter {
   double start_;
 };
 
-void set_rate_counters(benchmark::State& state, double flops_per_iteration, Index tokens_per_iteration) {
+/// GFLOPS (per CPU second, or per wall second with UseRealTime), and the same rate as a
+/// fraction of the machine: fma_peak is the FMA peak of one core in GFLOP/s for Scalar
+/// (bench_fma_peak.hpp, measured once per process, outside any timed loop), pct_fma the row's
+/// GFLOPS in percent of fma_peak × `cores` (the cores the row uses).
+template <class Scalar>
+void set_gflops_counters(benchmark::State& state, double flops_per_iteration, Index cores) {
+  const double peak = titans_bench::fma_peak_gflops<Scalar>();
+  const double gflop = flops_per_iteration / 1e9;
+  state.counters["GFLOPS"] = benchmark::Counter(gflop, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["fma_peak"] = benchmark::Counter(peak);
+  state.counters["pct_fma"] =
+      benchmark::Counter(100.0 * gflop / (peak * static_cast<double>(cores)), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// Tokens/s and the GFLOPS counters of set_gflops_counters.
+template <class Scalar>
+void set_rate_counters(benchmark::State& state, double flops_per_iteration, Index tokens_per_iteration, Index cores) {
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * tokens_per_iteration);
-  state.counters["GFLOPS"] = benchmark::Counter(flops_per_iteration / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  set_gflops_counters<Scalar>(state, flops_per_iteration, cores);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,7 +183,7 @@ void BM_MemoryForward(benchmark::State& state) {
   }
   faults.report(state);
   if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
-  set_rate_counters(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens);
+  set_rate_counters<Scalar>(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens, state.range(3));
   set_threads(1);
 }
 
@@ -180,7 +209,7 @@ void BM_MemoryForwardBound(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
-  set_rate_counters(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens);
+  set_rate_counters<Scalar>(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens, 1);
 }
 
 void bound_grid(benchmark::internal::Benchmark* bm) {
@@ -233,7 +262,7 @@ void BM_MemoryForwardHeads(benchmark::State& state) {
   faults.report(state);
   for (int h = 0; h < heads; ++h)
     if (!p[static_cast<std::size_t>(h)].y.allFinite()) state.SkipWithError("memory outputs are not finite");
-  set_rate_counters(state, heads * titans::memory_forward_flops(p[0].cfg, b, kTokens), heads * kTokens);
+  set_rate_counters<Scalar>(state, heads * titans::memory_forward_flops(p[0].cfg, b, kTokens), heads * kTokens, cores);
 }
 
 // The kernel's dense products alone, T / b chunks per iteration (same tokens/s meaning).
@@ -251,8 +280,51 @@ void BM_GemmYardstick(benchmark::State& state) {
   }
   faults.report(state);
   benchmark::DoNotOptimize(g.checksum());
-  set_rate_counters(state, g.flops_per_chunk() * static_cast<double>(chunks), kTokens);
+  set_rate_counters<Scalar>(state, g.flops_per_chunk() * static_cast<double>(chunks), kTokens, state.range(3));
   set_threads(1);
+}
+
+// The same products through another GEMM library (bench_gemm_backends.hpp), on one thread:
+// Backend::use_one_thread() calls openblas_set_num_threads(1) / bli_thread_set_num_threads(1).
+// Before timing, one chunk through the backend is compared with one chunk through Eigen from
+// the same starting buffers; the row fails if they differ by more than rounding.
+template <class Scalar, class Backend>
+void BM_GemmYardstickBackend(benchmark::State& state) {
+  const Index d = state.range(0), depth = state.range(1), b = state.range(2);
+  if (state.range(3) != 1) {
+    state.SkipWithError("the backend yardsticks run on one core");
+    return;
+  }
+  const Index pad = state.range(4);
+  const std::string binding = Backend::check_binding();
+  if (!binding.empty()) {
+    state.SkipWithError(binding.c_str());
+    return;
+  }
+  set_threads(1);
+  Backend::use_one_thread();
+  const Backend gemm;
+  const titans::MemoryConfig cfg = memory_config(d, depth);
+  {
+    GemmYardstick<Scalar> with_eigen(cfg, b, pad), with_backend(cfg, b, pad);
+    with_eigen.run_chunk();
+    with_backend.run_chunk_with(gemm);
+    const double tolerance = std::is_same_v<Scalar, float> ? 1e-4 : 1e-12;
+    if (!(with_eigen.max_relative_difference(with_backend) <= tolerance)) {
+      state.SkipWithError((std::string(Backend::name()) + "'s products differ from Eigen's").c_str());
+      return;
+    }
+  }
+  GemmYardstick<Scalar> g(cfg, b, pad);
+  const Index chunks = kTokens / b;
+  const FaultCounter faults;
+  for (auto _ : state) {
+    for (Index c = 0; c < chunks; ++c) g.run_chunk_with(gemm);
+    benchmark::ClobberMemory();
+  }
+  faults.report(state);
+  benchmark::DoNotOptimize(g.checksum());
+  set_rate_counters<Scalar>(state, g.flops_per_chunk() * static_cast<double>(chunks), kTokens, 1);
 }
 
 template <class Scalar>
@@ -282,8 +354,7 @@ void BM_GemmPeak(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   faults.report(state);
-  state.counters["GFLOPS"] =
-      benchmark::Counter(2.0 * std::pow(static_cast<double>(n), 3) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  set_gflops_counters<Scalar>(state, 2.0 * std::pow(static_cast<double>(n), 3), state.range(1));
   set_threads(1);
 }
 
@@ -324,7 +395,7 @@ void BM_MemoryDecode(benchmark::State& state) {
   // Flops per token when decoding: the chunk formula with T = 1 counts the end-of-chunk update
   // once per token, which is what happens at b = 1; at b > 1 each call still ends a sub-chunk
   // and advances Θ and S, so the same count applies.
-  set_rate_counters(state, titans::memory_forward_flops(p.cfg, 1, 1), 1);
+  set_rate_counters<Scalar>(state, titans::memory_forward_flops(p.cfg, 1, 1), 1, 1);
 }
 
 void forward_grid(benchmark::internal::Benchmark* bm) {
@@ -369,6 +440,11 @@ void leading_dim_grid(benchmark::internal::Benchmark* bm) {
 
 }  // namespace
 
+// The FMA peak of one core: the yardstick of the yardsticks.
+using titans_bench::BM_FmaPeak;
+BENCHMARK_TEMPLATE(BM_FmaPeak, float)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_FmaPeak, double)->Unit(benchmark::kMillisecond);
+
 // Square GEMMs around 256, registered first so that they run on a fresh heap: sizes whose
 // packing buffers straddle the allocator's thresholds (README, "Power-of-two sizes").
 BENCHMARK_TEMPLATE(BM_GemmPeak, float)
@@ -383,6 +459,18 @@ BENCHMARK_TEMPLATE(BM_GemmPeak, float)
 BENCHMARK_TEMPLATE(BM_MemoryForward, float)->Apply(forward_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_MemoryForwardBound, float)->Apply(bound_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_GemmYardstick, float)->Apply(yardstick_grid)->Unit(benchmark::kMillisecond);
+#ifdef TITANS_BENCH_HAVE_OPENBLAS
+BENCHMARK_TEMPLATE2(BM_GemmYardstickBackend, float, titans_bench::OpenBlasGemm)
+    ->Name("BM_GemmYardstickOpenBLAS<float>")
+    ->Apply(yardstick_grid)
+    ->Unit(benchmark::kMillisecond);
+#endif
+#ifdef TITANS_BENCH_HAVE_BLIS
+BENCHMARK_TEMPLATE2(BM_GemmYardstickBackend, float, titans_bench::BlisGemm)
+    ->Name("BM_GemmYardstickBLIS<float>")
+    ->Apply(yardstick_grid)
+    ->Unit(benchmark::kMillisecond);
+#endif
 BENCHMARK_TEMPLATE(BM_MemoryForwardThreads, float)->Apply(threads_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_GemmYardstickThreads, float)->Apply(yardstick_threads_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_MemoryForwardHeads, float)->Apply(heads_grid)->Unit(benchmark::kMillisecond);
@@ -408,12 +496,41 @@ int main(int argc, char** argv) {
                                            "." + std::to_string(EIGEN_MINOR_VERSION) + ", SIMD " +
                                            Eigen::SimdInstructionSetsInUse());
 #ifdef EIGEN_USE_BLAS
-  benchmark::AddCustomContext("gemm", "OpenBLAS via EIGEN_USE_BLAS");
+  benchmark::AddCustomContext("gemm", "OpenBLAS via EIGEN_USE_BLAS (sgemm_ from " + titans_bench::provider_of("sgemm_") + ")");
+#elif defined(TITANS_GEMM_CBLAS)
+  benchmark::AddCustomContext("gemm", std::string("titans::detail::gemm: ") + titans::gemm_backend() +
+                                          " (cblas_sgemm from " + titans_bench::provider_of("cblas_sgemm") + ")");
+#else
+  benchmark::AddCustomContext("gemm", std::string("titans::detail::gemm: ") + titans::gemm_backend());
+#endif
+#if defined(EIGEN_USE_BLAS) || defined(TITANS_BENCH_HAVE_OPENBLAS)
+  openblas_set_num_threads(1);
   benchmark::AddCustomContext("openblas_corename", openblas_get_corename());
   benchmark::AddCustomContext("openblas_config", openblas_get_config());
-#else
-  benchmark::AddCustomContext("gemm", "Eigen (built-in)");
 #endif
+  benchmark::AddCustomContext("yardstick_backends", titans_bench::gemm_backends());
+#if defined(TITANS_BENCH_HAVE_OPENBLAS) || defined(TITANS_BENCH_HAVE_BLIS)
+  // Both libraries export the CBLAS names; this one is what every cblas_sgemm of the process runs.
+  benchmark::AddCustomContext("cblas_sgemm_from", titans_bench::provider_of("cblas_sgemm"));
+#endif
+#ifdef TITANS_BENCH_HAVE_BLIS
+  bli_thread_set_num_threads(1);
+  benchmark::AddCustomContext("blis", titans_bench::blis_description() + " (bli_sgemm from " +
+                                          titans_bench::provider_of("bli_sgemm") + ")");
+#endif
+#if defined(TITANS_BENCH_HAVE_OPENBLAS) || defined(TITANS_BENCH_HAVE_BLIS)
+  std::string backend_threads = "1:";
+#ifdef TITANS_BENCH_HAVE_OPENBLAS
+  backend_threads += " openblas_set_num_threads(1)";
+#endif
+#ifdef TITANS_BENCH_HAVE_BLIS
+  backend_threads += " bli_thread_set_num_threads(1)";
+#endif
+  benchmark::AddCustomContext("backend_threads", backend_threads);
+#endif
+  benchmark::AddCustomContext("fma_peak_kernel", titans_bench::fma_kernel_description<float>() + " (float), " +
+                                                     titans_bench::fma_kernel_description<double>() +
+                                                     " (double); fma_peak: fastest 2^16 rounds in 0.2 s, on first use");
   benchmark::AddCustomContext("gates", "alpha=0.01 eta=0.9 theta=0.01, E=4, SiLU, T=4096");
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
