@@ -30,29 +30,34 @@ class Gemm : public ::testing::Test {};
 using Scalars = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(Gemm, Scalars);
 
-TYPED_TEST(Gemm, MatchesEigenForEveryTransposeAndBeta) {
-  using Scalar = TypeParam;
+template <class Scalar, Trans TA, Trans TB>
+void check_against_eigen() {
   using Mat = titans::Matrix<Scalar>;
-  const Scalar tol = std::is_same_v<Scalar, float> ? Scalar(1e-5) : Scalar(1e-13);
+  const Scalar tol = std::is_same_v<Scalar, float> ? Scalar(1e-4) : Scalar(1e-12);
   const Index m = 7, n = 5, k = 9;
-  for (Trans ta : {Trans::no, Trans::yes})
-    for (Trans tb : {Trans::no, Trans::yes})
-      for (Scalar beta : {Scalar(0), Scalar(1), Scalar(-0.5)}) {
-        const Mat a = ta == Trans::no ? random<Scalar>(m, k, 1) : random<Scalar>(k, m, 1);
-        const Mat b = tb == Trans::no ? random<Scalar>(k, n, 2) : random<Scalar>(n, k, 2);
-        Mat c = random<Scalar>(m, n, 3);
-        const Mat c0 = c;
-        if (beta == Scalar(0)) c.setConstant(std::numeric_limits<Scalar>::quiet_NaN());  // must not be read
-        const Mat opa = ta == Trans::no ? a : Mat(a.transpose());
-        const Mat opb = tb == Trans::no ? b : Mat(b.transpose());
-        const Scalar alpha(-1.25);
-        const Mat want = alpha * opa * opb + (beta == Scalar(0) ? Mat::Zero(m, n) : Mat(beta * c0));
-        titans::detail::gemm(ta, tb, alpha, a, b, beta, c);
-        const std::string at = std::string("ta ") + (ta == Trans::yes ? "T" : "N") + ", tb " +
-                               (tb == Trans::yes ? "T" : "N") + ", beta " + std::to_string(beta);
-        ASSERT_TRUE(c.allFinite()) << at;
-        EXPECT_LT((c - want).cwiseAbs().maxCoeff(), tol * 10) << at;
-      }
+  for (Scalar beta : {Scalar(0), Scalar(1), Scalar(-0.5)}) {
+    const Mat a = TA == Trans::no ? random<Scalar>(m, k, 1) : random<Scalar>(k, m, 1);
+    const Mat b = TB == Trans::no ? random<Scalar>(k, n, 2) : random<Scalar>(n, k, 2);
+    Mat c = random<Scalar>(m, n, 3);
+    const Mat c0 = c;
+    if (beta == Scalar(0)) c.setConstant(std::numeric_limits<Scalar>::quiet_NaN());  // must not be read
+    const Mat opa = TA == Trans::no ? a : Mat(a.transpose());
+    const Mat opb = TB == Trans::no ? b : Mat(b.transpose());
+    const Scalar alpha(-1.25);
+    const Mat want = alpha * opa * opb + (beta == Scalar(0) ? Mat(Mat::Zero(m, n)) : Mat(beta * c0));
+    titans::detail::gemm<TA, TB>(alpha, a, b, beta, c);
+    const std::string at = std::string("ta ") + (TA == Trans::yes ? "T" : "N") + ", tb " +
+                           (TB == Trans::yes ? "T" : "N") + ", beta " + std::to_string(beta);
+    ASSERT_TRUE(c.allFinite()) << at;
+    EXPECT_LT((c - want).cwiseAbs().maxCoeff(), tol) << at;
+  }
+}
+
+TYPED_TEST(Gemm, MatchesEigenForEveryTransposeAndBeta) {
+  check_against_eigen<TypeParam, Trans::no, Trans::no>();
+  check_against_eigen<TypeParam, Trans::no, Trans::yes>();
+  check_against_eigen<TypeParam, Trans::yes, Trans::no>();
+  check_against_eigen<TypeParam, Trans::yes, Trans::yes>();
 }
 
 TYPED_TEST(Gemm, BlocksAsOperandsAndDestination) {
@@ -65,14 +70,14 @@ TYPED_TEST(Gemm, BlocksAsOperandsAndDestination) {
   // A block of C += (block of A) · (block of B): every operand a strided block.
   const auto a = big_a.block(2, 1, 5, 3);
   const auto b = big_b.block(3, 4, 3, 4);
-  titans::detail::product_add(Trans::no, Trans::no, Scalar(1), a, b, big_c.block(1, 2, 5, 4));
+  titans::detail::product_add<Trans::no, Trans::no>(Scalar(1), a, b, big_c.block(1, 2, 5, 4));
   Mat want = c0;
   want.block(1, 2, 5, 4) += Mat(a) * Mat(b);
   EXPECT_LT((big_c - want).cwiseAbs().maxCoeff(), tol);  // and nothing outside the block moved
   // A transposed block operand into middle columns.
   Mat d = random<Scalar>(3, 6, 7);
   const Mat d0 = d;
-  titans::detail::gemm(Trans::yes, Trans::no, Scalar(2), big_a.block(0, 0, 4, 3), big_b.block(0, 0, 4, 2), Scalar(0),
+  titans::detail::gemm<Trans::yes, Trans::no>(Scalar(2), big_a.block(0, 0, 4, 3), big_b.block(0, 0, 4, 2), Scalar(0),
                        d.middleCols(1, 2));
   Mat want_d = d0;
   want_d.middleCols(1, 2) = 2 * Mat(big_a.block(0, 0, 4, 3)).transpose() * Mat(big_b.block(0, 0, 4, 2));
@@ -85,12 +90,12 @@ TYPED_TEST(Gemm, EmptyShapes) {
   // k = 0: C = β C (and 0 when β = 0); m or n = 0: nothing to do.
   Mat c = random<Scalar>(3, 2, 8);
   const Mat c0 = c;
-  titans::detail::gemm(Trans::no, Trans::no, Scalar(1), Mat(3, 0), Mat(0, 2), Scalar(0.5), c);
+  titans::detail::gemm<Trans::no, Trans::no>(Scalar(1), Mat(3, 0), Mat(0, 2), Scalar(0.5), c);
   EXPECT_LT((c - Scalar(0.5) * c0).cwiseAbs().maxCoeff(), Scalar(1e-6));
   Mat p;
-  titans::detail::product(Trans::no, Trans::no, Mat(3, 0), Mat(0, 2), p);
+  titans::detail::product<Trans::no, Trans::no>(Mat(3, 0), Mat(0, 2), p);
   EXPECT_EQ(p, Mat::Zero(3, 2));
-  titans::detail::product(Trans::no, Trans::no, Mat(0, 4), Mat(4, 2), p);
+  titans::detail::product<Trans::no, Trans::no>(Mat(0, 4), Mat(4, 2), p);
   EXPECT_EQ(p.rows(), 0);
   EXPECT_EQ(p.cols(), 2);
 }

@@ -301,15 +301,15 @@ auto Attention<Scalar>::attend(const char* where, const Params& p, const Eigen::
 
   const Index H = cfg_.heads, dh = cfg_.head_dim();
   Mat q;
-  detail::product(detail::Trans::no, detail::Trans::no, p.w_q, xq, q);
+  detail::product<detail::Trans::no, detail::Trans::no>(p.w_q, xq, q);
   detail::rope_rotate<Scalar>(q, qpos, H, cfg_.rope_base, false);
   Mat k(D, np + nmain), v(D, np + nmain);
-  detail::gemm(detail::Trans::no, detail::Trans::no, Scalar(1), p.w_k, persistent, Scalar(0), k.leftCols(np));
-  detail::gemm(detail::Trans::no, detail::Trans::no, Scalar(1), p.w_v, persistent, Scalar(0), v.leftCols(np));
+  detail::gemm<detail::Trans::no, detail::Trans::no>(Scalar(1), p.w_k, persistent, Scalar(0), k.leftCols(np));
+  detail::gemm<detail::Trans::no, detail::Trans::no>(Scalar(1), p.w_v, persistent, Scalar(0), v.leftCols(np));
   k.middleCols(np, nc) = cached_k;
   v.middleCols(np, nc) = cached_v;
-  detail::gemm(detail::Trans::no, detail::Trans::no, Scalar(1), p.w_k, xkv, Scalar(0), k.rightCols(Tkv));
-  detail::gemm(detail::Trans::no, detail::Trans::no, Scalar(1), p.w_v, xkv, Scalar(0), v.rightCols(Tkv));
+  detail::gemm<detail::Trans::no, detail::Trans::no>(Scalar(1), p.w_k, xkv, Scalar(0), k.rightCols(Tkv));
+  detail::gemm<detail::Trans::no, detail::Trans::no>(Scalar(1), p.w_v, xkv, Scalar(0), v.rightCols(Tkv));
   {
     auto knew = k.rightCols(Tkv);
     detail::rope_rotate<Scalar>(knew, kpos, H, cfg_.rope_base, false);
@@ -336,7 +336,7 @@ auto Attention<Scalar>::attend(const char* where, const Params& p, const Eigen::
       gather(k, h * dh, dh, np, m0, nm, kc);
       gather(v, h * dh, dh, np, m0, nm, vc);
       s.resize(kc.cols(), nb);  // (keys, queries)
-      detail::gemm(detail::Trans::yes, detail::Trans::no, scale, kc, q.block(h * dh, i0, dh, nb), Scalar(0), s);
+      detail::gemm<detail::Trans::yes, detail::Trans::no>(scale, kc, q.block(h * dh, i0, dh, nb), Scalar(0), s);
       for (Index c = 0; c < nb; ++c) {
         const auto u = static_cast<std::size_t>(i0 + c);
         auto col = s.col(c);
@@ -349,12 +349,12 @@ auto Attention<Scalar>::attend(const char* where, const Params& p, const Eigen::
         col = (col.array() - mx).exp().matrix();
         col /= col.sum();
       }
-      detail::gemm(detail::Trans::no, detail::Trans::no, Scalar(1), vc, s, Scalar(0), a.block(h * dh, i0, dh, nb));
+      detail::gemm<detail::Trans::no, detail::Trans::no>(Scalar(1), vc, s, Scalar(0), a.block(h * dh, i0, dh, nb));
       if (cache) probs[static_cast<std::size_t>(h * nblocks + b)] = s;
     }
   });
   Mat out;
-  detail::product(detail::Trans::no, detail::Trans::no, p.w_o, a, out);
+  detail::product<detail::Trans::no, detail::Trans::no>(p.w_o, a, out);
   detail::check_finite_output(where, p, out);
   if (cache) {
     cache->xq = xq;
@@ -396,9 +396,9 @@ void Attention<Scalar>::backward(const Params& p, const Cache& cache, const Eige
   detail::check_shape(where, "dxkv", dxkv, D, Tkv);
   detail::check_shape(where, "dpersistent", dpersistent, D, np);
 
-  detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), dout, cache.a, grads.w_o);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), dout, cache.a, grads.w_o);
   Mat da;
-  detail::product(detail::Trans::yes, detail::Trans::no, p.w_o, dout, da);
+  detail::product<detail::Trans::yes, detail::Trans::no>(p.w_o, dout, da);
   Mat dq = Mat::Zero(D, Tq), dk = Mat::Zero(D, cache.k.cols()), dv = Mat::Zero(D, cache.k.cols());
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(dh));
   detail::for_each_head(H, [&](Index h) {
@@ -410,12 +410,12 @@ void Attention<Scalar>::backward(const Params& p, const Cache& cache, const Eige
       gather(cache.k, h * dh, dh, np, m0, nm, kc);
       gather(cache.v, h * dh, dh, np, m0, nm, vc);
       const auto dab = da.block(h * dh, i0, dh, nb);
-      detail::product(detail::Trans::no, detail::Trans::yes, dab, P, dvc);
-      detail::product(detail::Trans::yes, detail::Trans::no, vc, dab, dp);  // (keys, queries)
+      detail::product<detail::Trans::no, detail::Trans::yes>(dab, P, dvc);
+      detail::product<detail::Trans::yes, detail::Trans::no>(vc, dab, dp);  // (keys, queries)
       const Eigen::Matrix<Scalar, 1, Eigen::Dynamic> dots = P.cwiseProduct(dp).colwise().sum();
       dp = P.cwiseProduct(dp - Mat::Ones(dp.rows(), 1) * dots) * scale;  // dS
-      detail::product_add(detail::Trans::no, detail::Trans::no, Scalar(1), kc, dp, dq.block(h * dh, i0, dh, nb));
-      detail::product(detail::Trans::no, detail::Trans::yes, cache.q.block(h * dh, i0, dh, nb), dp, dkc);
+      detail::product_add<detail::Trans::no, detail::Trans::no>(Scalar(1), kc, dp, dq.block(h * dh, i0, dh, nb));
+      detail::product<detail::Trans::no, detail::Trans::yes>(cache.q.block(h * dh, i0, dh, nb), dp, dkc);
       scatter_add(dk, h * dh, dh, np, m0, nm, dkc);
       scatter_add(dv, h * dh, dh, np, m0, nm, dvc);
     }
@@ -423,18 +423,18 @@ void Attention<Scalar>::backward(const Params& p, const Cache& cache, const Eige
   detail::rope_rotate<Scalar>(dq, cache.qpos, H, cfg_.rope_base, true);
   auto dknew = dk.rightCols(Tkv);
   detail::rope_rotate<Scalar>(dknew, cache.kpos, H, cfg_.rope_base, true);
-  detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), dq, cache.xq, grads.w_q);
-  detail::product_add(detail::Trans::yes, detail::Trans::no, Scalar(1), p.w_q, dq, dxq);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), dq, cache.xq, grads.w_q);
+  detail::product_add<detail::Trans::yes, detail::Trans::no>(Scalar(1), p.w_q, dq, dxq);
   const Scalar one(1);
-  detail::product_add(detail::Trans::no, detail::Trans::yes, one, dk.rightCols(Tkv), cache.xkv, grads.w_k);
-  detail::product_add(detail::Trans::no, detail::Trans::yes, one, dv.rightCols(Tkv), cache.xkv, grads.w_v);
-  detail::product_add(detail::Trans::yes, detail::Trans::no, one, p.w_k, dk.rightCols(Tkv), dxkv);
-  detail::product_add(detail::Trans::yes, detail::Trans::no, one, p.w_v, dv.rightCols(Tkv), dxkv);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dk.rightCols(Tkv), cache.xkv, grads.w_k);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dv.rightCols(Tkv), cache.xkv, grads.w_v);
+  detail::product_add<detail::Trans::yes, detail::Trans::no>(one, p.w_k, dk.rightCols(Tkv), dxkv);
+  detail::product_add<detail::Trans::yes, detail::Trans::no>(one, p.w_v, dv.rightCols(Tkv), dxkv);
   if (np > 0) {
-    detail::product_add(detail::Trans::no, detail::Trans::yes, one, dk.leftCols(np), cache.prefix, grads.w_k);
-    detail::product_add(detail::Trans::no, detail::Trans::yes, one, dv.leftCols(np), cache.prefix, grads.w_v);
-    detail::product_add(detail::Trans::yes, detail::Trans::no, one, p.w_k, dk.leftCols(np), dpersistent);
-    detail::product_add(detail::Trans::yes, detail::Trans::no, one, p.w_v, dv.leftCols(np), dpersistent);
+    detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dk.leftCols(np), cache.prefix, grads.w_k);
+    detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dv.leftCols(np), cache.prefix, grads.w_v);
+    detail::product_add<detail::Trans::yes, detail::Trans::no>(one, p.w_k, dk.leftCols(np), dpersistent);
+    detail::product_add<detail::Trans::yes, detail::Trans::no>(one, p.w_v, dv.leftCols(np), dpersistent);
   }
 }
 

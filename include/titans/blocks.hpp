@@ -496,17 +496,17 @@ void Block<Scalar>::backward(const Params& p, const Cache& c, const Eigen::Ref<c
   const Mat sig = detail::sigmoid<Scalar>(c.ffn_a1);
   const Mat silu = c.ffn_a1.cwiseProduct(sig);
   const Mat hmid = silu.cwiseProduct(c.ffn_a3);
-  detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), dout, hmid, grads.ffn_w2);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), dout, hmid, grads.ffn_w2);
   Mat dh;
-  detail::product(detail::Trans::yes, detail::Trans::no, p.ffn_w2, dout, dh);
+  detail::product<detail::Trans::yes, detail::Trans::no>(p.ffn_w2, dout, dh);
   const Mat da3 = dh.cwiseProduct(silu);
   const Mat da1 = (dh.cwiseProduct(c.ffn_a3).array() * sig.array() * (Scalar(1) + c.ffn_a1.array() * (Scalar(1) - sig.array())))
                       .matrix();
-  detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), da1, c.u2, grads.ffn_w1);
-  detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), da3, c.u2, grads.ffn_w3);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), da1, c.u2, grads.ffn_w1);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), da3, c.u2, grads.ffn_w3);
   Mat du2;
-  detail::product(detail::Trans::yes, detail::Trans::no, p.ffn_w1, da1, du2);
-  detail::product_add(detail::Trans::yes, detail::Trans::no, Scalar(1), p.ffn_w3, da3, du2);
+  detail::product<detail::Trans::yes, detail::Trans::no>(p.ffn_w1, da1, du2);
+  detail::product_add<detail::Trans::yes, detail::Trans::no>(Scalar(1), p.ffn_w3, da3, du2);
   Mat dx1 = dout;
   detail::rms_norm_backward<Scalar>(c.x1, p.norm_ffn, c.n2_rinv, du2, dx1, grads.norm_ffn);
   // Mixer: x1 = x + mixer(u), u = RMSNorm(x).
@@ -570,11 +570,11 @@ auto Block<Scalar>::run(const char* where, const Params& p, const Eigen::Ref<con
   Mat x1 = x + mix;
   const Mat u2 = detail::rms_norm<Scalar>(x1, p.norm_ffn, cfg_.norm_eps, c ? &n2_rinv : nullptr);
   Mat a1, a3;
-  detail::product(detail::Trans::no, detail::Trans::no, p.ffn_w1, u2, a1);
-  detail::product(detail::Trans::no, detail::Trans::no, p.ffn_w3, u2, a3);
+  detail::product<detail::Trans::no, detail::Trans::no>(p.ffn_w1, u2, a1);
+  detail::product<detail::Trans::no, detail::Trans::no>(p.ffn_w3, u2, a3);
   const Mat hmid = (a1.array() / (Scalar(1) + (-a1.array()).exp()) * a3.array()).matrix();
   Mat out = x1;
-  detail::product_add(detail::Trans::no, detail::Trans::no, Scalar(1), p.ffn_w2, hmid, out);
+  detail::product_add<detail::Trans::no, detail::Trans::no>(Scalar(1), p.ffn_w2, hmid, out);
   detail::check_finite_output(where, p, out);
   state.position += T;
   if (c) {
@@ -677,7 +677,7 @@ auto Block<Scalar>::retrieve(const Params& p, const Mat& u, const std::vector<st
   const Index D = cfg_.dim, T = u.cols(), H = cfg_.memory.heads, d = D / H;
   const MemoryConfig mc = cfg_.memory.memory();
   Mat pre;
-  detail::product(detail::Trans::no, detail::Trans::no, p.retrieve_w, u, pre);
+  detail::product<detail::Trans::no, detail::Trans::no>(p.retrieve_w, u, pre);
   const Mat silu = pre.cwiseProduct(detail::sigmoid<Scalar>(pre));
   Mat q = silu;
   detail::l2_normalize<Scalar>(q, H, cfg_.memory.norm_eps);
@@ -730,8 +730,8 @@ void Block<Scalar>::retrieve_backward(const Params& p, const typename Cache::Seg
   Mat dsilu;
   detail::activation_derivative(Activation::silu, sc.q_pre, dsilu);
   const Mat dpre = dq.cwiseProduct(dsilu);
-  detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), dpre, u, grads.retrieve_w);
-  detail::product_add(detail::Trans::yes, detail::Trans::no, Scalar(1), p.retrieve_w, dpre, du);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), dpre, u, grads.retrieve_w);
+  detail::product_add<detail::Trans::yes, detail::Trans::no>(Scalar(1), p.retrieve_w, dpre, du);
 }
 
 template <class Scalar>

@@ -356,16 +356,16 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
     auto& gs = ws.gs[l];
     auto& t1 = ws.out1[l];
     auto& t2 = ws.out2[l];
-    product(Trans::no, Trans::no, gw, ws.ak[l], t1);  // (n_out, n)
-    product(Trans::no, Trans::no, gs, ws.ak[l], t2);
+    product<Trans::no, Trans::no>(gw, ws.ak[l], t1);  // (n_out, n)
+    product<Trans::no, Trans::no>(gs, ws.ak[l], t2);
     ws.ddelta[l] -= t1 * co.a_last.asDiagonal();
     ws.ddelta[l] -= t2 * co.s_last.asDiagonal();
     ws.da_last -= ws.delta[l].cwiseProduct(t1).colwise().sum().transpose();
     ws.ds_last -= ws.delta[l].cwiseProduct(t2).colwise().sum().transpose();
     t1 = ws.delta[l] * co.a_last.asDiagonal();
-    product_add(Trans::yes, Trans::no, Scalar(-1), gw, t1, ws.dak[l]);
+    product_add<Trans::yes, Trans::no>(Scalar(-1), gw, t1, ws.dak[l]);
     t2 = ws.delta[l] * co.s_last.asDiagonal();
-    product_add(Trans::yes, Trans::no, Scalar(-1), gs, t2, ws.dak[l]);
+    product_add<Trans::yes, Trans::no>(Scalar(-1), gs, t2, ws.dak[l]);
     // dβ_n += <gW, W>, dc_n += <gW, S>, dP_n0 += <gS, S>, then gS ← c_n gW + P_n0 gS, gW ← β_n gW:
     // one pass over the four matrices, in blocks that stay in L1.
     constexpr Index block = 2048;
@@ -409,21 +409,21 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
     auto& hs = ws.hs[l];
     auto& daq = ws.daq[l];
     t1 = g * co.beta.asDiagonal();
-    product_add(Trans::no, Trans::yes, Scalar(1), t1, ws.aq[l], ws.gw[l]);
+    product_add<Trans::no, Trans::yes>(Scalar(1), t1, ws.aq[l], ws.gw[l]);
     t1 = g * co.c.asDiagonal();
-    product_add(Trans::no, Trans::yes, Scalar(1), t1, ws.aq[l], ws.gs[l]);
-    product(Trans::yes, Trans::no, W[l], g, hw);  // (n_in, n)
-    product(Trans::yes, Trans::no, S[l], g, hs);
+    product_add<Trans::no, Trans::yes>(Scalar(1), t1, ws.aq[l], ws.gs[l]);
+    product<Trans::yes, Trans::no>(W[l], g, hw);  // (n_in, n)
+    product<Trans::yes, Trans::no>(S[l], g, hs);
     ws.dbeta += ws.aq[l].cwiseProduct(hw).colwise().sum().transpose();
     ws.dc += ws.aq[l].cwiseProduct(hs).colwise().sum().transpose();
     daq = hw * co.beta.asDiagonal();
     daq += hs * co.c.asDiagonal();
-    product_add(Trans::no, Trans::yes, Scalar(-1), g, ws.mgram[l], ws.ddelta[l]);
-    product(Trans::yes, Trans::no, ws.delta[l], g, ws.dm);  // −dL/d(G ⊙ Ãᵀ)   (n, n)
+    product_add<Trans::no, Trans::yes>(Scalar(-1), g, ws.mgram[l], ws.ddelta[l]);
+    product<Trans::yes, Trans::no>(ws.delta[l], g, ws.dm);  // −dL/d(G ⊙ Ãᵀ)   (n, n)
     ws.du -= ws.dm.cwiseProduct(tape.gram[l]);
     ws.dm = ws.dm.cwiseProduct(co.upper);  // −dL/dG
-    product_add(Trans::no, Trans::no, Scalar(-1), ws.ak[l], ws.dm, daq);
-    product_add(Trans::no, Trans::yes, Scalar(-1), ws.aq[l], ws.dm, ws.dak[l]);
+    product_add<Trans::no, Trans::no>(Scalar(-1), ws.ak[l], ws.dm, daq);
+    product_add<Trans::no, Trans::yes>(Scalar(-1), ws.aq[l], ws.dm, ws.dak[l]);
     if (l > 0) {
       ws.g[l - 1] = daq.cwiseProduct(ws.dphiq[l - 1]);
     } else {
@@ -504,15 +504,15 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
     ws.dzk[l - 1].array() += ws.ddelta[l - 1].array() * tape.tk[l].array() * ws.ddphi[l - 1].array();
     auto& dt = ws.dtk[l];
     dt = ws.ddelta[l - 1].cwiseProduct(ws.dphik[l - 1]);  // dL/dT_l   (n_in, n)
-    product_add(Trans::no, Trans::yes, Scalar(1), ws.delta[l], dt, gw0[l]);
-    product_add(Trans::no, Trans::no, Scalar(1), w0[l], dt, ws.ddelta[l]);
+    product_add<Trans::no, Trans::yes>(Scalar(1), ws.delta[l], dt, gw0[l]);
+    product_add<Trans::no, Trans::no>(Scalar(1), w0[l], dt, ws.ddelta[l]);
   }
   // Δ_L = inner_signal(Z_L, K, V, γ)
   inner_signal_backward(cfg, tape.zk[L - 1], in, t0, n, ws.ddelta[L - 1], ws.dzk[L - 1], grads);
   // Z_l = Θ⁰_l A_{l−1}, A_l = φ(Z_l)
   for (Index l = L - 1; l >= 0; --l) {
-    product_add(Trans::no, Trans::yes, Scalar(1), ws.dzk[l], ws.ak[l], gw0[l]);
-    product_add(Trans::yes, Trans::no, Scalar(1), w0[l], ws.dzk[l], ws.dak[l]);
+    product_add<Trans::no, Trans::yes>(Scalar(1), ws.dzk[l], ws.ak[l], gw0[l]);
+    product_add<Trans::yes, Trans::no>(Scalar(1), w0[l], ws.dzk[l], ws.dak[l]);
     if (l > 0) {
       ws.dzk[l - 1] += ws.dak[l].cwiseProduct(ws.dphik[l - 1]);
     } else {

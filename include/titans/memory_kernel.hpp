@@ -263,13 +263,13 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar
   ws.aq[0] = q;
   for (Index l = 0; l < L; ++l) {
     ws.scaled = ws.aq[l] * co.beta.asDiagonal();
-    product(Trans::no, Trans::no, state.weights[l], ws.scaled, ws.zq);
+    product<Trans::no, Trans::no>(state.weights[l], ws.scaled, ws.zq);
     ws.scaled = ws.aq[l] * co.c.asDiagonal();
-    product_add(Trans::no, Trans::no, Scalar(1), state.momentum[l], ws.scaled, ws.zq);
-    product(Trans::yes, Trans::no, ws.ak[l], ws.aq[l], ws.gram);
+    product_add<Trans::no, Trans::no>(Scalar(1), state.momentum[l], ws.scaled, ws.zq);
+    product<Trans::yes, Trans::no>(ws.ak[l], ws.aq[l], ws.gram);
     if (tape) tape->gram[l] = ws.gram;
     ws.gram = ws.gram.cwiseProduct(co.upper);
-    product_add(Trans::no, Trans::no, Scalar(-1), ws.delta[l], ws.gram, ws.zq);
+    product_add<Trans::no, Trans::no>(Scalar(-1), ws.delta[l], ws.gram, ws.zq);
     if (tape && (l + 1 < L || cfg.output_norm)) tape->zq[l] = ws.zq;
     if (l + 1 < L) activation_apply(cfg.activation, ws.zq, ws.aq[l + 1]);
   }
@@ -310,8 +310,8 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar
       // itself). Column blocks that keep W_l and S_l in cache through all three were measured
       // slower (d = 256, b = 64: 360 → 377 ms; benchmarks/README.md).
       w = beta_n * w + c_n * s;
-      product_add(Trans::no, Trans::yes, Scalar(-1), ws.tmp, ws.ak[l], w);
-      gemm(Trans::no, Trans::yes, Scalar(-1), ws.scaled, ws.ak[l], p_n, s);
+      product_add<Trans::no, Trans::yes>(Scalar(-1), ws.tmp, ws.ak[l], w);
+      gemm<Trans::no, Trans::yes>(Scalar(-1), ws.scaled, ws.ak[l], p_n, s);
     }
   }
   state.position += n;

@@ -184,7 +184,7 @@ void mlp_forward(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w, 
   z.resize(a.size());
   a[0] = x;
   for (Index l = 0; l < L; ++l) {
-    product(Trans::no, Trans::no, w[l], a[l], z[l]);
+    product<Trans::no, Trans::no>(w[l], a[l], z[l]);
     if (l + 1 < L) activation_apply(cfg.activation, z[l], a[l + 1]);
   }
 }
@@ -198,7 +198,7 @@ void mlp_backprop(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
                   Matrix<Scalar>& dphi) {
   delta.resize(static_cast<std::size_t>(cfg.depth));
   for (Index l = cfg.depth - 1; l > 0; --l) {
-    product(Trans::yes, Trans::no, w[l], delta[l], tmp);
+    product<Trans::yes, Trans::no>(w[l], delta[l], tmp);
     if (t) (*t)[l] = tmp;
     activation_derivative(cfg.activation, z[l - 1], dphi);
     delta[l - 1] = tmp.cwiseProduct(dphi);
@@ -344,7 +344,7 @@ void inner_loss_gradient(const MemoryConfig& cfg, const std::vector<Matrix<Scala
   std::vector<Matrix<Scalar>> a, z, delta;
   Matrix<Scalar> tmp, dphi;
   detail::key_path(cfg, w, k, v, gain, a, z, delta, nullptr, tmp, dphi);
-  for (Index l = 0; l < cfg.depth; ++l) detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), delta[l], a[l], grad[l]);
+  for (Index l = 0; l < cfg.depth; ++l) detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), delta[l], a[l], grad[l]);
 }
 
 /// \brief Backward of memory_apply (retrieval M*): adds ∂L/∂Θ into `dw` (shapes of the weights),
@@ -372,8 +372,8 @@ void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Sca
   detail::mlp_forward(cfg, w, x, a, z);
   detail::memory_readout_backward(cfg, z.back(), gain, dy, delta.back(), dgain);
   detail::mlp_backprop(cfg, w, z, delta, nullptr, tmp, dphi);
-  for (Index l = 0; l < cfg.depth; ++l) detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), delta[l], a[l], dw[l]);
-  detail::product_add(detail::Trans::yes, detail::Trans::no, Scalar(1), w[0], delta[0], dx);
+  for (Index l = 0; l < cfg.depth; ++l) detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), delta[l], a[l], dw[l]);
+  detail::product_add<detail::Trans::yes, detail::Trans::no>(Scalar(1), w[0], delta[0], dx);
   if (cfg.residual) dx += dy;
 }
 

@@ -363,9 +363,9 @@ void TitansModel<Scalar>::backward(const Params& p, const Cache& cache, const Ei
   const Mat& W = cfg_.tied ? p.embedding : p.head;  // tied: logits = Eᵀ u
   Mat du;
   if (cfg_.tied) {
-    detail::product(detail::Trans::no, detail::Trans::no, W, dlogits, du);
+    detail::product<detail::Trans::no, detail::Trans::no>(W, dlogits, du);
   } else {
-    detail::product(detail::Trans::yes, detail::Trans::no, W, dlogits, du);
+    detail::product<detail::Trans::yes, detail::Trans::no>(W, dlogits, du);
   }
   Mat dh = Mat::Zero(D, T), dnorm = Mat::Zero(D, 1);
   detail::rms_norm_backward<Scalar>(cache.h, p.norm_final, cache.rinv, du, dh, dnorm);
@@ -375,9 +375,9 @@ void TitansModel<Scalar>::backward(const Params& p, const Cache& cache, const Ei
   stack_.backward(p.blocks, cache.blocks, dh, grads.blocks, dx);
   grads.norm_final += dnorm;
   if (cfg_.tied) {
-    detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), cache.u, dlogits, grads.embedding);
+    detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), cache.u, dlogits, grads.embedding);
   } else {
-    detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), dlogits, cache.u, grads.head);
+    detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), dlogits, cache.u, grads.head);
   }
   for (Index t = 0; t < T; ++t) grads.embedding.col(cache.tokens[static_cast<std::size_t>(t)]) += dx.col(t);
 }
@@ -417,9 +417,9 @@ auto TitansModel<Scalar>::head(const Params& p, const Mat& h, Mat* rinv, Mat* u_
   Mat u = detail::rms_norm<Scalar>(h, p.norm_final, cfg_.norm_eps, rinv);
   Mat logits;
   if (cfg_.tied) {
-    detail::product(detail::Trans::yes, detail::Trans::no, p.embedding, u, logits);
+    detail::product<detail::Trans::yes, detail::Trans::no>(p.embedding, u, logits);
   } else {
-    detail::product(detail::Trans::no, detail::Trans::no, p.head, u, logits);
+    detail::product<detail::Trans::no, detail::Trans::no>(p.head, u, logits);
   }
   if (u_out) *u_out = std::move(u);
   return logits;

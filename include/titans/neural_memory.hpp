@@ -574,15 +574,15 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
   // Output path: o = W_O h, h = gain ⊙ n ⊙ g, g = σ(W_G x), n = y / rms (per head).
   const Mat ng = cache.n.cwiseProduct(cache.g);
   const Mat h = p.norm_gain.col(0).asDiagonal() * ng;
-  detail::product_add(detail::Trans::no, detail::Trans::yes, one, dout, h, grads.w_out);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dout, h, grads.w_out);
   Mat dh;
-  detail::product(detail::Trans::yes, detail::Trans::no, p.w_out, dout, dh);
+  detail::product<detail::Trans::yes, detail::Trans::no>(p.w_out, dout, dh);
   grads.norm_gain.col(0) += dh.cwiseProduct(ng).rowwise().sum();
   const Mat dn = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.g);
   Mat dag = p.norm_gain.col(0).asDiagonal() * dh.cwiseProduct(cache.n);
   dag = (dag.array() * cache.g.array() * (one - cache.g.array())).matrix();
-  detail::product_add(detail::Trans::no, detail::Trans::yes, Scalar(1), dag, cache.x, grads.w_gate);
-  detail::product_add(detail::Trans::yes, detail::Trans::no, Scalar(1), p.w_gate, dag, dx);
+  detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), dag, cache.x, grads.w_gate);
+  detail::product_add<detail::Trans::yes, detail::Trans::no>(Scalar(1), p.w_gate, dag, dx);
   Mat dy = Mat::Zero(D, T);
   detail::rms_normalize_backward<Scalar>(dn, cache.n, cache.rinv, H, dy);
 
@@ -638,9 +638,9 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
   Mat* gb[3] = {&grads.b_alpha, &grads.b_eta, &grads.b_theta};
   const Mat* pw[3] = {&p.w_alpha, &p.w_eta, &p.w_theta};
   for (int gi = 0; gi < 3; ++gi) {
-    detail::product_add(detail::Trans::no, detail::Trans::yes, one, dgate[gi], cache.x, *gw[gi]);
+    detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dgate[gi], cache.x, *gw[gi]);
     gb[gi]->col(0) += dgate[gi].rowwise().sum();
-    detail::product_add(detail::Trans::yes, detail::Trans::no, one, *pw[gi], dgate[gi], dx);
+    detail::product_add<detail::Trans::yes, detail::Trans::no>(one, *pw[gi], dgate[gi], dx);
   }
 
   // ℓ2 normalisation of k and q.
@@ -665,8 +665,8 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
     }
     if (dfinal && K > 1) dext.rightCols(K - 1) += dfinal->conv_tail.middleRows(si * D, D);
     // The final tail is the last K−1 columns of ext; its gradient joins before the split below.
-    detail::product_add(detail::Trans::no, detail::Trans::yes, one, dext.rightCols(T), cache.x, *gproj[si]);
-    detail::product_add(detail::Trans::yes, detail::Trans::no, one, *pproj[si], dext.rightCols(T), dx);
+    detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dext.rightCols(T), cache.x, *gproj[si]);
+    detail::product_add<detail::Trans::yes, detail::Trans::no>(one, *pproj[si], dext.rightCols(T), dx);
     if (dinitial && K > 1) dinitial->conv_tail.middleRows(si * D, D) += dext.leftCols(K - 1);
   }
 }
@@ -814,7 +814,7 @@ auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<co
   for (int s = 0; s < 3; ++s) {
     // ext = [tail | W x]; out_t = Σ_j conv[:, j] ⊙ ext[:, t + j]  (causal, width K)
     ext.leftCols(K - 1) = state.conv_tail.middleRows(s * D, D);
-    detail::gemm(detail::Trans::no, detail::Trans::no, Scalar(1), *w[s], x, Scalar(0), ext.rightCols(T));
+    detail::gemm<detail::Trans::no, detail::Trans::no>(Scalar(1), *w[s], x, Scalar(0), ext.rightCols(T));
     Mat& o = *outs[s];
     o.noalias() = conv[s]->col(K - 1).asDiagonal() * ext.rightCols(T);
     for (Index j = 0; j + 1 < K; ++j) o.noalias() += conv[s]->col(j).asDiagonal() * ext.middleCols(j, T);
@@ -836,7 +836,7 @@ auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<co
   const Mat* gate_w[3] = {&p.w_alpha, &p.w_eta, &p.w_theta};
   const Mat* gate_b[3] = {&p.b_alpha, &p.b_eta, &p.b_theta};
   for (int gi = 0; gi < 3; ++gi) {
-    detail::product(detail::Trans::no, detail::Trans::no, *gate_w[gi], x, pre[gi]);
+    detail::product<detail::Trans::no, detail::Trans::no>(*gate_w[gi], x, pre[gi]);
     pre[gi].colwise() += gate_b[gi]->col(0);
   }
   if (cache) {
@@ -895,7 +895,7 @@ auto NeuralMemory<Scalar>::gain(const Params& p, Index h) const -> Vector<Scalar
 template <class Scalar>
 auto NeuralMemory<Scalar>::output(const Params& p, const Eigen::Ref<const Mat>& x, const Mat& y, NeuralMemoryCache<Scalar>* cache) const -> Mat {
   Mat g;
-  detail::product(detail::Trans::no, detail::Trans::no, p.w_gate, x, g);
+  detail::product<detail::Trans::no, detail::Trans::no>(p.w_gate, x, g);
   g = detail::sigmoid<Scalar>(g);
   Mat n = detail::rms_normalize<Scalar>(y, cfg_.heads, cfg_.norm_eps, cache ? &cache->rinv : nullptr);
   if (cache) {
@@ -905,7 +905,7 @@ auto NeuralMemory<Scalar>::output(const Params& p, const Eigen::Ref<const Mat>& 
   n = (n.array() * g.array()).matrix();
   n = p.norm_gain.col(0).asDiagonal() * n;
   Mat o;
-  detail::product(detail::Trans::no, detail::Trans::no, p.w_out, n, o);
+  detail::product<detail::Trans::no, detail::Trans::no>(p.w_out, n, o);
   return o;
 }
 

@@ -46,26 +46,23 @@ enum class Trans : bool { no = false, yes = true };
 
 namespace gemm_detail {
 
-// c = α op(a) op(b) (Assign) or c += α op(a) op(b): one branch per pair of transposes, each a
-// plain Eigen product.
-template <bool Assign, class Scalar, class DA, class DB, class DC>
-void eigen_gemm(Trans ta, Trans tb, Scalar alpha, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
-                Eigen::MatrixBase<DC>& c) {
-  auto run = [&](const auto& product) {
-    if constexpr (Assign) {
-      c.noalias() = alpha * product;
+// c = α op(a) op(b) (Assign) or c += α op(a) op(b), as one plain Eigen product. The transposes
+// are template arguments, so each call site instantiates only its own product.
+template <Trans TA, Trans TB, bool Assign, class Scalar, class DA, class DB, class DC>
+void eigen_gemm(Scalar alpha, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b, Eigen::MatrixBase<DC>& c) {
+  auto op = [](const auto& m, auto transposed) -> decltype(auto) {
+    if constexpr (decltype(transposed)::value) {
+      return m.transpose();
     } else {
-      c.noalias() += alpha * product;
+      return m;
     }
   };
-  if (ta == Trans::no && tb == Trans::no) {
-    run(a * b);
-  } else if (ta == Trans::no) {
-    run(a * b.transpose());
-  } else if (tb == Trans::no) {
-    run(a.transpose() * b);
+  const auto& opa = op(a, std::bool_constant<TA == Trans::yes>{});
+  const auto& opb = op(b, std::bool_constant<TB == Trans::yes>{});
+  if constexpr (Assign) {
+    c.noalias() = alpha * (opa * opb);
   } else {
-    run(a.transpose() * b.transpose());
+    c.noalias() += alpha * (opa * opb);
   }
 }
 
@@ -82,18 +79,19 @@ inline void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int
 
 }  // namespace gemm_detail
 
-/// \brief C = α op(A) op(B) + β C, with C of the product's shape (not resized). β = 0 does not
-/// read C (it may hold anything, NaN included). A, B and C are column-major dense expressions of
-/// one scalar type; with the CBLAS backend, operands whose inner stride is not 1 are copied first.
-template <class DA, class DB, class DC>
-void gemm(Trans ta, Trans tb, typename DA::Scalar alpha, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
+/// \brief C = α op(A) op(B) + β C, with C of the product's shape (not resized); op(X) is X or
+/// Xᵀ as TA / TB say. β = 0 does not read C (it may hold anything, NaN included). A, B and C are
+/// column-major dense expressions of one scalar type; with the CBLAS backend, operands whose
+/// inner stride is not 1 are copied first.
+template <Trans TA, Trans TB, class DA, class DB, class DC>
+void gemm(typename DA::Scalar alpha, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
           typename DA::Scalar beta, const Eigen::MatrixBase<DC>& c_out) {
   using Scalar = typename DA::Scalar;
   static_assert(std::is_same_v<Scalar, typename DB::Scalar> && std::is_same_v<Scalar, typename DC::Scalar>,
                 "titans::detail::gemm: operands of one scalar type");
   auto& c = const_cast<Eigen::MatrixBase<DC>&>(c_out);  // writable block (Eigen's documented idiom)
-  const Index m = ta == Trans::no ? a.rows() : a.cols(), k = ta == Trans::no ? a.cols() : a.rows();
-  const Index kb = tb == Trans::no ? b.rows() : b.cols(), n = tb == Trans::no ? b.cols() : b.rows();
+  const Index m = TA == Trans::no ? a.rows() : a.cols(), k = TA == Trans::no ? a.cols() : a.rows();
+  const Index kb = TB == Trans::no ? b.rows() : b.cols(), n = TB == Trans::no ? b.cols() : b.rows();
   eigen_assert(k == kb && c.rows() == m && c.cols() == n && "titans::detail::gemm: shapes do not match");
   (void)m, (void)n, (void)k, (void)kb;  // only the CBLAS path and the assertion use them
 #ifdef TITANS_GEMM_CBLAS
@@ -103,7 +101,7 @@ void gemm(Trans ta, Trans tb, typename DA::Scalar alpha, const Eigen::MatrixBase
     const Eigen::Ref<const Matrix<Scalar>, 0, Stride> ar(a.derived()), br(b.derived());
     Eigen::Ref<Matrix<Scalar>, 0, Stride> cr(c.derived());
     const auto ld = [](Index stride, Index rows) { return static_cast<int>(std::max<Index>({stride, rows, 1})); };
-    gemm_detail::cblas_gemm(ta == Trans::no ? CblasNoTrans : CblasTrans, tb == Trans::no ? CblasNoTrans : CblasTrans,
+    gemm_detail::cblas_gemm(TA == Trans::no ? CblasNoTrans : CblasTrans, TB == Trans::no ? CblasNoTrans : CblasTrans,
                             static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, ar.data(),
                             ld(ar.outerStride(), ar.rows()), br.data(), ld(br.outerStride(), br.rows()), beta,
                             cr.data(), ld(cr.outerStride(), cr.rows()));
@@ -111,27 +109,26 @@ void gemm(Trans ta, Trans tb, typename DA::Scalar alpha, const Eigen::MatrixBase
   }
 #endif
   if (beta == Scalar(0)) {
-    gemm_detail::eigen_gemm<true>(ta, tb, alpha, a, b, c);
+    gemm_detail::eigen_gemm<TA, TB, true>(alpha, a, b, c);
   } else {
     if (beta != Scalar(1)) c *= beta;
-    gemm_detail::eigen_gemm<false>(ta, tb, alpha, a, b, c);
+    gemm_detail::eigen_gemm<TA, TB, false>(alpha, a, b, c);
   }
 }
 
 /// c = op(a) op(b), c resized to the product's shape.
-template <class DA, class DB>
-void product(Trans ta, Trans tb, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
-             Matrix<typename DA::Scalar>& c) {
+template <Trans TA, Trans TB, class DA, class DB>
+void product(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b, Matrix<typename DA::Scalar>& c) {
   using Scalar = typename DA::Scalar;
-  c.resize(ta == Trans::no ? a.rows() : a.cols(), tb == Trans::no ? b.cols() : b.rows());
-  gemm(ta, tb, Scalar(1), a, b, Scalar(0), c);
+  c.resize(TA == Trans::no ? a.rows() : a.cols(), TB == Trans::no ? b.cols() : b.rows());
+  gemm<TA, TB>(Scalar(1), a, b, Scalar(0), c);
 }
 
 /// c += α op(a) op(b).
-template <class DA, class DB, class DC>
-void product_add(Trans ta, Trans tb, typename DA::Scalar alpha, const Eigen::MatrixBase<DA>& a,
-                 const Eigen::MatrixBase<DB>& b, const Eigen::MatrixBase<DC>& c) {
-  gemm(ta, tb, alpha, a, b, typename DA::Scalar(1), c);
+template <Trans TA, Trans TB, class DA, class DB, class DC>
+void product_add(typename DA::Scalar alpha, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
+                 const Eigen::MatrixBase<DC>& c) {
+  gemm<TA, TB>(alpha, a, b, typename DA::Scalar(1), c);
 }
 
 }  // namespace detail
