@@ -519,20 +519,7 @@ void Block<Scalar>::backward(const Params& p, const Cache& c, const Eigen::Ref<c
 
 template <class Scalar>
 auto Block<Scalar>::forward_batch(const Params& p, const std::vector<Mat>& xs, std::vector<State>& states) const -> std::vector<Mat> {
-  constexpr const char* where = "titans::Block::forward_batch";
-  if (xs.size() != states.size())
-    detail::raise<InvalidArgument>(where, "got ", xs.size(), " sequences and ", states.size(), " states");
-  // Every sequence and state before any state advances.
-  check_params(p, where);
-  for (std::size_t i = 0; i < xs.size(); ++i) {
-    const std::string x = detail::concat("xs[", i, "]"), at = detail::concat(where, " (states[", i, "])");
-    detail::check_shape(where, x.c_str(), xs[i], cfg_.dim, -1);
-    detail::check_finite(where, x.c_str(), xs[i]);
-    check_state(states[i], at.c_str());
-  }
-  std::vector<Mat> ys(xs.size());
-  for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = forward(p, xs[i], states[i]);
-  return ys;
+  return detail::forward_each("titans::Block::forward_batch", *this, cfg_.dim, p, xs, states);
 }
 
 template <class Scalar>

@@ -16,6 +16,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // Explicit instantiations (cmake/TitansCompiled.cmake): under TITANS_EXTERN_FLOAT and/or
 // TITANS_EXTERN_DOUBLE every heavy template's float / double instantiation is declared
@@ -236,6 +237,25 @@ void check_range(const char* where, const char* what, const Eigen::DenseBase<Der
       }
     }
   }
+}
+
+/// forward_batch of a layer or a block: every xs[i] (dim rows, finite) and states[i] is checked
+/// before any state advances, then module.forward runs on each pair in turn.
+template <class Module, class Params, class Mat, class State>
+std::vector<Mat> forward_each(const char* where, const Module& module, Index dim, const Params& p,
+                              const std::vector<Mat>& xs, std::vector<State>& states) {
+  if (xs.size() != states.size())
+    raise<InvalidArgument>(where, "got ", xs.size(), " sequences and ", states.size(), " states");
+  module.check_params(p, where);
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    const std::string x = concat("xs[", i, "]"), at = concat(where, " (states[", i, "])");
+    check_shape(where, x.c_str(), xs[i], dim, -1);
+    check_finite(where, x.c_str(), xs[i]);
+    module.check_state(states[i], at.c_str());
+  }
+  std::vector<Mat> ys(xs.size());
+  for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = module.forward(p, xs[i], states[i]);
+  return ys;
 }
 
 template <class Scalar>
