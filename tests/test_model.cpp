@@ -889,4 +889,57 @@ TEST(ModelMetadata, CorruptMetadataIsFormatError) {
   expect_format_error("block.checkpoint_every", "0", "invalid checkpoint_every");
 }
 
+// Every missing required key is named in one message; keys with a default may be missing.
+TEST(ModelMetadata, MissingKeysNamedAtOnceAndDefaultsApplied) {
+  const ModelConfig c = unusual_config();
+  auto m = titans::to_metadata(c);
+  for (const char* key : {"model.vocab", "block.segment", "neural_memory.depth"}) m.erase(key);
+  try {
+    titans::model_config_from_metadata(m);
+    ADD_FAILURE() << "no exception";
+  } catch (const titans::FormatError& e) {
+    const std::string what = e.what();
+    for (const char* key : {"'model.vocab'", "'block.segment'", "'neural_memory.depth'", "3 required keys missing"})
+      EXPECT_NE(what.find(key), std::string::npos) << key << " not in: " << what;
+  }
+  // The keys with a default: a file without them loads, with the documented defaults.
+  const std::vector<std::string> optional = {"model.norm_eps",           "block.rope_base",
+                                             "block.attention_block",    "block.norm_eps",
+                                             "block.checkpoint_every",   "neural_memory.activation",
+                                             "neural_memory.output_norm", "neural_memory.surprise_clamp",
+                                             "neural_memory.eta_max",     "neural_memory.per_chunk_gates",
+                                             "neural_memory.norm_eps"};
+  m = titans::to_metadata(c);
+  for (const auto& key : optional) ASSERT_EQ(m.erase(key), 1u) << key;
+  const ModelConfig back = titans::model_config_from_metadata(m);
+  const ModelConfig dflt{};
+  EXPECT_EQ(back.vocab, c.vocab);
+  EXPECT_EQ(back.block.segment, c.block.segment);
+  EXPECT_EQ(back.norm_eps, dflt.norm_eps);
+  EXPECT_EQ(back.block.rope_base, dflt.block.rope_base);
+  EXPECT_EQ(back.block.attention_block, dflt.block.attention_block);
+  EXPECT_EQ(back.block.checkpoint_every, dflt.block.checkpoint_every);
+  EXPECT_EQ(back.block.memory.activation, titans::Activation::silu);
+  EXPECT_FALSE(back.block.memory.output_norm);  // absent bounds mean "off" (files from before them)
+  EXPECT_EQ(back.block.memory.surprise_clamp, 0.0);
+  EXPECT_EQ(back.block.memory.eta_max, 1.0);
+  EXPECT_FALSE(back.block.memory.per_chunk_gates);
+  // Every key to_metadata writes is either required or in the optional list above.
+  std::size_t required = 0;
+  for (const auto& [key, value] : titans::to_metadata(c)) {
+    auto without = titans::to_metadata(c);
+    without.erase(key);
+    bool threw = false;
+    try {
+      titans::model_config_from_metadata(without);
+    } catch (const titans::FormatError&) {
+      threw = true;
+    }
+    const bool listed = std::find(optional.begin(), optional.end(), key) != optional.end();
+    EXPECT_NE(threw, listed) << key;
+    required += threw;
+  }
+  EXPECT_EQ(required, titans::to_metadata(c).size() - optional.size());
+}
+
 }  // namespace

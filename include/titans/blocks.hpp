@@ -66,6 +66,32 @@ inline BlockKind block_kind_from_string(const std::string& s) {
                                  "', expected one of lmm, mac, mag, mal, swa");
 }
 
+/// Metadata text of a list of block kinds ("mac,mac,swa") and back (detail/metadata.hpp);
+/// returns "" or what was expected.
+inline std::string metadata_string(const std::vector<BlockKind>& kinds) {
+  std::string out;
+  for (std::size_t i = 0; i < kinds.size(); ++i) out += (i ? "," : "") + std::string(to_string(kinds[i]));
+  return out;
+}
+inline std::string parse_metadata(const std::string& s, std::vector<BlockKind>& out) {
+  const char* expected = "a comma-separated list of lmm, mac, mag, mal, swa";
+  out.clear();
+  std::size_t from = 0;
+  while (true) {
+    const std::size_t comma = s.find(',', from);
+    const std::string item = s.substr(from, comma == std::string::npos ? std::string::npos : comma - from);
+    bool known = false;
+    for (BlockKind k : {BlockKind::lmm, BlockKind::mac, BlockKind::mag, BlockKind::mal, BlockKind::swa})
+      if (item == to_string(k)) {
+        out.push_back(k);
+        known = true;
+      }
+    if (!known) return expected;
+    if (comma == std::string::npos) return "";
+    from = comma + 1;
+  }
+}
+
 /// \brief Shape and behaviour of one block.
 struct BlockConfig {
   BlockKind kind = BlockKind::mac;
@@ -98,6 +124,25 @@ struct BlockConfig {
     return a;
   }
 
+  /// The fields as checkpoint metadata keys "block.*" (detail/metadata.hpp; the kind is the
+  /// model's "model.layers", the memory's keys are NeuralMemoryConfig's). Listed once for
+  /// to_metadata and model_config_from_metadata; docs/WEIGHTS.md documents them.
+  template <class Self, class V>
+  static void metadata_fields(Self& c, V& v) {
+    const BlockConfig dflt{};
+    v("block.dim", c.dim);
+    v("block.attention_heads", c.attention_heads);
+    v("block.window", c.window);
+    v("block.segment", c.segment);
+    v("block.persistent", c.persistent);
+    v("block.ffn_hidden", c.ffn_hidden);
+    v("block.rope_base", c.rope_base, dflt.rope_base);
+    v("block.attention_block", c.attention_block, dflt.attention_block);  // speed only
+    v("block.norm_eps", c.norm_eps, dflt.norm_eps);
+    v("block.checkpoint_every", c.checkpoint_every, dflt.checkpoint_every);  // training memory only
+    NeuralMemoryConfig::metadata_fields(c.memory, v);
+  }
+
   /// Throws InvalidArgument naming the field.
   void validate(const char* where = "titans::BlockConfig") const {
     detail::check_range(where, "dim", dim, 1, limits::dim);
@@ -128,18 +173,9 @@ struct BlockConfig {
 /// \brief A block config's fields as "block.*" key/value strings, with its memory's
 /// "neural_memory.*" (the kind is the model's "model.layers"; model_config_from_metadata reads them back).
 inline std::map<std::string, std::string> to_metadata(const BlockConfig& b) {
-  using detail::format_real;
-  std::map<std::string, std::string> m = to_metadata(b.memory);
-  m.insert({{"block.dim", std::to_string(b.dim)},
-            {"block.attention_heads", std::to_string(b.attention_heads)},
-            {"block.window", std::to_string(b.window)},
-            {"block.segment", std::to_string(b.segment)},
-            {"block.persistent", std::to_string(b.persistent)},
-            {"block.ffn_hidden", std::to_string(b.ffn_hidden)},
-            {"block.rope_base", format_real(b.rope_base)},
-            {"block.attention_block", std::to_string(b.attention_block)},
-            {"block.norm_eps", format_real(b.norm_eps)},
-            {"block.checkpoint_every", std::to_string(b.checkpoint_every)}});
+  std::map<std::string, std::string> m;
+  detail::MetadataWriter w(m);
+  BlockConfig::metadata_fields(b, w);
   return m;
 }
 

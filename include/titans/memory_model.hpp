@@ -33,6 +33,17 @@ inline const char* to_string(Activation a) {
   return "unknown";
 }
 
+/// Metadata text of an Activation and back (detail/metadata.hpp); returns "" or what was expected.
+inline std::string metadata_string(Activation a) { return to_string(a); }
+inline std::string parse_metadata(const std::string& s, Activation& out) {
+  for (Activation a : {Activation::silu, Activation::gelu, Activation::identity})
+    if (s == to_string(a)) {
+      out = a;
+      return "";
+    }
+  return "silu, gelu or identity";
+}
+
 /// \brief Shape of one memory MLP: depth L, width d, hidden expansion E, φ, optional residual.
 struct MemoryConfig {
   Index dim = 64;        ///< d: key, value and query width (n_0 = n_L = d)

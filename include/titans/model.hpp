@@ -48,6 +48,17 @@ struct ModelConfig {
 
   Index dim() const { return block.dim; }
 
+  /// The fields as checkpoint metadata keys "model.*", then the block template's (detail/metadata.hpp).
+  template <class Self, class V>
+  static void metadata_fields(Self& c, V& v) {
+    const ModelConfig dflt{};
+    v("model.vocab", c.vocab);
+    v("model.layers", c.layers);
+    v("model.tied", c.tied);
+    v("model.norm_eps", c.norm_eps, dflt.norm_eps);
+    BlockConfig::metadata_fields(c.block, v);
+  }
+
   void validate(const char* where = "titans::ModelConfig") const {
     detail::check_range(where, "vocab", vocab, 1, limits::vocab);
     if (layers.empty()) detail::raise<InvalidArgument>(where, "layers is empty, expected at least one block");
@@ -66,48 +77,22 @@ struct ModelConfig {
 /// \brief The config as "model.*" key/value strings (for a checkpoint's metadata), and back.
 /// The block template's keys ("block.*", "neural_memory.*") are to_metadata(c.block)'s.
 inline std::map<std::string, std::string> to_metadata(const ModelConfig& c) {
-  std::string layers;
-  for (std::size_t i = 0; i < c.layers.size(); ++i) layers += (i ? "," : "") + std::string(to_string(c.layers[i]));
-  std::map<std::string, std::string> m = to_metadata(c.block);
-  m.insert({{"model.vocab", std::to_string(c.vocab)},
-            {"model.layers", layers},
-            {"model.tied", detail::format_bool(c.tied)},
-            {"model.norm_eps", detail::format_real(c.norm_eps)}});
+  std::map<std::string, std::string> m;
+  detail::MetadataWriter w(m);
+  ModelConfig::metadata_fields(c, w);
   return m;
 }
 
+/// \brief Rebuilds a config from to_metadata's pairs. Throws FormatError naming a malformed key,
+/// or every missing required key at once (keys with a default may be missing:
+/// metadata_fields), or the field of an invalid config.
 inline ModelConfig model_config_from_metadata(const std::map<std::string, std::string>& m) {
   constexpr const char* where = "titans::model_config_from_metadata";
-  const detail::MetadataReader r(where, m);
+  detail::MetadataFieldReader r(where, m);
   ModelConfig c;
-  c.vocab = r.integer("model.vocab");
-  c.layers.clear();
-  const std::string& layers = r.get("model.layers");
-  if (!layers.empty() && layers.back() == ',')
-    detail::raise<FormatError>(where, "metadata 'model.layers' = '", layers, "' ends with an empty block kind");
-  std::stringstream ss(layers);
-  for (std::string item; std::getline(ss, item, ',');) {
-    try {
-      c.layers.push_back(block_kind_from_string(item));
-    } catch (const InvalidArgument& e) {
-      detail::raise<FormatError>(where, "metadata 'model.layers': ", e.what());
-    }
-  }
-  c.tied = r.boolean("model.tied");
-  c.norm_eps = r.real("model.norm_eps");
-  BlockConfig& b = c.block;
-  b.dim = r.integer("block.dim");
-  b.attention_heads = r.integer("block.attention_heads");
-  b.window = r.integer("block.window");
-  b.segment = r.integer("block.segment");
-  b.persistent = r.integer("block.persistent");
-  b.ffn_hidden = r.integer("block.ffn_hidden");
-  b.rope_base = r.real("block.rope_base");
-  b.attention_block = r.integer("block.attention_block");
-  b.norm_eps = r.real("block.norm_eps");
-  if (r.has("block.checkpoint_every")) b.checkpoint_every = r.integer("block.checkpoint_every");
+  ModelConfig::metadata_fields(c, r);
+  r.finish();
   try {
-    b.memory = neural_memory_config_from_metadata(m);  // throws InvalidArgument for an invalid memory config
     c.validate(where);
   } catch (const InvalidArgument& e) {
     detail::raise<FormatError>(where, "metadata describes an invalid model: ", e.what());

@@ -80,6 +80,28 @@ struct NeuralMemoryConfig {
     return m;
   }
 
+  /// The fields as checkpoint metadata keys (detail/metadata.hpp): v(key, field) for a key every
+  /// file must have, v(key, field, default) for one whose absence has a meaning. Listed once for
+  /// to_metadata and neural_memory_config_from_metadata; docs/WEIGHTS.md documents them.
+  template <class Self, class V>
+  static void metadata_fields(Self& c, V& v) {
+    const NeuralMemoryConfig dflt{};
+    v("neural_memory.dim", c.dim);
+    v("neural_memory.heads", c.heads);
+    v("neural_memory.depth", c.depth);
+    v("neural_memory.expansion", c.expansion);
+    v("neural_memory.activation", c.activation, dflt.activation);
+    v("neural_memory.residual", c.residual);
+    v("neural_memory.output_norm", c.output_norm, false);  // absent: a file from before the bounds
+    v("neural_memory.surprise_clamp", c.surprise_clamp, 0.0);
+    v("neural_memory.eta_max", c.eta_max, 1.0);
+    v("neural_memory.chunk_size", c.chunk_size);
+    v("neural_memory.conv_kernel", c.conv_kernel);
+    v("neural_memory.theta_max", c.theta_max);
+    v("neural_memory.per_chunk_gates", c.per_chunk_gates, dflt.per_chunk_gates);
+    v("neural_memory.norm_eps", c.norm_eps, dflt.norm_eps);
+  }
+
   /// Throws InvalidArgument naming the field.
   void validate(const char* where = "titans::NeuralMemoryConfig") const {
     detail::check_range(where, "dim", dim, 1, limits::dim);
@@ -101,53 +123,23 @@ struct NeuralMemoryConfig {
 /// \brief The config as string key/value pairs (keys prefixed "neural_memory."), e.g. for a
 /// checkpoint's `__metadata__`, so a saved file fully describes the layer it belongs to.
 inline std::map<std::string, std::string> to_metadata(const NeuralMemoryConfig& c) {
-  return {{"neural_memory.dim", std::to_string(c.dim)},
-          {"neural_memory.heads", std::to_string(c.heads)},
-          {"neural_memory.depth", std::to_string(c.depth)},
-          {"neural_memory.expansion", std::to_string(c.expansion)},
-          {"neural_memory.activation", to_string(c.activation)},
-          {"neural_memory.residual", detail::format_bool(c.residual)},
-          {"neural_memory.output_norm", detail::format_bool(c.output_norm)},
-          {"neural_memory.surprise_clamp", detail::format_real(c.surprise_clamp)},
-          {"neural_memory.eta_max", detail::format_real(c.eta_max)},
-          {"neural_memory.chunk_size", std::to_string(c.chunk_size)},
-          {"neural_memory.conv_kernel", std::to_string(c.conv_kernel)},
-          {"neural_memory.theta_max", detail::format_real(c.theta_max)},
-          {"neural_memory.per_chunk_gates", detail::format_bool(c.per_chunk_gates)},
-          {"neural_memory.norm_eps", detail::format_real(c.norm_eps)}};
+  std::map<std::string, std::string> m;
+  detail::MetadataWriter w(m);
+  NeuralMemoryConfig::metadata_fields(c, w);
+  return m;
 }
 
-/// \brief Rebuilds a config from to_metadata's pairs; throws FormatError naming a missing or
-/// malformed key, and InvalidArgument if the values form an invalid config. The bounds added
-/// later (output_norm, surprise_clamp, eta_max) read as off when their keys are missing, so
-/// files written before them load with the behaviour they had.
+/// \brief Rebuilds a config from to_metadata's pairs; throws FormatError naming a malformed key,
+/// or every missing required key at once, and InvalidArgument if the values form an invalid
+/// config. Keys with a default (metadata_fields) may be missing: the bounds added later
+/// (output_norm, surprise_clamp, eta_max) then read as off, so files written before them load
+/// with the behaviour they had.
 inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std::string, std::string>& m) {
   constexpr const char* where = "titans::neural_memory_config_from_metadata";
-  const detail::MetadataReader r(where, m, "neural_memory.");
+  detail::MetadataFieldReader r(where, m);
   NeuralMemoryConfig c;
-  c.dim = r.integer("dim");
-  c.heads = r.integer("heads");
-  c.depth = r.integer("depth");
-  c.expansion = r.integer("expansion");
-  const std::string& act = r.get("activation");
-  if (act == "silu") {
-    c.activation = Activation::silu;
-  } else if (act == "gelu") {
-    c.activation = Activation::gelu;
-  } else if (act == "identity") {
-    c.activation = Activation::identity;
-  } else {
-    detail::raise<FormatError>(where, "'neural_memory.activation' is '", act, "', expected silu, gelu or identity");
-  }
-  c.residual = r.boolean("residual");
-  c.output_norm = r.has("output_norm") ? r.boolean("output_norm") : false;
-  c.surprise_clamp = r.has("surprise_clamp") ? r.real("surprise_clamp") : 0.0;
-  c.eta_max = r.has("eta_max") ? r.real("eta_max") : 1.0;
-  c.chunk_size = r.integer("chunk_size");
-  c.conv_kernel = r.integer("conv_kernel");
-  c.theta_max = r.real("theta_max");
-  c.per_chunk_gates = r.boolean("per_chunk_gates");
-  c.norm_eps = r.real("norm_eps");
+  NeuralMemoryConfig::metadata_fields(c, r);
+  r.finish();
   c.validate(where);
   return c;
 }
