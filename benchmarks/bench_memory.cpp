@@ -36,6 +36,8 @@
 #include <cblas.h>
 #endif
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -359,10 +361,32 @@ void BM_GemmPeak(benchmark::State& state) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The yardstick of decode: the time to stream `bytes` once (a sum over a buffer of that size,
+// best of 200 passes after 20 warm-up passes), which is what reading W and S once costs when
+// they stay where decode finds them (cache or memory, whichever the size puts them in).
+// ---------------------------------------------------------------------------------------------
+template <class Scalar>
+double stream_read_seconds(std::size_t bytes) {
+  titans::Vector<Scalar> buf = titans::Vector<Scalar>::Constant(static_cast<Index>(bytes / sizeof(Scalar)), Scalar(1));
+  double best = 1e30;
+  for (int pass = 0; pass < 220; ++pass) {
+    const auto t0 = std::chrono::steady_clock::now();
+    Scalar sum = buf.sum();
+    benchmark::DoNotOptimize(sum);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (pass >= 20) best = std::min(best, s);
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Decode: one token per call (T = 1) through the public entry point, so the time includes the
 // argument checks and the per-call workspace. The state advances from call to call (chunk
-// boundaries every b tokens, Θ⁰ kept between them); every 1024 tokens it is restored from the
-// initial state (amortised copy, < 0.1% of the time) so the values stay in the same range.
+// boundaries every b tokens; inside a chunk the tokens are pending and W, S are written once
+// at its end, docs/MATH.md §3.3); every 1024 tokens it is restored from the initial state
+// (amortised copy, < 0.1% of the time) so the values stay in the same range. Counters:
+// `read_us`, the time to stream W and S once (stream_read_seconds, same run), and `x_read`,
+// the time per token over it (the target of issue 13: ≤ 1.5 at d = 256, b = 16).
 // ---------------------------------------------------------------------------------------------
 template <class Scalar>
 void BM_MemoryDecode(benchmark::State& state) {
@@ -374,6 +398,7 @@ void BM_MemoryDecode(benchmark::State& state) {
   titans::KernelInputs<Scalar> token = p.in.columns(0, 1);  // one token's inputs, refilled in place
   Index t = 0;
   const FaultCounter faults;
+  const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
     if (t == pool) {
       st = p.initial;
@@ -390,7 +415,14 @@ void BM_MemoryDecode(benchmark::State& state) {
     benchmark::ClobberMemory();
     ++t;
   }
+  const double per_token = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
+                           static_cast<double>(std::max<benchmark::IterationCount>(1, state.iterations()));
   faults.report(state);
+  std::size_t bytes = 0;
+  for (const auto& w : st.weights) bytes += 2 * static_cast<std::size_t>(w.size()) * sizeof(Scalar);  // W and S
+  const double read = stream_read_seconds<Scalar>(bytes);
+  state.counters["read_us"] = read * 1e6;
+  state.counters["x_read"] = per_token / read;
   if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
   // Flops per token when decoding: the chunk formula with T = 1 counts the end-of-chunk update
   // once per token, which is what happens at b = 1; at b > 1 each call still ends a sub-chunk

@@ -110,10 +110,12 @@ struct MemoryFixture {
   NMParams p = layer.init(1);
   NMState s = started(p);
 
-  // One token in, so the state is inside a chunk (chunk_start is held) and the conv tail is live.
+  // One token in, so the state is inside a chunk and the conv tail is live; settled, so that
+  // chunk_start is held (the form forward_train leaves, whose gradients backward takes).
   NMState started(const NMParams& params) const {
     NMState st = layer.initial_state(params);
     layer.forward(params, random_matrix<double>(kD, 1, 2), st);
+    for (auto& h : st.heads) titans::memory_state_settle(layer.config().memory(), layer.config().chunk_size, h);
     return st;
   }
 };
@@ -309,7 +311,8 @@ TEST(NeuralMemoryEntry, Backward) {
   bad_initial("dinitial->chunk_gates has shape (5, 1)", [](NMState& d) { d.chunk_gates.resize(5, 1); });
   bad_initial("dinitial->heads has 1 memories, expected 2", [](NMState& d) { d.heads.pop_back(); });
   bad_initial("dinitial->heads[0].weights[1] has shape (4, 3)", [](NMState& d) { d.heads[0].weights[1].resize(4, 3); });
-  bad_initial("dinitial->heads[1].chunk_start has 0 layers", [](NMState& d) { d.heads[1].chunk_start.clear(); });
+  bad_initial("dinitial->heads[1].chunk_start is empty, but position 1 is inside a chunk",
+              [](NMState& d) { d.heads[1].chunk_start.clear(); });
   bad_initial("dinitial 'chunk_gates' has a non-finite value nan", [](NMState& d) { d.chunk_gates(0, 0) = kNaN; }, true);
   bad_initial("dinitial 'head1.weights.w1' has a non-finite value inf",
               [](NMState& d) { d.heads[1].weights[0](2, 2) = kInf; }, true);

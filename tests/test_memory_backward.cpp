@@ -35,11 +35,20 @@ Problem make_problem(Index d, Index T, std::uint64_t seed, int gate_mode = 0) {
   return titans_test::make_memory_problem(d, T, seed, gate_mode, 0.02);
 }
 
+// memory_forward, then the state's settled form (docs/MATH.md §3.3): the form the training
+// forward leaves and the backward's dinitial and dfinal refer to.
+template <class S>
+Mat<S> forward_settled(const MemoryConfig& cfg, Index b, const titans::KernelInputs<S>& in, MemoryState<S>& st) {
+  Mat<S> y = titans::memory_forward<S>(cfg, b, in, st);
+  titans::memory_state_settle(cfg, b, st);
+  return y;
+}
+
 // A state `prefix` tokens into a stream (non-zero momentum; chunk_start set when inside a chunk).
 MemoryState<double> make_state(const MemoryConfig& cfg, Index b, Index prefix, std::uint64_t seed) {
   auto st = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, seed));
   const Problem pre = make_problem(cfg.dim, prefix, seed + 1000);
-  titans::memory_forward<double>(cfg, b, pre, st);
+  forward_settled<double>(cfg, b, pre, st);
   return st;
 }
 
@@ -154,7 +163,7 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
   const auto g = backward_of(cfg, b, p, st0, pr);
   auto st_lib = st0;
   const double j_lib =
-      loss(pr, titans::memory_forward<double>(cfg, b, p, st_lib), st_lib);
+      loss(pr, forward_settled<double>(cfg, b, p, st_lib), st_lib);
 
   // Directions: one over every input at once, then one per input tensor.
   titans::detail::Rng rng(seed + 3);
@@ -292,7 +301,7 @@ TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
     const auto g = backward_of(cfg, fc.b, p, st0, pr, fc.r);
     auto J = [&]() {
       auto st = st0;
-      const Mat<double> y = titans::memory_forward<double>(cfg, fc.b, p, st);
+      const Mat<double> y = forward_settled<double>(cfg, fc.b, p, st);
       return loss(pr, y, st);
     };
     titans::detail::Rng rng(seed + 3);
@@ -502,7 +511,7 @@ TYPED_TEST(MemoryBackwardTyped, ForwardTrainIsForwardBitForBit) {
       st0.position = st0d.position;
       auto s1 = st0, s2 = st0;
       const titans::KernelInputs<S> in = p.cast<S>();
-      const Mat<S> y1 = titans::memory_forward<S>(cfg, b, in, s1);
+      const Mat<S> y1 = forward_settled<S>(cfg, b, in, s1);
       titans::MemoryForwardCache<S> cache;
       titans::MemoryTrainOptions opt;
       opt.checkpoint_every = r;

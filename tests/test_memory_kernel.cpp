@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The chunked dual form (docs/MATH.md §3) against the literal chunk/token loops (tests/support), the
 // chunk coefficients against their definitions, streaming splits, causality, and bad input.
+#include <titans/memory_backward.hpp>
 #include <titans/memory_kernel.hpp>
 
 #include <gtest/gtest.h>
@@ -24,6 +25,13 @@ template <class S>
 S rel_err(const Mat<S>& a, const Mat<S>& b) {
   const S scale = std::max<S>(S(1e-30), std::max(a.cwiseAbs().maxCoeff(), b.cwiseAbs().maxCoeff()));
   return (a - b).cwiseAbs().maxCoeff() / scale;
+}
+
+// The state in its settled form (pending tokens applied): Θ_t and S_t after the last token.
+template <class S>
+titans::MemoryState<S> settled(const MemoryConfig& cfg, Index b, titans::MemoryState<S> st) {
+  titans::memory_state_settle(cfg, b, st);
+  return st;
 }
 
 using Problem = titans_test::MemoryProblem;
@@ -79,11 +87,28 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
   const Mat<double> y = titans::memory_forward<double>(cfg, b, p, one);
   ASSERT_TRUE(ref.y.allFinite() && ref.w.back().allFinite()) << "test problem diverged";
   EXPECT_LT(rel_err(y, ref.y), 1e-10);
+  // The call ends T % b tokens into a chunk: those are pending (W and S not yet written).
+  EXPECT_EQ(one.pending_tokens(), T % b);
+  const auto one_settled = settled(cfg, b, one);
+  const auto current = titans::memory_current_weights(cfg, one);
   for (Index l = 0; l < L; ++l) {
-    EXPECT_LT(rel_err(one.weights[l], ref.w[l]), 1e-10) << "W" << l + 1;
-    EXPECT_LT(rel_err(one.momentum[l], ref.s[l]), 1e-10) << "S" << l + 1;
+    EXPECT_LT(rel_err(one_settled.weights[l], ref.w[l]), 1e-10) << "W" << l + 1;
+    EXPECT_LT(rel_err(one_settled.momentum[l], ref.s[l]), 1e-10) << "S" << l + 1;
+    EXPECT_LT(rel_err(current[l], ref.w[l]), 1e-10) << "current W" << l + 1;
   }
   EXPECT_EQ(one.position, b + T);
+  // The training forward runs the same sub-chunks and leaves the settled form, bit for bit.
+  {
+    auto tr = state;
+    titans::MemoryForwardCache<double> cache;
+    const Mat<double> yt = titans::memory_forward_train<double>(cfg, b, p, tr, cache);
+    EXPECT_EQ(yt, y);
+    EXPECT_EQ(tr.pending_tokens(), 0);
+    for (Index l = 0; l < L; ++l) {
+      EXPECT_EQ(tr.weights[l], one_settled.weights[l]);
+      EXPECT_EQ(tr.momentum[l], one_settled.momentum[l]);
+    }
+  }
 
   // Streaming: every split point (inside chunks included), and three-way splits.
   for (Index cut = 1; cut < T; cut += 3) {
@@ -99,7 +124,33 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
     }
     // A split regroups the chunk sums: 1.5e-12 seen (L = 3, clang, AVX2), so 1e-11.
     EXPECT_LT(rel_err(ys, y), 1e-11) << "cut at " << cut << ", " << cut2;
-    for (Index l = 0; l < L; ++l) EXPECT_LT(rel_err(st.weights[l], one.weights[l]), 1e-11);
+    EXPECT_EQ(st.pending_tokens(), one.pending_tokens());
+    const auto st_settled = settled(cfg, b, st);
+    for (Index l = 0; l < L; ++l) {
+      EXPECT_LT(rel_err(st_settled.weights[l], one_settled.weights[l]), 1e-11);
+      EXPECT_LT(rel_err(st_settled.momentum[l], one_settled.momentum[l]), 1e-11);
+    }
+  }
+  // Streaming on from either form of the same state gives the same outputs: from the pending
+  // form, from the settled one, and through the training forward (which settles first).
+  {
+    const Problem more = make_problem(cfg.dim, 2 * b + 3, 77, gates);
+    auto from_pending = one, from_settled = one_settled, from_train = one;
+    const Mat<double> a = titans::memory_forward<double>(cfg, b, more, from_pending);
+    const Mat<double> c = titans::memory_forward<double>(cfg, b, more, from_settled);
+    titans::MemoryForwardCache<double> cache;
+    const Mat<double> t = titans::memory_forward_train<double>(cfg, b, more, from_train, cache);
+    EXPECT_LT(rel_err(a, c), 1e-11);
+    EXPECT_LT(rel_err(t, c), 1e-11);
+    const auto a_settled = settled(cfg, b, from_pending), c_settled = settled(cfg, b, from_settled);
+    for (Index l = 0; l < L; ++l) {
+      EXPECT_LT(rel_err(a_settled.weights[l], c_settled.weights[l]), 1e-11);
+      EXPECT_LT(rel_err(from_train.weights[l], c_settled.weights[l]), 1e-11);
+    }
+    // Retrieval reads the current weights in either form.
+    EXPECT_LT(rel_err<double>(titans::memory_retrieve<double>(cfg, one, more.q, more.gain),
+                              titans::memory_retrieve<double>(cfg, one_settled, more.q, more.gain)),
+              1e-12);
   }
 }
 
@@ -149,46 +200,87 @@ TEST(DualForm, TokenLoopIsChunkSizeOne) {
   }
 }
 
-// Decoding one token per call across many chunks: the chunk-start copy of Θ lives in the same
-// storage for every chunk (no free and re-allocation per chunk), and the outputs and state equal
-// one call's.
-TEST(MemoryKernel, DecodeReusesChunkStartStorage) {
-  MemoryConfig cfg;
-  cfg.dim = 6;
-  cfg.depth = 2;
-  cfg.expansion = 2;
-  const Index b = 4, T = 23;
-  const Problem p = make_problem(cfg.dim, T, 11);
-  const auto init = titans::init_memory_weights<double>(cfg, 5);
-  auto one = titans::make_memory_state(cfg, init);
-  const Mat<double> y1 = titans::memory_forward<double>(cfg, b, p, one);
-  auto st = titans::make_memory_state(cfg, init);
-  Mat<double> y(cfg.dim, T);
-  const double* storage = nullptr;
-  std::vector<Mat<double>> held;
-  held.reserve(64);
-  for (Index t = 0; t < T; ++t) {
-    y.col(t) = titans::memory_forward<double>(cfg, b, p.columns(t, 1), st);
-    const bool inside = (t + 1) % b != 0;
-    ASSERT_EQ(st.chunk_start.empty(), !inside) << "token " << t;
-    // Take any block a freed chunk_start would have left, so a re-allocation shows as a new address.
-    if (!inside)
-      for (int copies = 0; copies < 4; ++copies)
-        for (const auto& w : st.weights) held.push_back(Mat<double>::Zero(w.rows(), w.cols()));
-    if (inside) {
-      if (!storage) storage = st.chunk_start[0].data();
-      EXPECT_EQ(st.chunk_start[0].data(), storage) << "token " << t << ": chunk_start was re-allocated";
+// Decoding one token per call (docs/MATH.md §3.4): inside a chunk W and S are neither written
+// nor re-allocated (the tokens are pending), at its end they are written once; the outputs and
+// the state equal one call's.
+TEST(MemoryKernel, DecodeWritesTheStateOncePerChunk) {
+  for (Index L = 1; L <= 3; ++L) {
+    MemoryConfig cfg;
+    cfg.dim = 6;
+    cfg.depth = L;
+    cfg.expansion = 2;
+    cfg.residual = cfg.output_norm = true;
+    const Index b = 4, T = 23;
+    const Problem p = make_problem(cfg.dim, T, 11);
+    const auto init = titans::init_memory_weights<double>(cfg, 5);
+    titans_test::calibrate_clamp(cfg, init.w, p);
+    auto one = titans::make_memory_state(cfg, init);
+    const Mat<double> y1 = titans::memory_forward<double>(cfg, b, p, one);
+    auto st = titans::make_memory_state(cfg, init);
+    Mat<double> y(cfg.dim, T);
+    const double* storage = st.weights[0].data();
+    Mat<double> w_at_boundary = st.weights[0];
+    for (Index t = 0; t < T; ++t) {
+      y.col(t) = titans::memory_forward<double>(cfg, b, p.columns(t, 1), st);
+      const bool inside = (t + 1) % b != 0;
+      ASSERT_EQ(st.pending_tokens(), (t + 1) % b) << "token " << t;
+      EXPECT_TRUE(st.chunk_start.empty()) << "token " << t;
+      EXPECT_EQ(st.weights[0].data(), storage) << "token " << t << ": W was re-allocated";
+      if (inside) {
+        EXPECT_EQ(st.weights[0], w_at_boundary) << "token " << t << ": W written inside a chunk";
+      } else {
+        EXPECT_NE(st.weights[0], w_at_boundary) << "token " << t << ": W not written at the chunk end";
+        w_at_boundary = st.weights[0];
+      }
     }
+    EXPECT_LT(rel_err(y, y1), 1e-12) << "L " << L;
+    const auto a = settled(cfg, b, st), c = settled(cfg, b, one);
+    for (Index l = 0; l < L; ++l) {
+      EXPECT_LT(rel_err(a.weights[l], c.weights[l]), 1e-12);
+      EXPECT_LT(rel_err(a.momentum[l], c.momentum[l]), 1e-12);
+    }
+    // The state's tensors: W, S and the three pending ones (chunk_start only when settled mid-chunk).
+    std::vector<std::string> names;
+    st.for_each([&](const std::string& n, const auto&) { names.push_back(n); });
+    EXPECT_EQ(names.size(), 2 * st.weights.size() + 3);
+    EXPECT_EQ(a.chunk_start.size(), st.weights.size());  // settled 3 tokens into a chunk
   }
-  EXPECT_LT(rel_err(y, y1), 1e-12);
-  for (std::size_t l = 0; l < st.weights.size(); ++l) {
-    EXPECT_LT(rel_err(st.weights[l], one.weights[l]), 1e-12);
-    EXPECT_LT(rel_err(st.momentum[l], one.momentum[l]), 1e-12);
-  }
-  // The spare storage is not part of the state's tensors.
-  std::vector<std::string> names;
-  st.for_each([&](const std::string& n, const auto&) { names.push_back(n); });
-  EXPECT_EQ(names.size(), 2 * st.weights.size() + st.chunk_start.size());
+}
+
+// A state's pending tokens are checked like the rest of it.
+TEST(MemoryKernel, BadPendingTokensAreNamed) {
+  MemoryConfig cfg;
+  cfg.dim = 4;
+  const Index b = 4;
+  const Problem p = make_problem(cfg.dim, 6, 1);
+  auto good = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 1));
+  titans::memory_forward<double>(cfg, b, p, good);  // 2 pending tokens
+  ASSERT_EQ(good.pending_tokens(), 2);
+  auto expect_named = [&](const titans::MemoryState<double>& st, const char* needle) {
+    auto copy = st;
+    try {
+      titans::memory_forward<double>(cfg, b, p.columns(0, 1), copy);
+      ADD_FAILURE() << "no exception, expected one naming " << needle;
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(titans::memory_state_settle(cfg, b, copy), std::exception) << needle;
+  };
+  auto st = good;
+  st.pending_keys.conservativeResize(st.pending_keys.rows() + 1, Eigen::NoChange);
+  expect_named(st, "state.pending_keys has shape");
+  st = good;
+  st.pending_delta.conservativeResize(Eigen::NoChange, 1);
+  expect_named(st, "state.pending_delta has shape");
+  st = good;
+  st.pending_gates(1, 0) = 1.5;
+  expect_named(st, "state.pending_gates (alpha, eta)");
+  st = good;
+  st.position = 9;  // 2 pending tokens from position 7 would cross the chunk boundary at 8
+  expect_named(st, "pending tokens must lie within one chunk");
+  st = good;
+  st.position = 1;  // more pending tokens than written
+  expect_named(st, "2 pending tokens at position 1");
 }
 
 TEST(ChunkCoefficients, MatchDefinitions) {
@@ -258,12 +350,15 @@ TEST(MemoryKernel, RetrieveReadsWithoutWriting) {
   cfg.dim = 4;
   const Problem p = make_problem(cfg.dim, 5, 2);
   auto state = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 3));
-  titans::memory_forward<double>(cfg, 2, p, state);
+  titans::memory_forward<double>(cfg, 2, p, state);  // ends with one pending token
+  ASSERT_EQ(state.pending_tokens(), 1);
   const auto before = state;
   const Mat<double> y = titans::memory_retrieve<double>(cfg, state, p.q, p.gain);
+  const auto current = settled(cfg, 2, state).weights;
   for (Index t = 0; t < 5; ++t)
-    EXPECT_LT((y.col(t) - titans_test::ref_apply<double>(cfg, state.weights, p.q.col(t), p.gain)).norm(), 1e-12);
+    EXPECT_LT((y.col(t) - titans_test::ref_apply<double>(cfg, current, p.q.col(t), p.gain)).norm(), 1e-12);
   for (std::size_t l = 0; l < state.weights.size(); ++l) EXPECT_EQ(state.weights[l], before.weights[l]);
+  EXPECT_EQ(state.pending_keys, before.pending_keys);
   EXPECT_EQ(state.position, before.position);
   // With the normalised read-out every read is bounded by ‖q‖ + max|γ|·√d, whatever the weights.
   cfg.residual = true;

@@ -216,7 +216,8 @@ TEST(NeuralMemory, ReadAndRetrieveWriteNothing) {
   for (Index h = 0; h < c.heads; ++h)
     for (Index t = 0; t < q.cols(); ++t) {
       const titans::Vector<double> want = titans_test::ref_apply<double>(
-          c.memory(), s.heads[h].weights, in.q.col(t).segment(h * d, d), layer.gain(p, h));
+          c.memory(), titans::memory_current_weights(c.memory(), s.heads[h]), in.q.col(t).segment(h * d, d),
+          layer.gain(p, h));
       EXPECT_LT(max_rel<double>(r.col(t).segment(h * d, d), want), 1e-13) << "head " << h << " token " << t;
     }
   // retrieve == the layer's forward output when the gates write nothing (θ, η, α ≈ 4e-18): the

@@ -254,10 +254,35 @@ TEST(Session, CorruptSessionsAreRefusedNamingWhatIsWrong) {
   auto load = [&](const Bytes& b) { return titans::load_session_from_memory(b, blk, p); };
   ASSERT_NO_THROW(load(good));
 
+  // The memory's last token is pending (docs/MATH.md §3.3): its pending tensors are checked.
+  ASSERT_EQ(s.memory.heads[0].pending_tokens(), 1);
   Edited e = edit(good);
+  e.tensors.erase("memory.head0.pending.gates");  // keys and signals of one token, gates of none
+  expect_refused<titans::ShapeError>([&] { load(e.bytes()); }, "state.pending_keys has shape");
+  e = edit(good);
+  e.tensors["memory.head1.pending.keys"].conservativeResize(Eigen::NoChange, 2);
+  expect_refused<titans::ShapeError>([&] { load(e.bytes()); }, "state.pending_keys has shape");
+  e = edit(good);
+  e.tensors["memory.head1.pending.gates"](0, 0) = 2;  // α outside [0, 1]
+  expect_refused<titans::NumericError>([&] { load(e.bytes()); }, "state.pending_gates (alpha, eta)");
+  // Three pending tokens would complete the chunk of 3: refused, not applied.
+  e = edit(good);
+  for (const char* t : {"memory.head0.pending.keys", "memory.head0.pending.delta", "memory.head0.pending.gates"}) {
+    Matrix<double>& m = e.tensors[t];
+    m.conservativeResize(Eigen::NoChange, 3);
+    m.rightCols(2).setConstant(0.5);
+  }
+  expect_refused<titans::InvalidArgument>([&] { load(e.bytes()); }, "pending tokens must lie within one chunk");
+  // The settled form has no pending tensors, as the sessions written before them: it loads.
+  auto settled = s;
+  for (auto& h : settled.memory.heads) titans::memory_state_settle(blk.config().memory.memory(), 3, h);
+  const Bytes settled_bytes = titans::save_session_to_memory(blk, p, settled);
+  e = edit(settled_bytes);
+  for (const char* t : {"memory.head0.pending.keys", "memory.head1.pending.gates"}) EXPECT_EQ(e.tensors.count(t), 0u) << t;
+  ASSERT_NO_THROW(load(e.bytes()));
   e.tensors.erase("memory.head1.chunk_start.w2");
   expect_refused<titans::FormatError>([&] { load(e.bytes()); }, "no tensor 'memory.head1.chunk_start.w2'");
-  e = edit(good);
+  e = edit(settled_bytes);
   e.tensors.erase("memory.head1.chunk_start.w1");
   expect_refused<titans::FormatError>([&] { load(e.bytes()); }, "'memory.head1.chunk_start.w2' without the rest");
   e = edit(good);

@@ -327,7 +327,8 @@ class Block {
 
   MemoryTrainOptions train_options() const;
 
-  static std::vector<std::vector<Mat>> weights_of(const NeuralMemoryState<Scalar>& m);
+  /// Each head's memory weights after the state's last token (memory_current_weights).
+  std::vector<std::vector<Mat>> weights_of(const NeuralMemoryState<Scalar>& m) const;
   void check_counters(const State& s, const char* where) const;
 
   Mat run(const char* where, const Params& p, const Eigen::Ref<const Mat>& xin, State& state, Cache* c) const;
@@ -572,9 +573,10 @@ auto Block<Scalar>::train_options() const -> MemoryTrainOptions {
 }
 
 template <class Scalar>
-auto Block<Scalar>::weights_of(const NeuralMemoryState<Scalar>& m) -> std::vector<std::vector<Mat>> {
+auto Block<Scalar>::weights_of(const NeuralMemoryState<Scalar>& m) const -> std::vector<std::vector<Mat>> {
   std::vector<std::vector<Mat>> w;
-  for (const auto& h : m.heads) w.push_back(h.weights);
+  const MemoryConfig mem = cfg_.memory.memory();
+  for (const auto& h : m.heads) w.push_back(memory_current_weights(mem, h));
   return w;
 }
 
@@ -644,6 +646,7 @@ auto Block<Scalar>::memory_run(const Params& p, const Mat& u, State& state, Cach
   const Mat& src = prime ? in : u;
   Mat out;
   if (c) {
+    mem_.settle(state.memory);  // the gradient of the memory's start state is in the settled form
     c->memory_start_zero = zeros_like(state.memory);
     out = mem_.forward_train(p.memory, src, state.memory, c->memory, train_options());
     c->primed_here = prime;
@@ -791,6 +794,7 @@ auto Block<Scalar>::mac(const Params& p, const Mat& u, State& state, Cache* c) c
                          state.attention.k, state.attention.v, lo, hi, sc ? &sc->attention : nullptr, &nk, &nv);
     Mat z;
     if (sc) {
+      mem_.settle(state.memory);  // the gradient of the memory's start state is in the settled form
       sc->memory_start_zero = zeros_like(state.memory);
       z = mem_.forward_train(p.memory, y, state.memory, sc->memory, train_options());
     } else {

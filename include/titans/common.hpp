@@ -89,6 +89,12 @@ struct TensorVisitor {
   void tensor_list(const std::string& name, L& list, const Like* /*like*/ = nullptr) {
     for (std::size_t l = 0; l < list.size(); ++l) f(prefix + name + std::to_string(l + 1), list[l]);
   }
+  /// A tensor that may be absent (a memory's pending tokens): listed only when it holds values,
+  /// so that states without it, their gradients and their files have no such entry.
+  template <class M>
+  void optional_tensor(const std::string& name, M& t) {
+    if (t.size() > 0) f(prefix + name, t);
+  }
   template <class S>
   void nested(const std::string& name, S& s) {
     const std::size_t n = prefix.size();

@@ -524,8 +524,11 @@ void backward_subchunk(const MemoryForwardCache<Scalar>& cache, const MemoryStat
 
 }  // namespace detail
 
-/// \brief memory_forward that also fills `cache` for memory_backward. Outputs and the state's
-/// advance are bit-for-bit those of memory_forward (the same sub-chunk routine runs).
+/// \brief memory_forward that also fills `cache` for memory_backward. Outputs are bit-for-bit
+/// those of memory_forward (the same sub-chunk routine runs) when the state is settled. A state
+/// with pending tokens (from memory_forward) is settled first, which changes its form, not its
+/// value (MemoryState); the gradient of the initial state is that of the settled form. The state
+/// is left settled: a call that ends inside a chunk has applied its last tokens to W and S.
 ///
 /// \param cfg, chunk_size, in, state  as memory_forward_into
 /// \param cache    filled (storage reused when it already has the right shapes)
@@ -539,6 +542,7 @@ void memory_forward_train_into(const MemoryConfig& cfg, Index chunk_size, const 
   if (options.checkpoint_every < 1)
     detail::raise<InvalidArgument>(where, "options.checkpoint_every is ", options.checkpoint_every, ", expected >= 1");
   detail::check_kernel_call(where, cfg, chunk_size, in, state, y);
+  detail::settle_unchecked(cfg, chunk_size, state);  // training runs on the settled form (MemoryState)
   const Index T = in.tokens();
 
   const Index b = chunk_size, r = options.checkpoint_every;

@@ -28,24 +28,40 @@ namespace titans {
 /// \brief Per-sequence memory state: Θ, the surprise momentum S and the chunk bookkeeping.
 ///
 /// Chunks are aligned to the absolute token index since the state was made (docs/MATH.md §2), so a
-/// stream split into calls at any point gives the same result as one call. When a call ends
-/// inside a chunk, the chunk-start weights Θ⁰ (at which the rest of that chunk's gradients are
-/// taken) are kept in `chunk_start`; otherwise `chunk_start` is empty. The state is owned by the
-/// caller; one state per sequence.
+/// stream split into calls at any point gives the same result as one call. The state is owned by
+/// the caller; one state per sequence.
+///
+/// Inside a chunk the state takes one of two equivalent forms (docs/MATH.md §3.3):
+///   - settled: `weights` and `momentum` are Θ_t and S_t after the last token, and `chunk_start`
+///     holds the chunk-start weights Θ⁰ at which the rest of the chunk's gradients are taken;
+///   - pending: the inference kernel (memory_forward) does not rewrite W and S per token; it keeps
+///     each token's key-path activations, inner-gradient signals and gates (`pending_*`) and applies
+///     them all once, at the chunk's end. `weights`, `momentum` and `chunk_start` are then the
+///     settled state `pending_tokens()` tokens back. memory_state_settle turns this form into the
+///     first; memory_current_weights gives Θ_t without changing the state.
+/// At a chunk boundary there are no pending tokens and `chunk_start` is empty.
 template <class Scalar>
 struct MemoryState {
   static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be a floating-point type");
   using scalar_type = Scalar;
   std::vector<Matrix<Scalar>> weights;      ///< Θ after the last written token; W_l is (n_l, n_{l-1})
   std::vector<Matrix<Scalar>> momentum;     ///< S after the last written token; shapes of weights
-  std::vector<Matrix<Scalar>> chunk_start;  ///< Θ⁰ of the chunk in progress, empty at a chunk boundary
-  Index position = 0;                       ///< tokens written since the state was made
+  std::vector<Matrix<Scalar>> chunk_start;  ///< Θ⁰ of the chunk in progress, empty at a (settled) chunk boundary
+  Matrix<Scalar> pending_keys;   ///< (Σ_l n_{l−1}, m): a_{l−1} at Θ⁰ of each pending token, layers stacked
+  Matrix<Scalar> pending_delta;  ///< (Σ_l n_l, m): δ_l of each pending token, layers stacked
+  Matrix<Scalar> pending_gates;  ///< (3, m): α, η and θ (after the surprise clamp) of each pending token
+  Index position = 0;            ///< tokens written since the state was made (pending ones included)
+
+  /// Tokens written but not yet applied to `weights` and `momentum` (0 in the settled form).
+  Index pending_tokens() const { return pending_gates.cols(); }
   /// Storage of `chunk_start` kept between chunks, so that decoding does not free and allocate a
   /// copy of Θ at every chunk (which page-faults once glibc returns it to the OS). Not part of
   /// the state's value: never enumerated, saved or checked.
   std::vector<Matrix<Scalar>> chunk_start_storage;
 
-  /// Tensors "weights.w1", "momentum.w1", …, "chunk_start.w1", … (mid-chunk only); counter "position".
+  /// Tensors "weights.w1", "momentum.w1", …, "chunk_start.w1", … (settled mid-chunk only),
+  /// "pending.keys", "pending.delta", "pending.gates" (only when there are pending tokens; files
+  /// written before them have none); counter "position".
   TITANS_DEFINE_STATE_FIELDS()
 
  private:
@@ -54,9 +70,26 @@ struct MemoryState {
     ar.tensor_list("weights.w", s.weights);
     ar.tensor_list("momentum.w", s.momentum);
     ar.tensor_list("chunk_start.w", s.chunk_start, &s.weights);
+    ar.optional_tensor("pending.keys", s.pending_keys);
+    ar.optional_tensor("pending.delta", s.pending_delta);
+    ar.optional_tensor("pending.gates", s.pending_gates);
     ar.count("position", s.position);
   }
 };
+
+namespace detail {
+/// Rows of the pending tokens' stacked key activations (Σ_l n_{l−1}) and signals (Σ_l n_l).
+inline Index stacked_inputs(const MemoryConfig& cfg) {
+  Index n = 0;
+  for (Index l = 0; l < cfg.depth; ++l) n += cfg.layer_in(l);
+  return n;
+}
+inline Index stacked_outputs(const MemoryConfig& cfg) {
+  Index n = 0;
+  for (Index l = 0; l < cfg.depth; ++l) n += cfg.layer_out(l);
+  return n;
+}
+}  // namespace detail
 
 /// \brief A fresh state: Θ = `initial`, S = 0, position 0.
 template <class Scalar>
@@ -67,6 +100,9 @@ MemoryState<Scalar> make_memory_state(const MemoryConfig& cfg, const MemoryWeigh
   MemoryState<Scalar> s;
   s.weights = initial.w;
   for (const auto& w : initial.w) s.momentum.push_back(Matrix<Scalar>::Zero(w.rows(), w.cols()));
+  s.pending_keys.resize(detail::stacked_inputs(cfg), 0);
+  s.pending_delta.resize(detail::stacked_outputs(cfg), 0);
+  s.pending_gates.resize(3, 0);
   return s;
 }
 
@@ -127,6 +163,22 @@ struct KernelInputs {
   }
 };
 
+namespace detail {
+/// Throws unless the state's pending tokens have the shapes `cfg` gives, with gates in range (a
+/// state with none may have empty tensors, as one built by hand). Like the weights, their values
+/// are not scanned on every call (sessions refuse non-finite values when they are read).
+template <class Scalar>
+void check_pending(const char* where, const MemoryConfig& cfg, const MemoryState<Scalar>& state) {
+  const Index m = state.pending_tokens();
+  if (m == 0 && state.pending_keys.cols() == 0 && state.pending_delta.cols() == 0) return;
+  check_shape(where, "state.pending_keys", state.pending_keys, stacked_inputs(cfg), m);
+  check_shape(where, "state.pending_delta", state.pending_delta, stacked_outputs(cfg), m);
+  check_shape(where, "state.pending_gates", state.pending_gates, 3, m);
+  check_range(where, "state.pending_gates (alpha, eta)", state.pending_gates.topRows(2), 0.0, 1.0);
+  check_range(where, "state.pending_gates (theta)", state.pending_gates.row(2), 0.0, std::numeric_limits<double>::max());
+}
+}  // namespace detail
+
 /// \brief Throws unless `state` fits `cfg` and chunk size `chunk_size`.
 template <class Scalar>
 void check_memory_state(const char* where, const MemoryConfig& cfg, Index chunk_size,
@@ -134,11 +186,20 @@ void check_memory_state(const char* where, const MemoryConfig& cfg, Index chunk_
   check_memory_weights(where, "state.weights", cfg, state.weights);
   check_memory_weights(where, "state.momentum", cfg, state.momentum);
   if (state.position < 0) detail::raise<InvalidArgument>(where, "state.position is ", state.position, ", expected >= 0");
-  if (state.position % chunk_size != 0) {
+  detail::check_pending(where, cfg, state);
+  const Index m = state.pending_tokens();
+  if (m > 0) {
+    if (m > state.position || (state.position - m) % chunk_size + m >= chunk_size)
+      detail::raise<InvalidArgument>(where, "state holds ", m, " pending tokens at position ", state.position,
+                                     " with chunk_size ", chunk_size,
+                                     ": pending tokens must lie within one chunk and not complete it");
+  }
+  const Index settled = state.position - m;  // where weights, momentum and chunk_start stand
+  if (settled % chunk_size != 0) {
     check_memory_weights(where, "state.chunk_start", cfg, state.chunk_start);
   } else if (!state.chunk_start.empty()) {
     detail::raise<InvalidArgument>(where, "state.chunk_start holds ", state.chunk_start.size(),
-                                   " tensors at a chunk boundary (position ", state.position, ", chunk_size ",
+                                   " tensors at a chunk boundary (position ", settled, ", chunk_size ",
                                    chunk_size, "): the state was made with another chunk size");
   }
 }
@@ -211,9 +272,86 @@ struct KernelWorkspace {
   Matrix<Scalar> zq, scaled, gram, tmp, dphi, yout;
   Vector<Scalar> theta, surprise;  // the sub-chunk's steps after the clamp; ‖u_i‖
   ChunkCoefficients<Scalar> coef;
+  // With pending tokens: the sub-chunk from the settled state, pending tokens first.
+  std::vector<Matrix<Scalar>> ak_all, delta_all;
+  Vector<Scalar> alpha_all, eta_all, theta_all;
   explicit KernelWorkspace(Index depth)
-      : ak(static_cast<std::size_t>(depth)), zk(ak.size()), delta(ak.size()), aq(ak.size()) {}
+      : ak(static_cast<std::size_t>(depth)), zk(ak.size()), delta(ak.size()), aq(ak.size()), ak_all(ak.size()),
+        delta_all(ak.size()) {}
 };
+
+/// Applies n tokens to the settled W and S (docs/MATH.md §3, the end of a sub-chunk): with the
+/// coefficients `co` of those n tokens, a[l] = A_{l−1} (n_{l−1}, n) and delta[l] = Δ_l (n_l, n),
+///   W_l ← β_n W_l + c_n S_l − (Δ_l diag(A_{n,·})) A_{l−1}ᵀ,   S_l ← P_{n0} S_l − (Δ_l diag(θ_i P_{ni})) A_{l−1}ᵀ.
+template <class Scalar>
+void apply_tokens(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& a, const std::vector<Matrix<Scalar>>& delta,
+                  const ChunkCoefficients<Scalar>& co, MemoryState<Scalar>& state, Matrix<Scalar>& tmp,
+                  Matrix<Scalar>& scaled) {
+  const Index n = co.beta.size();
+  const Scalar beta_n = co.beta(n - 1), c_n = co.c(n - 1), p_n = co.p_n0;
+  // Up to this many tokens, W_l and S_l are updated in one pass, column by column: the update is
+  // then memory-bound and the GEMM form would stream both matrices 2–3 times (measured at d = 256,
+  // E = 4: 2.3× faster at n = 1, 1.6× at n = 2, break-even at n = 4).
+  constexpr Index fused_update_max_tokens = 2;
+  for (Index l = 0; l < cfg.depth; ++l) {
+    auto& w = state.weights[l];
+    auto& s = state.momentum[l];
+    tmp = delta[l] * co.a_last.asDiagonal();     // (n_l, n)
+    scaled = delta[l] * co.s_last.asDiagonal();  // (n_l, n)
+    if (n <= fused_update_max_tokens) {
+      const auto& al = a[l];  // (n_{l−1}, n)
+      for (Index j = 0; j < w.cols(); ++j) {
+        auto wj = w.col(j);
+        auto sj = s.col(j);
+        wj = beta_n * wj + c_n * sj - al(j, 0) * tmp.col(0);  // reads S_l before it is updated
+        sj = p_n * sj - al(j, 0) * scaled.col(0);
+        for (Index i = 1; i < n; ++i) {
+          wj -= al(j, i) * tmp.col(i);
+          sj -= al(j, i) * scaled.col(i);
+        }
+      }
+    } else {
+      // W_l ← β_n W_l + c_n S_l, then the two rank-n products (the second scales S_l by P_n0
+      // itself). Column blocks that keep W_l and S_l in cache through all three were measured
+      // slower (d = 256, b = 64: 360 → 377 ms; benchmarks/README.md).
+      w = beta_n * w + c_n * s;
+      product_add<Trans::no, Trans::yes>(Scalar(-1), tmp, a[l], w);
+      gemm<Trans::no, Trans::yes>(Scalar(-1), scaled, a[l], p_n, s);
+    }
+  }
+}
+
+/// The pending tokens as per-layer blocks into `a` and `delta`, their gates into the three vectors.
+template <class Scalar>
+void unstack_pending(const MemoryConfig& cfg, const MemoryState<Scalar>& state, std::vector<Matrix<Scalar>>& a,
+                     std::vector<Matrix<Scalar>>& delta, Vector<Scalar>& alpha, Vector<Scalar>& eta,
+                     Vector<Scalar>& theta, Index extra = 0) {
+  const Index m = state.pending_tokens();
+  Index ri = 0, ro = 0;
+  for (Index l = 0; l < cfg.depth; ++l) {
+    const Index nin = cfg.layer_in(l), nout = cfg.layer_out(l);
+    a[l].resize(nin, m + extra);
+    delta[l].resize(nout, m + extra);
+    a[l].leftCols(m) = state.pending_keys.middleRows(ri, nin);
+    delta[l].leftCols(m) = state.pending_delta.middleRows(ro, nout);
+    ri += nin;
+    ro += nout;
+  }
+  alpha.resize(m + extra);
+  eta.resize(m + extra);
+  theta.resize(m + extra);
+  alpha.head(m) = state.pending_gates.row(0).transpose();
+  eta.head(m) = state.pending_gates.row(1).transpose();
+  theta.head(m) = state.pending_gates.row(2).transpose();
+}
+
+/// Drops the pending tokens (keeping the tensors' row counts).
+template <class Scalar>
+void clear_pending(MemoryState<Scalar>& state) {
+  state.pending_keys.resize(state.pending_keys.rows(), 0);
+  state.pending_delta.resize(state.pending_delta.rows(), 0);
+  state.pending_gates.resize(3, 0);
+}
 
 /// The surprise clamp (docs/MATH.md §8.2): ‖u_i‖ = sqrt(Σ_l ‖δ_{l,i}‖² ‖a_{l−1,i}‖²) into
 /// `surprise` (n) and θ_i · min(1, c / ‖u_i‖) into `theta_out` (θ unchanged when the clamp is off).
@@ -234,14 +372,21 @@ void clamp_steps(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& a, 
 /// One sub-chunk: tokens [t0, t0 + n) of `in`, starting `state.position % b` tokens into their
 /// chunk and not crossing a chunk boundary. Outputs go to `y` (d, n). With a `tape`, the
 /// intermediates the backward pass needs are also recorded there (the results do not change).
+///
+/// `defer` (the inference kernel): when the sub-chunk ends inside its chunk, W and S are left as
+/// they are and the tokens join the state's pending ones (docs/MATH.md §3.3); the chunk's end
+/// applies them all. A state's pending tokens are always taken into account: the sub-chunk then
+/// runs from the settled state, pending tokens first, and only the new tokens' outputs are
+/// computed. The training forward (tape) settles its state first, so it never sees pending tokens.
 template <class Scalar, class DY>
 void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar>& in, Index t0, Index n,
                      MemoryState<Scalar>& state, KernelWorkspace<Scalar>& ws, const Eigen::MatrixBase<DY>& y_out,
-                     SubchunkTape<Scalar>* tape = nullptr) {
+                     SubchunkTape<Scalar>* tape = nullptr, bool defer = false) {
   auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_out);  // writable block (Eigen's documented idiom)
   const Index L = cfg.depth;
-  const Index offset = state.position % b;
-  const bool ends_inside = offset + n < b;
+  const Index m = state.pending_tokens();
+  const Index offset = (state.position - m) % b;  // where the settled state stands in its chunk
+  const bool ends_inside = offset + m + n < b;
   const std::vector<Matrix<Scalar>>& w0 = offset == 0 ? state.weights : state.chunk_start;
   const auto q = in.q.middleCols(t0, n);
 
@@ -254,66 +399,73 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar
   key_path(cfg, w0, in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.gain, ws.ak, ws.zk, ws.delta,
            tape ? &tape->tk : nullptr, ws.tmp, ws.dphi);
   if (tape) tape->zk = ws.zk;
-
   clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, n), ws.surprise, ws.theta);
-  chunk_coefficients(in.alpha.segment(t0, n), in.eta.segment(t0, n), ws.theta, ws.coef);
+
+  // The tokens from the settled state: the pending ones (if any), then these n.
+  const std::vector<Matrix<Scalar>>* a = &ws.ak;
+  const std::vector<Matrix<Scalar>>* delta = &ws.delta;
+  if (m == 0) {
+    chunk_coefficients(in.alpha.segment(t0, n), in.eta.segment(t0, n), ws.theta, ws.coef);
+  } else {
+    unstack_pending(cfg, state, ws.ak_all, ws.delta_all, ws.alpha_all, ws.eta_all, ws.theta_all, n);
+    for (Index l = 0; l < L; ++l) {
+      ws.ak_all[l].rightCols(n) = ws.ak[l];
+      ws.delta_all[l].rightCols(n) = ws.delta[l];
+    }
+    ws.alpha_all.tail(n) = in.alpha.segment(t0, n);
+    ws.eta_all.tail(n) = in.eta.segment(t0, n);
+    ws.theta_all.tail(n) = ws.theta;
+    chunk_coefficients(ws.alpha_all, ws.eta_all, ws.theta_all, ws.coef);
+    a = &ws.ak_all;
+    delta = &ws.delta_all;
+  }
   const auto& co = ws.coef;
 
-  // Query path, dual form: Z̄_l = W_l Ā diag(β) + S_l Ā diag(c) − Δ_l ((A_{l−1}ᵀ Ā_{l−1}) ⊙ Ãᵀ).
+  // Query path, dual form, for the new tokens (columns m.. of the coefficients):
+  //   Z̄_l = W_l Ā diag(β) + S_l Ā diag(c) − Δ_l ((A_{l−1}ᵀ Ā_{l−1}) ⊙ Ãᵀ).
   ws.aq[0] = q;
   for (Index l = 0; l < L; ++l) {
-    ws.scaled = ws.aq[l] * co.beta.asDiagonal();
+    ws.scaled = ws.aq[l] * co.beta.tail(n).asDiagonal();
     product<Trans::no, Trans::no>(state.weights[l], ws.scaled, ws.zq);
-    ws.scaled = ws.aq[l] * co.c.asDiagonal();
+    ws.scaled = ws.aq[l] * co.c.tail(n).asDiagonal();
     product_add<Trans::no, Trans::no>(Scalar(1), state.momentum[l], ws.scaled, ws.zq);
-    product<Trans::yes, Trans::no>(ws.ak[l], ws.aq[l], ws.gram);
+    product<Trans::yes, Trans::no>((*a)[l], ws.aq[l], ws.gram);
     if (tape) tape->gram[l] = ws.gram;
-    ws.gram = ws.gram.cwiseProduct(co.upper);
-    product_add<Trans::no, Trans::no>(Scalar(-1), ws.delta[l], ws.gram, ws.zq);
+    ws.gram = ws.gram.cwiseProduct(co.upper.rightCols(n));
+    product_add<Trans::no, Trans::no>(Scalar(-1), (*delta)[l], ws.gram, ws.zq);
     if (tape && (l + 1 < L || cfg.output_norm)) tape->zq[l] = ws.zq;
     if (l + 1 < L) activation_apply(cfg.activation, ws.zq, ws.aq[l + 1]);
   }
   memory_readout(cfg, ws.zq, q, in.gain, ws.yout);
   y = ws.yout;
 
-  // Advance the state to the end of the sub-chunk:
-  //   W_l ← β_n W_l + c_n S_l − (Δ_l diag(A_{n,·})) A_{l−1}ᵀ,   S_l ← P_{n0} S_l − (Δ_l diag(θ_i P_{ni})) A_{l−1}ᵀ.
+  if (defer && ends_inside) {  // the new tokens join the pending ones; W and S stay as they are
+    const Index total = m + n;
+    state.pending_keys.conservativeResize(stacked_inputs(cfg), total);
+    state.pending_delta.conservativeResize(stacked_outputs(cfg), total);
+    state.pending_gates.conservativeResize(3, total);
+    Index ri = 0, ro = 0;
+    for (Index l = 0; l < L; ++l) {
+      state.pending_keys.block(ri, m, cfg.layer_in(l), n) = ws.ak[l];
+      state.pending_delta.block(ro, m, cfg.layer_out(l), n) = ws.delta[l];
+      ri += cfg.layer_in(l);
+      ro += cfg.layer_out(l);
+    }
+    state.pending_gates.block(0, m, 1, n) = in.alpha.segment(t0, n).transpose();
+    state.pending_gates.block(1, m, 1, n) = in.eta.segment(t0, n).transpose();
+    state.pending_gates.block(2, m, 1, n) = ws.theta.transpose();
+    state.position += n;
+    return;
+  }
+
+  // Advance the settled state past every token of the sub-chunk.
   if (offset == 0 && ends_inside) {  // keep Θ⁰ for the rest of this chunk, in the storage of an earlier one
     state.chunk_start.swap(state.chunk_start_storage);
     state.chunk_start.resize(state.weights.size());
     for (std::size_t l = 0; l < state.weights.size(); ++l) state.chunk_start[l] = state.weights[l];
   }
-  const Scalar beta_n = co.beta(n - 1), c_n = co.c(n - 1), p_n = co.p_n0;
-  // Up to this many tokens (decoding), W_l and S_l are updated in one pass, column by column:
-  // the update is then memory-bound and the GEMM form would stream both matrices 2–3 times
-  // (measured at d = 256, E = 4: 2.3× faster at n = 1, 1.6× at n = 2, break-even at n = 4).
-  constexpr Index fused_update_max_tokens = 2;
-  for (Index l = 0; l < L; ++l) {
-    auto& w = state.weights[l];
-    auto& s = state.momentum[l];
-    ws.tmp = ws.delta[l] * co.a_last.asDiagonal();     // (n_l, n)
-    ws.scaled = ws.delta[l] * co.s_last.asDiagonal();  // (n_l, n); the query path is done with it
-    if (n <= fused_update_max_tokens) {
-      const auto& a = ws.ak[l];  // (n_{l−1}, n)
-      for (Index j = 0; j < w.cols(); ++j) {
-        auto wj = w.col(j);
-        auto sj = s.col(j);
-        wj = beta_n * wj + c_n * sj - a(j, 0) * ws.tmp.col(0);  // reads S_l before it is updated
-        sj = p_n * sj - a(j, 0) * ws.scaled.col(0);
-        for (Index i = 1; i < n; ++i) {
-          wj -= a(j, i) * ws.tmp.col(i);
-          sj -= a(j, i) * ws.scaled.col(i);
-        }
-      }
-    } else {
-      // W_l ← β_n W_l + c_n S_l, then the two rank-n products (the second scales S_l by P_n0
-      // itself). Column blocks that keep W_l and S_l in cache through all three were measured
-      // slower (d = 256, b = 64: 360 → 377 ms; benchmarks/README.md).
-      w = beta_n * w + c_n * s;
-      product_add<Trans::no, Trans::yes>(Scalar(-1), ws.tmp, ws.ak[l], w);
-      gemm<Trans::no, Trans::yes>(Scalar(-1), ws.scaled, ws.ak[l], p_n, s);
-    }
-  }
+  apply_tokens(cfg, *a, *delta, co, state, ws.tmp, ws.scaled);
+  if (m > 0) clear_pending(state);
   state.position += n;
   if (!ends_inside && !state.chunk_start.empty()) {
     state.chunk_start_storage.swap(state.chunk_start);
@@ -331,9 +483,26 @@ void memory_forward_unchecked(const MemoryConfig& cfg, Index b, const KernelInpu
   Index t = 0;
   while (t < T) {
     const Index n = std::min<Index>(T - t, b - state.position % b);
-    memory_subchunk(cfg, b, in, t, n, state, ws, y.middleCols(t, n));
+    memory_subchunk(cfg, b, in, t, n, state, ws, y.middleCols(t, n), static_cast<SubchunkTape<Scalar>*>(nullptr),
+                    /*defer=*/true);
     t += n;
   }
+}
+
+/// memory_state_settle without argument checks.
+template <class Scalar>
+void settle_unchecked(const MemoryConfig& cfg, Index b, MemoryState<Scalar>& state) {
+  const Index m = state.pending_tokens();
+  if (m == 0) return;
+  std::vector<Matrix<Scalar>> a(static_cast<std::size_t>(cfg.depth)), delta(a.size());
+  Vector<Scalar> alpha, eta, theta;
+  unstack_pending(cfg, state, a, delta, alpha, eta, theta);
+  ChunkCoefficients<Scalar> co;
+  chunk_coefficients(alpha, eta, theta, co);
+  if ((state.position - m) % b == 0) state.chunk_start = state.weights;  // the settled state is now mid-chunk
+  Matrix<Scalar> tmp, scaled;
+  apply_tokens(cfg, a, delta, co, state, tmp, scaled);
+  clear_pending(state);
 }
 
 }  // namespace detail
@@ -387,6 +556,42 @@ void memory_forward_into(const MemoryConfig& cfg, Index chunk_size, const Kernel
   detail::memory_forward_unchecked(cfg, chunk_size, in, state, y);
 }
 
+/// \brief Applies a state's pending tokens to its weights and momentum (docs/MATH.md §3.3): the
+/// state's value is unchanged (the same outputs follow), its form becomes the settled one, in
+/// which `weights` and `momentum` are Θ_t and S_t. Costs one pass over W and S.
+template <class Scalar>
+void memory_state_settle(const MemoryConfig& cfg, Index chunk_size, MemoryState<Scalar>& state) {
+  constexpr const char* where = "titans::memory_state_settle";
+  cfg.validate(where);
+  if (chunk_size < 1) detail::raise<InvalidArgument>(where, "chunk_size is ", chunk_size, ", expected >= 1");
+  check_memory_state(where, cfg, chunk_size, state);
+  detail::settle_unchecked(cfg, chunk_size, state);
+}
+
+/// \brief Θ after the state's last token, layer by layer: `state.weights`, or with pending
+/// tokens β_m W_l + c_m S_l − (Δ_l diag(A_{m,·})) A_{l−1}ᵀ (a new copy; the state is unchanged).
+template <class Scalar>
+std::vector<Matrix<Scalar>> memory_current_weights(const MemoryConfig& cfg, const MemoryState<Scalar>& state) {
+  constexpr const char* where = "titans::memory_current_weights";
+  cfg.validate(where);
+  check_memory_weights(where, "state.weights", cfg, state.weights);
+  if (state.pending_tokens() == 0) return state.weights;
+  check_memory_weights(where, "state.momentum", cfg, state.momentum);
+  detail::check_pending(where, cfg, state);
+  std::vector<Matrix<Scalar>> a(static_cast<std::size_t>(cfg.depth)), delta(a.size()), w(a.size());
+  Vector<Scalar> alpha, eta, theta;
+  detail::unstack_pending(cfg, state, a, delta, alpha, eta, theta);
+  ChunkCoefficients<Scalar> co;
+  chunk_coefficients(alpha, eta, theta, co);
+  const Index m = state.pending_tokens();
+  for (Index l = 0; l < cfg.depth; ++l) {
+    w[l] = co.beta(m - 1) * state.weights[l] + co.c(m - 1) * state.momentum[l];
+    const Matrix<Scalar> scaled = delta[l] * co.a_last.asDiagonal();
+    detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(-1), scaled, a[l], w[l]);
+  }
+  return w;
+}
+
 /// \brief As memory_forward_into, returning the outputs (d, T).
 template <class Scalar>
 Matrix<Scalar> memory_forward(const MemoryConfig& cfg, Index chunk_size, const KernelInputs<Scalar>& in,
@@ -397,7 +602,7 @@ Matrix<Scalar> memory_forward(const MemoryConfig& cfg, Index chunk_size, const K
 }
 
 /// \brief Retrieval without update (M*, Eq 15): reads `q` (d, T) from the state's current
-/// weights and writes nothing. Returns (d, T). `gain` is γ (d) with cfg.output_norm, else empty.
+/// weights (memory_current_weights) and writes nothing. Returns (d, T). `gain` is γ (d) with cfg.output_norm, else empty.
 template <class Scalar>
 Matrix<Scalar> memory_retrieve(const MemoryConfig& cfg, const MemoryState<Scalar>& state,
                                const ConstMatrixRef<Scalar>& q /* (d, T) */,
@@ -408,6 +613,7 @@ Matrix<Scalar> memory_retrieve(const MemoryConfig& cfg, const MemoryState<Scalar
   detail::check_shape(where, "q", q, cfg.dim, -1);
   detail::check_finite(where, "q", q);
   detail::check_memory_gain(where, cfg, gain);
+  if (state.pending_tokens() > 0) return memory_apply<Scalar>(cfg, memory_current_weights(cfg, state), q, gain);
   return memory_apply<Scalar>(cfg, state.weights, q, gain);
 }
 
@@ -437,7 +643,9 @@ inline double memory_forward_flops(const MemoryConfig& cfg, Index chunk_size, In
   PREFIX template Matrix<S> memory_forward<S>(const MemoryConfig&, Index, const KernelInputs<S>&,                \
                                               MemoryState<S>&);                                                  \
   PREFIX template Matrix<S> memory_retrieve<S>(const MemoryConfig&, const MemoryState<S>&,                       \
-                                               const ConstMatrixRef<S>&, const Vector<S>&);
+                                               const ConstMatrixRef<S>&, const Vector<S>&);                      \
+  PREFIX template void memory_state_settle<S>(const MemoryConfig&, Index, MemoryState<S>&);                      \
+  PREFIX template std::vector<Matrix<S>> memory_current_weights<S>(const MemoryConfig&, const MemoryState<S>&);
 
 #ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_MEMORY_KERNEL(extern, float)

@@ -299,6 +299,11 @@ class NeuralMemory {
   /// \brief Throws unless `s` is a state of this layer.
   void check_state(const State& s, const char* where = "titans::NeuralMemory::check_state") const;
 
+  /// \brief Applies each head's pending tokens to its weights and momentum (memory_state_settle;
+  /// docs/MATH.md §3.3). The state's value is unchanged; its form becomes the one forward_train
+  /// leaves and whose gradients backward takes (size a dinitial from a settled state).
+  void settle(State& state) const;
+
   /// \brief Reads and writes T tokens: returns the layer output o (D, T) and advances `state`.
   /// Any split of a sequence into calls gives the same outputs as one call.
   Mat forward(const Params& p, const Eigen::Ref<const Mat>& x /* (D, T) */, State& state) const;
@@ -467,6 +472,12 @@ auto NeuralMemory<Scalar>::initial_state(const Params& p) const -> State {
   s.conv_tail = Mat::Zero(3 * cfg_.dim, cfg_.conv_kernel - 1);
   s.chunk_gates = Mat::Zero(3 * H, 1);
   return s;
+}
+
+template <class Scalar>
+void NeuralMemory<Scalar>::settle(State& state) const {
+  check_state(state, "titans::NeuralMemory::settle");
+  for (auto& h : state.heads) detail::settle_unchecked(mem_, cfg_.chunk_size, h);
 }
 
 template <class Scalar>
@@ -708,8 +719,12 @@ auto NeuralMemory<Scalar>::read(const Params& p, const Eigen::Ref<const Mat>& x 
   const MemoryInputs<Scalar> in = inputs_unchecked(p, x, scratch_tail, /*advance=*/false, nullptr);
   Mat y(cfg_.dim, x.cols());
   const Index d = mem_.dim;
-  for (Index h = 0; h < cfg_.heads; ++h)
-    y.middleRows(h * d, d) = memory_apply<Scalar>(mem_, state.heads[h].weights, in.q.middleRows(h * d, d), gain(p, h));
+  for (Index h = 0; h < cfg_.heads; ++h) {
+    const MemoryState<Scalar>& m = state.heads[h];
+    const auto q = in.q.middleRows(h * d, d);
+    y.middleRows(h * d, d) = m.pending_tokens() > 0 ? memory_apply<Scalar>(mem_, memory_current_weights(mem_, m), q, gain(p, h))
+                                                    : memory_apply<Scalar>(mem_, m.weights, q, gain(p, h));
+  }
   return y;
 }
 
@@ -775,6 +790,11 @@ void NeuralMemory<Scalar>::check_state_gradient(const char* where, const char* n
       detail::raise<ShapeError>(where, at, ".chunk_start holds ", m.chunk_start.size(),
                                 " tensors at a chunk boundary (position ", position, ", chunk_size ", cfg_.chunk_size,
                                 "), expected none");
+    if (inside_chunk && m.chunk_start.empty() && !empty_is_zero)
+      detail::raise<ShapeError>(where, at, ".chunk_start is empty, but position ", position,
+                                " is inside a chunk: the gradient of a state is that of its settled form (forward_train "
+                                "settles a state with pending tokens; size the gradient from the settled state, "
+                                "memory_state_settle)");
     if (inside_chunk && !(empty_is_zero && m.chunk_start.empty()))
       check_memory_weights(where, (at + ".chunk_start").c_str(), mem_, m.chunk_start);
   }

@@ -95,6 +95,8 @@ struct CounterWriter {
   void tensor(const std::string&, const M&) {}
   template <class L, class Like = L>
   void tensor_list(const std::string&, const L&, const Like* = nullptr) {}
+  template <class M>
+  void optional_tensor(const std::string&, const M&) {}
   template <class S>
   void nested(const std::string& name, const S& s) {
     const std::size_t n = prefix.size();
@@ -116,6 +118,14 @@ class Reader {
   Reader(const char* where, const ckpt::Header& h, const std::uint8_t* blob) : where_(where), h_(h), blob_(blob) {}
 
   void tensor(const std::string& name, Matrix<Scalar>& t) { read(prefix_ + name, t, /*fixed=*/t.cols() != 0); }
+  /// A growing tensor that sessions written before it lack: absent, it is read as empty.
+  void optional_tensor(const std::string& name, Matrix<Scalar>& t) {
+    if (h_.find(prefix_ + name)) {
+      read(prefix_ + name, t, /*fixed=*/false);
+    } else {
+      t.resize(t.rows(), 0);
+    }
+  }
 
   template <class Like>
   void tensor_list(const std::string& name, std::vector<Matrix<Scalar>>& list, const Like* like = nullptr) {
