@@ -20,6 +20,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #ifdef _OPENMP
@@ -618,12 +619,91 @@ TEST(ModelSample, TopKStaysInsideAndFrequenciesMatchSoftmax) {
   EXPECT_LT(titans::sample_token<double>(logits, SamplingOptions{1.0, 100, 0}, rng), 7);
 }
 
+// Nucleus sampling: the fewest likeliest tokens whose probabilities reach top_p, renormalised;
+// with top_k as well, the nucleus is taken within the top k.
+TEST(ModelSample, TopPKeepsTheNucleusAndFrequenciesMatch) {
+  titans::Vector<double> logits(7);
+  logits << 0.3, 1.2, -0.5, 0.9, 1.0, -2.0, 0.0;
+  for (const auto& [top_p, k, temperature] :
+       std::vector<std::tuple<double, Index, double>>{{0.5, 0, 1.0}, {0.8, 0, 0.7}, {0.8, 4, 1.0}, {0.9, 0, 2.0}}) {
+    std::vector<Index> order(7);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](Index a, Index b) { return logits(a) > logits(b); });
+    const Index top = k > 0 ? k : 7;
+    double z = 0;
+    for (Index i = 0; i < top; ++i) z += std::exp(logits(order[static_cast<std::size_t>(i)]) / temperature);
+    Index keep = 0;
+    double mass = 0;
+    while (keep < top && mass < top_p) mass += std::exp(logits(order[static_cast<std::size_t>(keep++)]) / temperature) / z;
+    ASSERT_LT(keep, 7) << "the case must cut something";
+    std::vector<double> prob(7, 0.0);
+    for (Index i = 0; i < keep; ++i) {
+      const Index v = order[static_cast<std::size_t>(i)];
+      prob[static_cast<std::size_t>(v)] = std::exp(logits(v) / temperature) / z / mass;
+    }
+    titans::detail::Rng rng(77 + static_cast<std::uint64_t>(keep));
+    const int draws = 20000;
+    std::vector<int> hits(7, 0);
+    for (int d = 0; d < draws; ++d) {
+      SamplingOptions o{temperature, k, 0};
+      o.top_p = top_p;
+      const int tok = titans::sample_token<double>(logits, o, rng);
+      ASSERT_GT(prob[static_cast<std::size_t>(tok)], 0) << "token " << tok << " is outside the nucleus of " << top_p;
+      ++hits[static_cast<std::size_t>(tok)];
+    }
+    double chi2 = 0;
+    for (int v = 0; v < 7; ++v) {
+      if (prob[static_cast<std::size_t>(v)] == 0) continue;
+      const double expected = draws * prob[static_cast<std::size_t>(v)];
+      chi2 += (hits[static_cast<std::size_t>(v)] - expected) * (hits[static_cast<std::size_t>(v)] - expected) / expected;
+    }
+    EXPECT_LT(chi2, 40) << "top_p " << top_p << ", top_k " << k;  // as above: P(χ² > 40) < 1e-6
+  }
+  // A tiny nucleus is the likeliest token alone.
+  titans::detail::Rng rng(5);
+  SamplingOptions tiny{1.0, 0, 0};
+  tiny.top_p = 1e-9;
+  for (int d = 0; d < 100; ++d) EXPECT_EQ(titans::sample_token<double>(logits, tiny, rng), 1);
+}
+
+// The per-token callback sees each token as it is picked and can stop the generation; the state
+// then ends after the last token, as a shorter generate would leave it.
+TEST(ModelGenerate, CallbackStreamsAndStops) {
+  const TitansModel<double> model(small_config({BlockKind::mac, BlockKind::swa}));
+  const Params<double> p = lively_params(model, 12);
+  const std::vector<int> prompt = {1, 2, 3};
+  const SamplingOptions o{1.0, 0, 9};
+  auto full_state = model.initial_state(p);
+  const auto full = titans::generate(model, p, full_state, prompt, 12, o);
+  std::vector<int> seen;
+  auto s = model.initial_state(p);
+  const auto out = titans::generate(model, p, s, prompt, 12, o, [&](int tok) {
+    seen.push_back(tok);
+    return seen.size() < 5;
+  });
+  ASSERT_EQ(out.size(), 5u);
+  EXPECT_EQ(seen, out);
+  EXPECT_EQ(out, std::vector<int>(full.begin(), full.begin() + 5));
+  EXPECT_EQ(s.position, 3 + 5);
+  auto five = model.initial_state(p);
+  titans::generate(model, p, five, prompt, 5, o);
+  EXPECT_EQ(model.step(p, 4, s), model.step(p, 4, five));  // the same state
+  // A callback that never stops changes nothing.
+  auto s2 = model.initial_state(p);
+  EXPECT_EQ(titans::generate(model, p, s2, prompt, 12, o, [](int) { return true; }), full);
+}
+
 TEST(ModelSample, BadOptionsThrow) {
   titans::Vector<double> logits = titans::Vector<double>::Zero(3);
   titans::detail::Rng rng(1);
   EXPECT_THROW(titans::sample_token<double>(logits, SamplingOptions{-1.0, 0, 0}, rng), titans::InvalidArgument);
   EXPECT_THROW(titans::sample_token<double>(logits, SamplingOptions{std::nan(""), 0, 0}, rng), titans::InvalidArgument);
   EXPECT_THROW(titans::sample_token<double>(logits, SamplingOptions{1.0, -1, 0}, rng), titans::InvalidArgument);
+  for (double top_p : {0.0, -0.5, 1.5, std::nan("")}) {
+    SamplingOptions o{1.0, 0, 0};
+    o.top_p = top_p;
+    EXPECT_THROW(titans::sample_token<double>(logits, o, rng), titans::InvalidArgument) << top_p;
+  }
   logits(1) = std::numeric_limits<double>::infinity();
   EXPECT_THROW(titans::sample_token<double>(logits, SamplingOptions{1.0, 0, 0}, rng), titans::NumericError);
   EXPECT_THROW(titans::sample_token<double>(titans::Vector<double>(0), SamplingOptions{1.0, 0, 0}, rng),

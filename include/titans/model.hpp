@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <map>
 #include <sstream>
@@ -478,11 +479,14 @@ auto TitansModel<Scalar>::batch_loss(const char* where, const Params& p, const s
   return static_cast<Scalar>(sum / static_cast<double>(total));
 }
 
-/// \brief How generate picks tokens: temperature 0 is greedy; top_k > 0 keeps the k likeliest.
+/// \brief How generate picks tokens: temperature 0 is greedy; top_k > 0 keeps the k likeliest;
+/// top_p < 1 (nucleus sampling) then keeps the fewest likeliest tokens whose probabilities (at
+/// the temperature) sum to at least top_p.
 struct SamplingOptions {
   double temperature = 1.0;
   Index top_k = 0;
   std::uint64_t seed = 0;
+  double top_p = 1.0;  ///< in (0, 1]; 1 = off
 };
 
 /// \brief Picks a token from logits (V) by `options`, drawing from `rng`.
@@ -492,6 +496,8 @@ int sample_token(const Eigen::Ref<const Vector<Scalar>>& logits, const SamplingO
   if (!(options.temperature >= 0) || !std::isfinite(options.temperature))
     detail::raise<InvalidArgument>(where, "temperature is ", options.temperature, ", expected a finite value >= 0");
   if (options.top_k < 0) detail::raise<InvalidArgument>(where, "top_k is ", options.top_k, ", expected >= 0");
+  if (!(options.top_p > 0 && options.top_p <= 1))
+    detail::raise<InvalidArgument>(where, "top_p is ", options.top_p, ", expected a value in (0, 1]");
   detail::check_finite(where, "logits", logits);
   const Index V = logits.size();
   if (V == 0) detail::raise<InvalidArgument>(where, "logits are empty");
@@ -511,6 +517,14 @@ int sample_token(const Eigen::Ref<const Vector<Scalar>>& logits, const SamplingO
         std::exp((static_cast<double>(logits(order[static_cast<std::size_t>(i)])) - mx) / options.temperature);
     sum += w[static_cast<std::size_t>(i)];
   }
+  if (options.top_p < 1) {  // the nucleus: the likeliest tokens up to top_p of the mass (at least one)
+    const double target = options.top_p * sum;
+    double mass = 0;
+    Index n = 0;
+    while (n < keep && mass < target) mass += w[static_cast<std::size_t>(n++)];
+    keep = std::max<Index>(1, n);
+    sum = mass > 0 ? mass : w[0];
+  }
   double r = rng.uniform() * sum;
   for (Index i = 0; i < keep; ++i) {
     r -= w[static_cast<std::size_t>(i)];
@@ -522,9 +536,14 @@ int sample_token(const Eigen::Ref<const Vector<Scalar>>& logits, const SamplingO
 /// \brief Feeds `prompt` (one prefill call) and then generates `count` tokens one at a time,
 /// each step streaming through every block's state. Returns the generated tokens; `state` ends
 /// after the last generated token has been fed.
+///
+/// `on_token`, when given, is called with each token as soon as it is picked (before the model
+/// reads it), so a caller can stream the output; returning false stops the generation after that
+/// token (which is still fed, so the state again ends after the last returned token).
 template <class Scalar>
 std::vector<int> generate(const TitansModel<Scalar>& model, const ModelParams<Scalar>& p, ModelState<Scalar>& state,
-                          const std::vector<int>& prompt, Index count, const SamplingOptions& options = {}) {
+                          const std::vector<int>& prompt, Index count, const SamplingOptions& options = {},
+                          const std::function<bool(int)>& on_token = {}) {
   constexpr const char* where = "titans::generate";
   if (prompt.empty()) detail::raise<InvalidArgument>(where, "prompt is empty, expected at least one token");
   if (count < 0) detail::raise<InvalidArgument>(where, "count is ", count, ", expected >= 0");
@@ -539,6 +558,11 @@ std::vector<int> generate(const TitansModel<Scalar>& model, const ModelParams<Sc
   for (Index i = 0; i < count; ++i) {
     const int tok = sample_token<Scalar>(last, options, rng);
     out.push_back(tok);
+    const bool go_on = !on_token || on_token(tok);
+    if (!go_on || i + 1 == count) {
+      model.step(p, tok, state);  // the last token is fed; its logits are not needed
+      break;
+    }
     last = model.step(p, tok, state);
   }
   return out;
@@ -552,7 +576,8 @@ std::vector<int> generate(const TitansModel<Scalar>& model, const ModelParams<Sc
                                      Index*);                                                                   \
   PREFIX template int sample_token<S>(const Eigen::Ref<const Vector<S>>&, const SamplingOptions&, detail::Rng&); \
   PREFIX template std::vector<int> generate<S>(const TitansModel<S>&, const ModelParams<S>&, ModelState<S>&,     \
-                                               const std::vector<int>&, Index, const SamplingOptions&);
+                                               const std::vector<int>&, Index, const SamplingOptions&,           \
+                                               const std::function<bool(int)>&);
 
 #ifdef TITANS_EXTERN_FLOAT
 TITANS_INSTANTIATE_MODEL(extern, float)
