@@ -19,6 +19,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 namespace titans_example {
 
 class Cli {
@@ -194,6 +196,49 @@ inline std::string fixed(double x, int digits = 3) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.*f", digits, x);
   return buf;
+}
+
+/// Progress lines: on a terminal one line rewritten in place ("\r", cleared to its end), else a
+/// full line per update (logs and pipes keep every line).
+///
+///   std::printf("%sstep %ld%s", progress.start(), step, progress.end(last));
+class Progress {
+ public:
+  Progress() : tty_(isatty(fileno(stdout)) != 0) {}
+  const char* start() const { return tty_ ? "\r" : ""; }
+  const char* end(bool last) const { return !tty_ ? "\n" : last ? "\033[K\n" : "\033[K"; }
+
+ private:
+  bool tty_;
+};
+
+/// `s` in lower case (ASCII), for CSV column names.
+inline std::string lower(std::string s) {
+  for (char& c : s)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  return s;
+}
+
+/// Draws `png` by piping the gnuplot script `plot` to gnuplot (no file is left behind). Without
+/// gnuplot it says so, and how to get the plot from `csv` later. Returns whether `png` was written.
+inline bool draw_png(const std::string& plot, const std::string& png, const std::string& csv) {
+  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
+    std::printf("no plot: gnuplot is not installed (sudo apt-get install gnuplot-nox, then run again; the table is in %s)\n",
+                csv.c_str());
+    return false;
+  }
+  FILE* g = popen("gnuplot", "w");
+  if (g == nullptr) {
+    std::fprintf(stderr, "could not start gnuplot; the table is in %s\n", csv.c_str());
+    return false;
+  }
+  const bool written = std::fputs(plot.c_str(), g) >= 0;
+  if (pclose(g) != 0 || !written) {
+    std::fprintf(stderr, "gnuplot failed; the table is in %s\n", csv.c_str());
+    return false;
+  }
+  std::printf("wrote %s\n", png.c_str());
+  return true;
 }
 
 }  // namespace titans_example
