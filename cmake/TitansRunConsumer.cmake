@@ -3,9 +3,10 @@
 #   MODE=install   -DBINARY_DIR=<titans build> -DPREFIX=<dir> [-DCONFIG=<cfg>]
 #                  Empties PREFIX, then runs `cmake --install BINARY_DIR --prefix PREFIX`.
 #   MODE=consumer  -DSOURCE_DIR=<project> -DBINARY_DIR=<dir> -DGENERATOR=<name>
-#                  [-DCONFIG=<cfg>] [-DCACHE_ARGS=<a|b|c>]
+#                  [-DCONFIG=<cfg>] [-DCACHE_ARGS=<a|b|c>] [-DEXPECT_FAILURE=<regex>]
 #                  Configures SOURCE_DIR from scratch into BINARY_DIR with GENERATOR and the
-#                  |-separated cache arguments, builds it, then runs its `consumer` program.
+#                  |-separated cache arguments, builds it, then runs its `consumer` program;
+#                  with EXPECT_FAILURE, only checks that the configure fails saying that.
 
 cmake_minimum_required(VERSION 3.20)
 
@@ -60,6 +61,22 @@ endif()
 
 # Always start from an empty build directory so a stale cache cannot hide a packaging bug.
 file(REMOVE_RECURSE "${BINARY_DIR}")
+
+# EXPECT_FAILURE=<regex>: the configure must fail, and its output must match the regex (a
+# find_package that names what is missing).
+if(DEFINED EXPECT_FAILURE AND NOT EXPECT_FAILURE STREQUAL "")
+  execute_process(COMMAND "${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${BINARY_DIR}" -G "${GENERATOR}" ${cache_args}
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(rc EQUAL 0)
+    message(FATAL_ERROR "consumer test: the configure succeeded, expected it to fail with: ${EXPECT_FAILURE}")
+  endif()
+  string(REGEX REPLACE "[ \t\r\n]+" " " flat "${out}${err}")  # CMake wraps its messages
+  if(NOT flat MATCHES "${EXPECT_FAILURE}")
+    message(FATAL_ERROR "consumer test: the configure failed without naming '${EXPECT_FAILURE}':\n${out}${err}")
+  endif()
+  message(STATUS "consumer test: the configure failed as expected, naming '${EXPECT_FAILURE}'")
+  return()
+endif()
 run_step("configure" "${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${BINARY_DIR}" -G "${GENERATOR}" ${cache_args})
 run_step("build" "${CMAKE_COMMAND}" --build "${BINARY_DIR}" ${config_args})
 
