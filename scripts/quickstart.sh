@@ -18,10 +18,12 @@ set -euo pipefail
 DEMO_TARGET=niah
 JOBS="${TITANS_JOBS:-2}"
 
-REQUIRED_PACKAGES=(cmake g++ libeigen3-dev libgtest-dev libbenchmark-dev)
+# The demo needs a compiler, CMake and Eigen; the tests also GoogleTest and Google Benchmark.
+REQUIRED_PACKAGES=(cmake g++ libeigen3-dev)
+TEST_PACKAGES=(libgtest-dev libbenchmark-dev)
 # Optional: OpenBLAS (TITANS_USE_BLAS), nlohmann-json (checkpoints), clang + libFuzzer (fuzz test,
-# and the sanitizer build, which needs clang's OpenMP runtime).
-EXTRA_TEST_PACKAGES=(libopenblas-dev nlohmann-json3-dev clang libclang-rt-dev libomp-dev)
+# and the sanitizer build, which needs clang's OpenMP runtime), PyTorch (the twin's tests).
+EXTRA_TEST_PACKAGES=(libopenblas-dev nlohmann-json3-dev clang libclang-rt-dev libomp-dev python3-torch python3-numpy)
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -75,6 +77,9 @@ ensure_packages() {
   fi
 
   local wanted=("${REQUIRED_PACKAGES[@]}")
+  if [ "$mode" = test ]; then
+    wanted+=("${TEST_PACKAGES[@]}")
+  fi
   if ! command -v ninja >/dev/null 2>&1; then
     wanted+=(make)
   fi
@@ -141,9 +146,10 @@ choose_generator() {
 
 configure() {
   local preset="$1"
+  shift
   choose_generator "$preset"
   section "Configure: preset $preset ($CMAKE_GENERATOR)"
-  cmake --preset "$preset"
+  cmake --preset "$preset" "$@"
 }
 
 build() {
@@ -195,7 +201,14 @@ cmd_demo() {
     echo "examples/$DEMO_TARGET.cpp does not exist: no demo to build." >&2
     exit 1
   fi
-  configure release
+  # The demo needs neither GoogleTest nor Google Benchmark: without them the tests and the
+  # benchmarks are left out of the build (the test command turns them back on).
+  local options=()
+  if command -v dpkg-query >/dev/null 2>&1; then
+    have_package libgtest-dev || options+=(-DTITANS_BUILD_TESTS=OFF)
+    have_package libbenchmark-dev || options+=(-DTITANS_BUILD_BENCHMARKS=OFF)
+  fi
+  configure release "${options[@]}"
   build release --target "$DEMO_TARGET"
   section "Run: build/release/examples/$DEMO_TARGET${*:+ $*}"
   "build/release/examples/$DEMO_TARGET" "$@"
@@ -206,7 +219,7 @@ cmd_test() {
   ensure_packages test
   check_cmake_version
 
-  timed "configure + build, release" eval 'configure release && build release'
+  timed "configure + build, release" eval 'configure release -DTITANS_BUILD_TESTS=ON -DTITANS_BUILD_BENCHMARKS=ON && build release'
   timed "tests, release" run_tests release
 
   # The sanitizer half: with clang++ it builds a little faster and its tests run in half the
