@@ -7,14 +7,21 @@
 //
 // Counters: items_per_second = tokens/s; GFLOPS uses the forward count of docs/MATH.md §3 times 3
 // for a training step (backward ≈ 2× forward in GEMM work), so it is comparable to the forward
-// benchmark's GFLOP/s; ratio_vs_forward is measured, not assumed.
+// benchmark's GFLOP/s; ratio_vs_forward is measured, not assumed. BM_ModelTrainStep: the model's
+// batched training step on 1 and 2 threads.
 #include <titans/titans.hpp>
 
 #include <benchmark/benchmark.h>
 
 #include <chrono>
+#include <cstdint>
 #include <map>
 #include <tuple>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -115,6 +122,49 @@ void train_grid(benchmark::internal::Benchmark* bm) {
 }
 
 BENCHMARK(BM_TrainStep)->ArgNames({"d", "L", "b", "T", "r", "bound"})->Apply(train_grid)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The model's batched training step (loss_and_gradient over 8 sequences of T tokens, two MAC
+// blocks, D = 128, the layer's defaults) on 1 and 2 threads, wall time: the batch is dealt into
+// titans::batch_parts fixed parts that run in parallel, so the gradients are the same on any
+// thread count and the speed-up is the ratio of the two rows (issue 13's target: >= 1.8).
+void BM_ModelTrainStep(benchmark::State& st) {
+  const int threads = static_cast<int>(st.range(0));
+  const long T = st.range(1);
+  titans::ModelConfig c;
+  c.vocab = 256;
+  c.layers = {titans::BlockKind::mac, titans::BlockKind::mac};
+  c.block.dim = 128;
+  c.block.attention_heads = 4;
+  c.block.segment = 64;
+  c.block.memory.dim = 128;
+  c.block.memory.heads = 2;
+  const titans::TitansModel<float> model(c);
+  const auto params = model.init(1);
+  titans::detail::Rng rng(3);
+  std::vector<std::vector<int>> in(8), tg(8);
+  for (std::size_t i = 0; i < in.size(); ++i)
+    for (long t = 0; t < T; ++t) {
+      in[i].push_back(static_cast<int>(rng.below(256)));
+      tg[i].push_back(static_cast<int>(rng.below(256)));
+    }
+#ifdef _OPENMP
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(threads);
+#endif
+  auto grads = titans::zeros_like(params);
+  for (auto _ : st) {
+    const float loss = model.loss_and_gradient(params, in, tg, grads);
+    benchmark::DoNotOptimize(loss);
+  }
+#ifdef _OPENMP
+  omp_set_num_threads(before);
+#endif
+  st.counters["threads"] = threads;
+  st.SetItemsProcessed(st.iterations() * static_cast<std::int64_t>(in.size()) * T);
+}
+
+BENCHMARK(BM_ModelTrainStep)->ArgNames({"threads", "T"})->Args({1, 512})->Args({2, 512})->Args({1, 512})->Args({2, 512})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 
