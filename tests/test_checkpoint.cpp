@@ -6,6 +6,7 @@
 #if __has_include(<nlohmann/json.hpp>)
 
 #include <titans/checkpoint.hpp>
+#include <titans/detail/random.hpp>
 
 #include <gtest/gtest.h>
 
@@ -16,6 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -652,8 +654,8 @@ TEST(CheckpointHostile, MetadataNotStrings) {
 
 TEST(CheckpointHostile, UnsupportedAndUnknownDtypes) {
   expect_load_error<titans::FormatError>(
-      file_with(R"("a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]},)" + kEntryB),
-      "tensor 'a' has dtype BF16; only F32 and F64 can be loaded");
+      file_with(R"("a":{"dtype":"U16","shape":[2,2],"data_offsets":[0,8]},)" + kEntryB),
+      "tensor 'a' has dtype U16; only F32, F64, BF16 and F16 can be loaded");
   expect_load_error<titans::FormatError>(file_with(R"("a":{"dtype":"I64","shape":[2,2],"data_offsets":[0,32]},)"
                                                    R"("b":{"dtype":"F32","shape":[3],"data_offsets":[32,44]})",
                                                    Bytes(44, 0)),
@@ -702,6 +704,115 @@ TEST(CheckpointHostile, BadModelNames) {
 // ---------------------------------------------------------------------------------------------
 // Saving: value checks and atomic replacement.
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// BF16 and F16: loaded exactly, saved rounded to nearest (ties to even), overflow refused.
+// ---------------------------------------------------------------------------------------------
+
+Bytes u16_bytes(std::initializer_list<std::uint16_t> values) {
+  Bytes b;
+  for (std::uint16_t v : values) {
+    b.push_back(static_cast<std::uint8_t>(v & 0xFF));
+    b.push_back(static_cast<std::uint8_t>(v >> 8));
+  }
+  return b;
+}
+
+// The value of a 16-bit pattern from the format definitions alone (independent of the library).
+double f16_value(std::uint16_t h) {
+  const int e = (h >> 10) & 31, m = h & 1023;
+  const double sign = (h & 0x8000) ? -1 : 1;
+  if (e == 31) return m ? std::nan("") : sign * HUGE_VAL;
+  return e == 0 ? sign * m * std::pow(2.0, -24) : sign * (1 + m / 1024.0) * std::pow(2.0, e - 15);
+}
+double bf16_value(std::uint16_t h) {
+  const int e = (h >> 7) & 255, m = h & 127;
+  const double sign = (h & 0x8000) ? -1 : 1;
+  if (e == 255) return m ? std::nan("") : sign * HUGE_VAL;
+  return e == 0 ? sign * m * std::pow(2.0, -133) : sign * (1 + m / 128.0) * std::pow(2.0, e - 127);
+}
+
+TYPED_TEST(CheckpointTyped, HalfPrecisionFilesLoadExactly) {
+  const std::vector<std::uint16_t> f16 = {0x3C00, 0xC000, 0x3555, 0x0001, 0x7BFF, 0x8000};
+  const std::vector<std::uint16_t> bf16 = {0x3F80, 0xC040, 0x3EAB, 0x0001, 0x7F7F, 0x4049};
+  const std::string header = R"({"h":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]},)"
+                             R"("b":{"dtype":"BF16","shape":[6],"data_offsets":[12,24]}})";
+  Bytes data = concat(u16_bytes({f16[0], f16[1], f16[2], f16[3], f16[4], f16[5]}),
+                      u16_bytes({bf16[0], bf16[1], bf16[2], bf16[3], bf16[4], bf16[5]}));
+  NamedSet<TypeParam> p;
+  p.tensors = {{"h", Matrix<TypeParam>::Zero(2, 3)}, {"b", Matrix<TypeParam>::Zero(6, 1)}};
+  titans::load_checkpoint_from_memory(make_file(header, data), p);
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(static_cast<double>(p.at("h")(i / 3, i % 3)), f16_value(f16[static_cast<std::size_t>(i)])) << i;
+    EXPECT_EQ(static_cast<double>(p.at("b")(i, 0)), bf16_value(bf16[static_cast<std::size_t>(i)])) << i;
+  }
+  // Infinity in a 16-bit tensor is refused like in a 32-bit one.
+  data[0] = 0x00;
+  data[1] = 0x7C;
+  try {
+    titans::load_checkpoint_from_memory(make_file(header, data), p);
+    ADD_FAILURE() << "no exception";
+  } catch (const titans::NumericError& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'h' holds a non-finite value"), std::string::npos) << e.what();
+  }
+}
+
+// The nearest pattern by brute force over all finite patterns, ties to the even one.
+std::uint16_t nearest_by_search(double x, bool bf16) {
+  std::uint16_t best = 0;
+  double best_d = HUGE_VAL;
+  for (std::uint32_t h = 0; h < 0x10000; ++h) {
+    const double v = bf16 ? bf16_value(static_cast<std::uint16_t>(h)) : f16_value(static_cast<std::uint16_t>(h));
+    if (!std::isfinite(v) || std::signbit(v) != std::signbit(x)) continue;
+    const double d = std::fabs(v - x);
+    if (d < best_d || (d == best_d && (h & 1) == 0)) {
+      best = static_cast<std::uint16_t>(h);
+      best_d = d;
+    }
+  }
+  return best;
+}
+
+TEST(CheckpointSave, HalfPrecisionRoundsToNearestEvenAndRefusesOverflow) {
+  for (const bool bf16 : {false, true}) {
+    SCOPED_TRACE(bf16 ? "BF16" : "F16");
+    auto value = [&](std::uint16_t h) { return bf16 ? bf16_value(h) : f16_value(h); };
+    // Random values, exact halfway points (which must go to the even neighbour), values a float
+    // would round onto a halfway point (double rounding), subnormals and the largest finite value.
+    std::vector<double> xs;
+    titans::detail::Rng rng(bf16 ? 5 : 6);
+    for (int i = 0; i < 40; ++i) xs.push_back((rng.uniform() - 0.5) * std::pow(2.0, static_cast<int>(rng.below(30)) - 15));
+    for (std::uint16_t h : {0x3C00, 0x3C01, 0x1234, 0x0002, 0x0003}) {
+      const double mid = (value(h) + value(static_cast<std::uint16_t>(h + 1))) / 2;
+      xs.push_back(mid);
+      xs.push_back(-mid);
+      xs.push_back(mid * (1 + 1e-12));  // a float would round this to mid exactly
+    }
+    xs.push_back(value(bf16 ? 0x7F7F : 0x7BFF));
+    NamedSet<double> p;
+    Matrix<double> m(static_cast<Index>(xs.size()), 1);
+    for (std::size_t i = 0; i < xs.size(); ++i) m(static_cast<Index>(i), 0) = xs[i];
+    p.tensors = {{"x", m}};
+    const Bytes bytes = titans::save_checkpoint_to_memory(p, {}, bf16 ? Dtype::bf16 : Dtype::f16);
+    EXPECT_EQ(titans::list_checkpoint_from_memory(bytes.data(), bytes.size())[0].dtype, bf16 ? "BF16" : "F16");
+    NamedSet<double> back;
+    back.tensors = {{"x", Matrix<double>::Zero(m.rows(), 1)}};
+    titans::load_checkpoint_from_memory(bytes, back);
+    for (std::size_t i = 0; i < xs.size(); ++i)
+      EXPECT_EQ(back.at("x")(static_cast<Index>(i), 0), value(nearest_by_search(xs[i], bf16))) << "x = " << xs[i];
+    // From the largest finite value plus half its ulp, rounding gives infinity: refused.
+    const double max = value(bf16 ? 0x7F7F : 0x7BFF), ulp = max - value(bf16 ? 0x7F7E : 0x7BFE);
+    p.at("x")(0, 0) = max + ulp / 2;
+    try {
+      titans::save_checkpoint_to_memory(p, {}, bf16 ? Dtype::bf16 : Dtype::f16);
+      ADD_FAILURE() << "no exception";
+    } catch (const titans::NumericError& e) {
+      EXPECT_NE(std::string(e.what()).find(bf16 ? "overflows BF16" : "overflows F16"), std::string::npos) << e.what();
+    }
+    p.at("x")(0, 0) = max + ulp / 2 * (1 - 1e-6);  // just below: rounds to max
+    EXPECT_NO_THROW(titans::save_checkpoint_to_memory(p, {}, bf16 ? Dtype::bf16 : Dtype::f16));
+  }
+}
 
 TEST(CheckpointSave, RejectsNonFiniteAndOverflowingValues) {
   NamedSet<double> p;

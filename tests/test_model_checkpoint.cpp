@@ -13,9 +13,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <new>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -86,6 +92,46 @@ TEST(ModelCheckpoint, RoundTripRebuildsTheModelFromTheFileAlone) {
     auto s4 = model.initial_state(params);
     const titans::Matrix<float> logits_f = model.forward(params, kTokens, s4);
     EXPECT_LT((logits - logits_f.cast<double>()).cwiseAbs().maxCoeff(), 1e-4);
+  }
+}
+
+// A model saved in BF16 or F16 is half the size; each value is its nearest 16-bit value, so the
+// parameters move by at most half an ulp of that type, and the loaded model runs.
+TEST(ModelCheckpoint, SavedInBF16OrF16LoadsWithRoundedValues) {
+  const TitansModel<float> model(small_config(true));
+  const auto params = model.init(3);
+  const TempDir dir;
+  const std::string f32_path = (dir.path() / "lm32.safetensors").string();
+  titans::save_model(f32_path, model, params);
+  for (const auto& [dtype, name, rel] :
+       {std::tuple{titans::Dtype::bf16, "BF16", 1.0 / 256}, std::tuple{titans::Dtype::f16, "F16", 1.0 / 2048}}) {
+    SCOPED_TRACE(name);
+    const std::string path = (dir.path() / (std::string("lm_") + name + ".safetensors")).string();
+    titans::save_model(path, model, params, {}, dtype);
+    EXPECT_EQ(titans::list_checkpoint(path)[0].dtype, name);
+    // The data (after the 8-byte length and the JSON header) is exactly half of the F32 file's.
+    auto data_bytes = [](const std::string& file) {
+      std::ifstream in(file, std::ios::binary);
+      unsigned char len[8] = {};
+      in.read(reinterpret_cast<char*>(len), 8);
+      std::uint64_t header = 0;
+      for (int i = 7; i >= 0; --i) header = header << 8 | len[i];
+      return std::filesystem::file_size(file) - 8 - header;
+    };
+    EXPECT_EQ(2 * data_bytes(path), data_bytes(f32_path));
+    const auto loaded = titans::load_model<float>(path);
+    const auto a = tensors(params), b = tensors(loaded.params);
+    ASSERT_EQ(a.size(), b.size());
+    double worst = 0;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      for (titans::Index k = 0; k < a[i].size(); ++k) {
+        const double x = a[i].data()[k], y = b[i].data()[k];
+        if (std::fabs(x) > 1e-4) worst = std::max(worst, std::fabs(x - y) / std::fabs(x));  // normal range
+      }
+    EXPECT_LE(worst, rel);  // half an ulp: at most 2^-8 of the value in BF16, 2^-11 in F16
+    EXPECT_GT(worst, 0.0);  // the values were rounded, not stored as they were
+    auto s = loaded.model.initial_state(loaded.params);
+    EXPECT_TRUE(loaded.model.forward(loaded.params, kTokens, s).allFinite());
   }
 }
 

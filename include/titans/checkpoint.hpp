@@ -37,12 +37,15 @@
 //
 // Files may hold any standard safetensors dtype (BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16,
 // BF16, I32, U32, F32, F64, I64, U64); `list_checkpoint` shows them all. `load_checkpoint` fills
-// tensors only from F32 and F64 data, into float, double or long double models, converting with
-// `static_cast`. An F64 value whose magnitude exceeds the model scalar's largest finite value is a
-// NumericError (it is never silently turned into infinity); NaN and infinity in a file are a
-// NumericError too. Any other dtype in a tensor the model needs is a FormatError naming the tensor
-// and the dtype. Saving writes `Dtype::native` (F32 for float models, F64 for double and long double),
-// or F32/F64 on request, with the same overflow rule.
+// tensors from F32, F64, BF16 and F16 data, into float, double or long double models. F32, BF16
+// and F16 values are widened exactly (every BF16 and F16 value is a float); F64 is converted with
+// `static_cast` (rounding to nearest). An F64 value whose magnitude exceeds the model scalar's
+// largest finite value is a NumericError (it is never silently turned into infinity); NaN and
+// infinity in a file are a NumericError too. Any other dtype in a tensor the model needs is a
+// FormatError naming the tensor and the dtype. Saving writes `Dtype::native` (F32 for float
+// models, F64 for double and long double), or F32, F64, BF16 or F16 on request: each value is
+// rounded to the nearest value of that type (ties to even), and one whose magnitude is beyond the
+// type's largest finite value (F16: 65504; BF16: about 3.39e38) is a NumericError naming it.
 //
 // ## Untrusted input
 //
@@ -95,6 +98,8 @@ enum class Dtype {
   native,  ///< F32 for float parameter sets, F64 for double and long double
   f32,     ///< IEEE binary32 ("F32")
   f64,     ///< IEEE binary64 ("F64")
+  bf16,    ///< bfloat16 ("BF16"): float's exponent, 8 significant bits
+  f16,     ///< IEEE binary16 ("F16"): 11 significant bits, largest finite value 65504
 };
 
 /// \brief Options of load_checkpoint.
@@ -597,13 +602,77 @@ inline bool shape_fits(const std::vector<std::uint64_t>& s, Index rows, Index co
   }
 }
 
-/// Decodes an F32/F64 entry (already checked against the model's shape) into `m` (rows, cols).
+/// The value of a BF16 or F16 bit pattern, exactly, as a float (infinity or NaN for those patterns).
+inline float half_value(std::uint16_t h, bool bf16) {
+  if (bf16) {
+    const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+  }
+  const int exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  const float sign = (h & 0x8000) ? -1.0f : 1.0f;
+  if (exponent == 0x1F) return mantissa ? std::numeric_limits<float>::quiet_NaN() : sign * std::numeric_limits<float>::infinity();
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -24);  // subnormal
+  return sign * std::ldexp(static_cast<float>(mantissa | 0x400), exponent - 25);
+}
+
+/// The BF16 or F16 pattern nearest to x (ties to even), or false when |x| is beyond the type's
+/// range (rounds to infinity). Exact for any Scalar: the candidates around float(x) are compared
+/// with x itself, so rounding x to float first does not round twice.
+template <class Scalar>
+bool half_bits(Scalar x, bool bf16, std::uint16_t& out) {
+  const std::uint16_t sign = std::signbit(x) ? 0x8000 : 0;
+  const long double a = std::fabs(static_cast<long double>(x));
+  const std::uint16_t inf = bf16 ? 0x7F80 : 0x7C00;
+  // Round to nearest overflows from the largest finite value plus half its ulp (ties go to the
+  // even neighbour, which there is infinity).
+  const long double max = half_value(static_cast<std::uint16_t>(inf - 1), bf16);
+  const long double ulp = max - half_value(static_cast<std::uint16_t>(inf - 2), bf16);
+  if (!(a < max + ulp / 2)) return false;
+  const float f = static_cast<float>(a);  // nearest float, finite (a is below the 16-bit maximum)
+  // A first guess from the float, by truncation; the answer is it or the next pattern up.
+  std::uint16_t lo;
+  if (bf16) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    lo = static_cast<std::uint16_t>(bits >> 16);
+  } else {
+    lo = 0;
+    for (int step = 15; step >= 0; --step) {  // the largest magnitude pattern whose value is <= f
+      const auto next = static_cast<std::uint16_t>(lo | (1u << step));
+      if (next < 0x7C00 && half_value(next, false) <= f) lo = next;
+    }
+  }
+  std::uint16_t best = lo;
+  long double best_d = std::fabs(static_cast<long double>(half_value(lo, bf16)) - a);
+  for (std::uint16_t c : {static_cast<std::uint16_t>(lo > 0 ? lo - 1 : 0), static_cast<std::uint16_t>(lo + 1)}) {
+    if (c >= inf) continue;
+    const long double d = std::fabs(static_cast<long double>(half_value(c, bf16)) - a);
+    if (d < best_d || (d == best_d && (c & 1) == 0 && (best & 1) != 0)) {
+      best = c;
+      best_d = d;
+    }
+  }
+  out = static_cast<std::uint16_t>(best | sign);
+  return true;
+}
+
+/// Decodes an F32/F64/BF16/F16 entry (already checked against the model's shape) into `m` (rows, cols).
 template <class Scalar>
 void decode(const char* where, const Entry& e, const std::uint8_t* blob, Matrix<Scalar>& m) {
   const std::uint8_t* p = blob + e.begin;
   for (Index i = 0; i < m.rows(); ++i) {
     for (Index j = 0; j < m.cols(); ++j) {
-      if (e.width == 4) {
+      if (e.width == 2) {
+        const auto bits = static_cast<std::uint16_t>(p[0] | (p[1] << 8));
+        const float x = half_value(bits, e.dtype == "BF16");
+        if (!std::isfinite(x)) {
+          raise<NumericError>(where, "tensor ", quote_name(e.name), " holds a non-finite value (", x, ") at (", i, ", ",
+                              j, ")");
+        }
+        m(i, j) = static_cast<Scalar>(x);
+      } else if (e.width == 4) {
         const std::uint32_t bits = get_le32(p);
         float x;
         std::memcpy(&x, &bits, sizeof x);
@@ -650,9 +719,9 @@ std::map<std::string, std::string> load_into(const char* where, const Header& h,
       raise<InvalidArgument>(where, "a parameter is named '__metadata__', which the format reserves");
     const Entry* e = h.find(name);
     if (!e) raise<FormatError>(where, "the checkpoint has no tensor ", quote_name(name), " (the parameters need it)");
-    if (e->dtype != "F32" && e->dtype != "F64") {
+    if (e->dtype != "F32" && e->dtype != "F64" && e->dtype != "BF16" && e->dtype != "F16") {
       raise<FormatError>(where, "tensor ", quote_name(name), " has dtype ", e->dtype,
-                         "; only F32 and F64 can be loaded");
+                         "; only F32, F64, BF16 and F16 can be loaded");
     }
     if (!shape_fits(e->shape, t.rows(), t.cols())) {
       raise<ShapeError>(where, "tensor ", quote_name(name), " has shape ", shape_string(e->shape),
@@ -690,6 +759,7 @@ template <class Scalar>
 struct SavePlan {
   std::string header;  // padded so that 8 + header.size() is a multiple of 8
   std::uint64_t width = 0;
+  bool bf16 = false;   // with width 2: BF16, else F16
   std::vector<const Matrix<Scalar>*> tensors;
 };
 
@@ -699,14 +769,18 @@ SavePlan<typename P::scalar_type> plan_save(const char* where, const P& params,
   using Scalar = typename P::scalar_type;
   static_check_scalar<Scalar>();
   check_unique_names(where, params);
-  if (dtype != Dtype::native && dtype != Dtype::f32 && dtype != Dtype::f64) {
+  if (dtype != Dtype::native && dtype != Dtype::f32 && dtype != Dtype::f64 && dtype != Dtype::bf16 &&
+      dtype != Dtype::f16) {
     raise<InvalidArgument>(where, "dtype has an unknown value");
   }
+  const bool half = dtype == Dtype::bf16 || dtype == Dtype::f16;
   const bool f32 = dtype == Dtype::f32 || (dtype == Dtype::native && sizeof(Scalar) <= sizeof(float));
+  const char* dtype_name = dtype == Dtype::bf16 ? "BF16" : dtype == Dtype::f16 ? "F16" : f32 ? "F32" : "F64";
 
   // Largest magnitude that converts to the file's dtype without overflow, as a Scalar (the smaller
-  // of the two types' maxima, so the cast itself is exact and defined).
-  const long double dtype_max = f32 ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max();
+  // of the two types' maxima, so the cast itself is exact and defined). The 16-bit types are
+  // checked value by value, by the rounding itself.
+  const long double dtype_max = f32 || half ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max();
   const auto limit = static_cast<Scalar>(std::min<long double>(dtype_max, std::numeric_limits<Scalar>::max()));
 
   std::vector<std::pair<std::string, const Matrix<Scalar>*>> items;
@@ -720,9 +794,10 @@ SavePlan<typename P::scalar_type> plan_save(const char* where, const P& params,
           raise<NumericError>(where, "tensor ", quote_name(name), " holds a non-finite value (", x, ") at (", i, ", ",
                               j, ")");
         }
-        if (std::fabs(x) > limit) {
+        std::uint16_t bits = 0;
+        if (std::fabs(x) > limit || (half && !half_bits(x, dtype == Dtype::bf16, bits))) {
           raise<NumericError>(where, "tensor ", quote_name(name), ": value ", x, " at (", i, ", ", j, ") overflows ",
-                              f32 ? "F32" : "F64");
+                              dtype_name);
         }
       }
     }
@@ -732,14 +807,15 @@ SavePlan<typename P::scalar_type> plan_save(const char* where, const P& params,
             [](const auto& a, const auto& b) { return a.first < b.first; });  // data in header order
 
   SavePlan<Scalar> plan;
-  plan.width = f32 ? 4 : 8;
+  plan.width = half ? 2 : f32 ? 4 : 8;
+  plan.bf16 = dtype == Dtype::bf16;
   nlohmann::json header = nlohmann::json::object();
   std::uint64_t offset = 0;
   for (const auto& [name, t] : items) {
     const auto rows = static_cast<std::uint64_t>(t->rows()), cols = static_cast<std::uint64_t>(t->cols());
     const std::uint64_t bytes = rows * cols * plan.width;
     nlohmann::json entry = nlohmann::json::object();
-    entry["dtype"] = f32 ? "F32" : "F64";
+    entry["dtype"] = dtype_name;
     entry["shape"] = nlohmann::json::array({rows, cols});
     entry["data_offsets"] = nlohmann::json::array({offset, offset + bytes});
     header[name] = std::move(entry);
@@ -775,7 +851,12 @@ void emit(const SavePlan<Scalar>& plan, Sink&& sink) {
     for (Index i = 0; i < t->rows(); ++i) {  // row-major
       for (Index j = 0; j < t->cols(); ++j) {
         std::uint8_t b[8];
-        if (plan.width == 4) {
+        if (plan.width == 2) {
+          std::uint16_t bits = 0;
+          half_bits((*t)(i, j), plan.bf16, bits);  // in range: plan_save checked every value
+          b[0] = static_cast<std::uint8_t>(bits & 0xFF);
+          b[1] = static_cast<std::uint8_t>(bits >> 8);
+        } else if (plan.width == 4) {
           const float x = static_cast<float>((*t)(i, j));
           std::uint32_t bits;
           std::memcpy(&bits, &x, sizeof bits);

@@ -30,12 +30,14 @@ struct LoadedModel {
 };
 
 /// \brief Saves `params` with `model`'s config in the metadata, plus the caller's `extra` keys
-/// (run information, a vocabulary name, …). Throws ShapeError if the parameters do not fit the
-/// model, InvalidArgument if an extra key is one of the config's, IoError if the file cannot be
+/// (run information, a vocabulary name, …), in `dtype` (native: the scalar's own F32 or F64;
+/// BF16 and F16 halve the file, rounding each value to nearest: checkpoint.hpp, "Dtype rule").
+/// Throws ShapeError if the parameters do not fit the model, InvalidArgument if an extra key is
+/// one of the config's, NumericError if a value overflows `dtype`, IoError if the file cannot be
 /// written (an existing file is replaced only once the new one is complete).
 template <class Scalar>
 void save_model(const std::string& path, const TitansModel<Scalar>& model, const ModelParams<Scalar>& params,
-                const std::map<std::string, std::string>& extra = {}) {
+                const std::map<std::string, std::string>& extra = {}, Dtype dtype = Dtype::native) {
   constexpr const char* where = "titans::save_model";
   model.check_params(params, where);
   std::map<std::string, std::string> metadata = to_metadata(model.config());
@@ -44,7 +46,7 @@ void save_model(const std::string& path, const TitansModel<Scalar>& model, const
       detail::raise<InvalidArgument>(where, "extra metadata key '", key, "' is a key of the model's config");
     metadata.emplace(key, value);
   }
-  save_checkpoint(path, params, metadata);
+  save_checkpoint(path, params, metadata, dtype);
 }
 
 namespace detail {
@@ -78,7 +80,7 @@ LoadedModel<Scalar> load_model_bytes(const char* where, const std::uint8_t* data
 }  // namespace detail
 
 /// \brief Rebuilds a model saved by save_model: config from the metadata, then every tensor
-/// (F32 and F64 files load into either Scalar). The config is checked (every integer bounded,
+/// (F32, F64, BF16 and F16 files load into either Scalar). The config is checked (every integer bounded,
 /// titans::limits) and its parameter count compared with the values the file holds before any
 /// parameter is allocated. Throws FormatError naming a missing or malformed config key or tensor,
 /// or a file too small for the model it describes; IoError if the file cannot be read.
@@ -99,7 +101,7 @@ LoadedModel<Scalar> load_model_from_memory(const std::uint8_t* data, std::size_t
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_MODEL_CHECKPOINT(PREFIX, S) \
   PREFIX template void save_model<S>(const std::string&, const TitansModel<S>&, const ModelParams<S>&,           \
-                                     const std::map<std::string, std::string>&);                               \
+                                     const std::map<std::string, std::string>&, Dtype);                        \
   PREFIX template LoadedModel<S> load_model<S>(const std::string&);                                            \
   PREFIX template LoadedModel<S> load_model_from_memory<S>(const std::uint8_t*, std::size_t);
 

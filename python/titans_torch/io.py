@@ -27,7 +27,8 @@ from .model import ModelConfig, TitansModel
 
 MAX_HEADER_BYTES = 100_000_000
 
-# safetensors dtype -> (numpy dtype, bytes); only F32 and F64 load into a model
+# safetensors dtype -> (numpy dtype, bytes); F32, F64, F16 and BF16 load into a model (BF16, which
+# numpy lacks, is widened to float32 exactly when read)
 _DTYPES = {
     "BOOL": ("|b1", 1), "U8": ("|u1", 1), "I8": ("|i1", 1), "F8_E5M2": (None, 1), "F8_E4M3": (None, 1),
     "I16": ("<i2", 2), "U16": ("<u2", 2), "F16": ("<f2", 2), "BF16": (None, 2), "I32": ("<i4", 4),
@@ -101,6 +102,10 @@ def parse_safetensors(data: bytes, where: str = "titans_torch.parse_safetensors"
             raise FormatError(f"{where}: tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype}, "
                               f"expected {count * width}")
         np_dtype = _DTYPES[dtype][0]
+        if dtype == "BF16":  # the high half of a float32: widen exactly
+            bits = np.frombuffer(blob[begin:end], dtype="<u2").astype(np.uint32) << 16
+            tensors[name] = bits.view(np.float32).reshape(shape).copy()
+            continue
         if np_dtype is None:
             raise FormatError(f"{where}: tensor {name!r} has dtype {dtype}, which this reader cannot decode")
         tensors[name] = np.frombuffer(blob[begin:end], dtype=np_dtype).reshape(shape).copy()
@@ -177,8 +182,8 @@ def load_tensors(module: torch.nn.Module, tensors: Mapping[str, np.ndarray], whe
         if name not in tensors:
             raise FormatError(f"{where}: the file has no tensor {name!r} (the model needs it)")
         a = tensors[name]
-        if a.dtype not in (np.float32, np.float64):
-            raise FormatError(f"{where}: tensor {name!r} has dtype {a.dtype}; only F32 and F64 can be loaded")
+        if a.dtype not in (np.float32, np.float64, np.float16):
+            raise FormatError(f"{where}: tensor {name!r} has dtype {a.dtype}; only F32, F64, BF16 and F16 can be loaded")
         if not _fits(a.shape, tuple(p.shape)):
             raise ShapeError(f"{where}: tensor {name!r} has shape {list(a.shape)} in the file, but the "
                              f"parameter is {tuple(p.shape)}")

@@ -336,6 +336,36 @@ class IoTest(unittest.TestCase):
                 with self.assertRaisesRegex(exc, pattern):
                     tt.load_model(path)
 
+    def test_half_precision_files_load(self):
+        # A model's file rewritten by hand in F16 and in BF16 (as the C++ save_model(..., Dtype::f16
+        # / bf16) writes them): every value loads as exactly the 16-bit value the file holds.
+        m = self.small_model()
+        tensors = {n: p.detach().to(torch.float32).numpy() for n, p in m.named_parameters()}
+        meta = tt.model_metadata(m.cfg)
+        for code in ("F16", "BF16"):
+            header, blobs, offset = {}, [], 0
+            for name in sorted(tensors):
+                a = np.ascontiguousarray(tensors[name])
+                if code == "F16":
+                    raw = a.astype("<f2").tobytes()
+                    want = a.astype(np.float16).astype(np.float32)
+                else:  # BF16 by truncation: a valid BF16 value, whichever rounding made it
+                    raw = (a.view(np.uint32) >> 16).astype("<u2").tobytes()
+                    want = ((a.view(np.uint32) >> 16) << 16).astype(np.uint32).view(np.float32)
+                header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+                blobs.append((name, raw, want))
+                offset += len(raw)
+            header["__metadata__"] = meta
+            text = json.dumps(header).encode()
+            text += b" " * ((8 - (8 + len(text)) % 8) % 8)
+            path = self.path(f"half_{code}.safetensors")
+            with open(path, "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text + b"".join(raw for _, raw, _ in blobs))
+            loaded = tt.load_model(path).model
+            got = dict(loaded.named_parameters())
+            for name, _, want in blobs:
+                self.assertTrue(np.array_equal(got[name].detach().numpy().reshape(want.shape), want), f"{code} {name}")
+
     def test_vector_as_1d_tensor_loads(self):
         path = self.rewrite(edit_tensors=lambda t: t.__setitem__("norm_final", torch.full((8,), 2.0)))
         self.assertTrue(torch.all(tt.load_model(path).model.norm_final == 2.0))
