@@ -6,15 +6,16 @@
 //   BM_StreamLayer     one neural memory layer: D = 256, H = 1 (memory width d = 256), L = 2,
 //                      E = 4, b = 64, float; 10k, 100k and 1M tokens in pieces of 512.
 //   BM_StreamMacBlock  a default MAC block (BlockConfig{}: D = 256, segment 64, deep bounded
-//                      memory), float; 10k and 2M tokens in pieces of 512. Each run resets the
-//                      process's peak RSS first, so peak_rss_MiB is that run's own peak: the 2M
-//                      run's must equal the 10k run's.
+//                      memory), float; 10k and 2M tokens in pieces of 512.
+// Each run resets the process's peak RSS first, so peak_rss_MiB is that run's own peak: the
+// longest run's must equal the shortest's.
 #include "bench_process.hpp"
 
 #include <titans/titans.hpp>
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -23,6 +24,46 @@ namespace {
 using titans_bench::peak_rss_mib;
 using titans_bench::reset_peak_rss;
 using titans_bench::rss_mib;
+
+// One streaming run: `total` tokens through `forward(x) -> y` in pieces of x's width (the last
+// piece shorter), the process's peak RSS reset first so that `peak` is this run's own.
+struct StreamRun {
+  double rss_first = 0, rss_end = 0, peak = 0, last_norm = 0;
+  bool finite = true, peak_reset = true;
+};
+
+template <class Forward>
+StreamRun stream(const char* what, long total, const titans::Matrix<float>& x, Forward&& forward) {
+  StreamRun r;
+  r.peak_reset = reset_peak_rss();
+  const long piece = x.cols();
+  long done = 0;
+  while (done < total) {
+    const long n = std::min(piece, total - done);
+    const titans::Matrix<float> y = forward(x.leftCols(n));
+    r.finite = r.finite && y.allFinite();
+    r.last_norm = y.norm();
+    done += n;
+    if (done == n) r.rss_first = rss_mib();
+    if (done % (200 * piece) == 0 || done == total)
+      std::fprintf(stderr, "\r  %s: streamed %ld / %ld tokens, RSS %.1f MiB   ", what, done, total, rss_mib());
+  }
+  std::fprintf(stderr, "\n");
+  r.rss_end = rss_mib();
+  r.peak = peak_rss_mib();
+  return r;
+}
+
+void report(benchmark::State& st, const StreamRun& r, long total) {
+  if (!r.peak_reset) st.SkipWithError("cannot reset the peak RSS (/proc/self/clear_refs)");
+  if (!r.finite) st.SkipWithError("an output is not finite while streaming");
+  if (!(r.last_norm > 0)) st.SkipWithError("the output vanished while streaming");
+  st.SetItemsProcessed(st.iterations() * total);
+  st.counters["rss_first_piece_MiB"] = r.rss_first;
+  st.counters["rss_end_MiB"] = r.rss_end;
+  st.counters["peak_rss_MiB"] = r.peak;
+  st.counters["last_piece_norm"] = r.last_norm;
+}
 
 void BM_StreamLayer(benchmark::State& st) {
   const long total = st.range(0), piece = st.range(1);
@@ -37,36 +78,15 @@ void BM_StreamLayer(benchmark::State& st) {
   titans::Matrix<float> x(cfg.dim, piece);
   titans::detail::Rng rng(2);
   rng.fill_normal(x, 1.0);
-
-  double rss_after_first = 0, rss_end = 0;
+  StreamRun run;
   for (auto _ : st) {
     auto state = layer.initial_state(params);
-    long done = 0;
-    bool first = true;
-    while (done < total) {
-      const long n = std::min(piece, total - done);
-      const titans::Matrix<float> y = layer.forward(params, x.leftCols(n), state);
-      benchmark::DoNotOptimize(y.data());
-      done += n;
-      if (first) {
-        rss_after_first = rss_mib();
-        first = false;
-      }
-      if (done % (100 * piece) == 0 || done == total) {
-        std::fprintf(stderr, "\r  streamed %ld / %ld tokens, RSS %.1f MiB   ", done, total, rss_mib());
-      }
-    }
-    std::fprintf(stderr, "\n");
-    rss_end = rss_mib();
-    for (const auto& h : state.heads)
-      for (const auto& w : h.weights)
-        if (!w.allFinite()) st.SkipWithError("the memory state is not finite after streaming");
+    run = stream("layer", total, x, [&](const auto& xs) { return layer.forward(params, xs, state); });
+    for (const auto& w : titans::memory_current_weights(cfg.memory(), state.heads[0]))
+      if (!w.allFinite()) st.SkipWithError("the memory state is not finite after streaming");
     benchmark::DoNotOptimize(state.position);
   }
-  st.SetItemsProcessed(st.iterations() * total);
-  st.counters["rss_first_piece_MiB"] = rss_after_first;
-  st.counters["rss_end_MiB"] = rss_end;
-  st.counters["peak_rss_MiB"] = peak_rss_mib();
+  report(st, run, total);
   const double flops = titans::memory_forward_flops(cfg.memory(), cfg.chunk_size, total) +
                        2.0 * 5 * cfg.dim * cfg.dim * static_cast<double>(total);  // + 5 D×D projections
   st.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
@@ -88,36 +108,13 @@ void BM_StreamMacBlock(benchmark::State& st) {
   titans::Matrix<float> x(cfg.dim, piece);
   titans::detail::Rng rng(3);
   rng.fill_normal(x, 1.0);
-
-  double rss_after_first = 0, rss_end = 0, peak = 0, last_norm = 0;
+  StreamRun run;
   for (auto _ : st) {
-    if (!reset_peak_rss()) st.SkipWithError("cannot reset the peak RSS (/proc/self/clear_refs)");
     auto state = block.initial_state(params);
-    long done = 0;
-    bool finite = true;
-    while (done < total) {
-      const long n = std::min(piece, total - done);
-      const titans::Matrix<float> y = block.forward(params, x.leftCols(n), state);
-      finite = finite && y.allFinite();
-      last_norm = y.norm();
-      done += n;
-      if (done == n) rss_after_first = rss_mib();
-      if (done % (200 * piece) == 0 || done == total) {
-        std::fprintf(stderr, "\r  MAC block: streamed %ld / %ld tokens, RSS %.1f MiB   ", done, total, rss_mib());
-      }
-    }
-    std::fprintf(stderr, "\n");
-    rss_end = rss_mib();
-    peak = peak_rss_mib();
-    if (!finite) st.SkipWithError("the MAC block's output is not finite while streaming");
-    if (!(last_norm > 0)) st.SkipWithError("the MAC block's output vanished while streaming");
+    run = stream("MAC block", total, x, [&](const auto& xs) { return block.forward(params, xs, state); });
     benchmark::DoNotOptimize(state.position);
   }
-  st.SetItemsProcessed(st.iterations() * total);
-  st.counters["rss_first_piece_MiB"] = rss_after_first;
-  st.counters["rss_end_MiB"] = rss_end;
-  st.counters["peak_rss_MiB"] = peak;
-  st.counters["last_piece_norm"] = last_norm;
+  report(st, run, total);
 }
 
 BENCHMARK(BM_StreamMacBlock)
