@@ -35,7 +35,7 @@ struct Options {
   long steps = 1500;        // optimizer steps per model
   long batch = 16;          // sequences per step
   long train_min = 2;       // training contexts: train_min..train_max times the span
-  long train_max = 16;      // (retention past 4x is learned only from contexts that long; README)
+  long train_max = 24;      // (retention far past the span is learned only from long contexts; README)
   double warmup = 0.1;      // the first fraction of the steps trains on contexts of one span (attention sees the needle)
   double ramp = 0.5;        // then the longest context grows from train_min + 2 to train_max over this fraction of the steps
   long eval_max = 64;       // evaluation contexts: 1, 2, 4, ... eval_max times the span
@@ -68,7 +68,7 @@ void usage(const char* argv0) {
       "  --heads n       attention and memory heads (2)\n"
       "  --steps n       optimizer steps per model (1500)   --batch n  sequences per step (16)\n"
       "  --train-min n   shortest training context, in spans (2)\n"
-      "  --train-max n   longest training context, in spans (16)\n"
+      "  --train-max n   longest training context, in spans (24)\n"
       "  --warmup f      the first f of the steps train on contexts of one span, where attention\n"
       "                  sees the needle (0.1; 0 = none)\n"
       "  --ramp f        then the longest training context grows linearly from train-min + 2 spans\n"
