@@ -575,6 +575,17 @@ TEST(ModelGenerate, SamplingIsReproducibleAndTopOneIsGreedy) {
   EXPECT_EQ(s.position, 3);
 }
 
+// Pearson's χ² of token counts against probabilities (tokens of probability 0 left out).
+double chi_square(const std::vector<int>& hits, const std::vector<double>& prob, int draws) {
+  double chi2 = 0;
+  for (std::size_t v = 0; v < prob.size(); ++v) {
+    if (prob[v] == 0) continue;
+    const double expected = draws * prob[v];
+    chi2 += (hits[v] - expected) * (hits[v] - expected) / expected;
+  }
+  return chi2;
+}
+
 TEST(ModelSample, TopKStaysInsideAndFrequenciesMatchSoftmax) {
   titans::Vector<double> logits(7);
   logits << 0.3, 1.2, -0.5, 0.9, 1.0, -2.0, 0.0;
@@ -601,12 +612,7 @@ TEST(ModelSample, TopKStaysInsideAndFrequenciesMatchSoftmax) {
       ASSERT_GT(prob[static_cast<std::size_t>(tok)], 0) << "token " << tok << " is outside the top " << k;
       ++hits[static_cast<std::size_t>(tok)];
     }
-    double chi2 = 0;
-    for (int v = 0; v < 7; ++v) {
-      if (prob[static_cast<std::size_t>(v)] == 0) continue;
-      const double expected = draws * prob[static_cast<std::size_t>(v)];
-      chi2 += (hits[static_cast<std::size_t>(v)] - expected) * (hits[static_cast<std::size_t>(v)] - expected) / expected;
-    }
+    const double chi2 = chi_square(hits, prob, draws);
     // keep − 1 degrees of freedom (≤ 6): P(χ² > 40) < 1e-6. A wrong temperature or a sampler
     // that ignores the weights gives χ² in the hundreds or more at 20000 draws.
     EXPECT_LT(chi2, 40) << "temperature " << temperature << ", top_k " << k;
@@ -651,12 +657,7 @@ TEST(ModelSample, TopPKeepsTheNucleusAndFrequenciesMatch) {
       ASSERT_GT(prob[static_cast<std::size_t>(tok)], 0) << "token " << tok << " is outside the nucleus of " << top_p;
       ++hits[static_cast<std::size_t>(tok)];
     }
-    double chi2 = 0;
-    for (int v = 0; v < 7; ++v) {
-      if (prob[static_cast<std::size_t>(v)] == 0) continue;
-      const double expected = draws * prob[static_cast<std::size_t>(v)];
-      chi2 += (hits[static_cast<std::size_t>(v)] - expected) * (hits[static_cast<std::size_t>(v)] - expected) / expected;
-    }
+    const double chi2 = chi_square(hits, prob, draws);
     EXPECT_LT(chi2, 40) << "top_p " << top_p << ", top_k " << k;  // as above: P(χ² > 40) < 1e-6
   }
   // A tiny nucleus is the likeliest token alone.
