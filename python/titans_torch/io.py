@@ -365,16 +365,22 @@ def _file_dtype(tensors: Mapping[str, np.ndarray]) -> torch.dtype:
     return torch.float64 if any(a.dtype == np.float64 for a in tensors.values()) else torch.float32
 
 
+def _save_with_config(path: str, module: torch.nn.Module, meta: Dict[str, str], extra: Optional[Mapping[str, str]],
+                      dtype: Optional[torch.dtype], function: str, what: str) -> None:
+    """Every parameter of ``module`` with the config's metadata ``meta`` plus ``extra`` (which may
+    not be config keys)."""
+    for k, v in (extra or {}).items():
+        if k in meta:
+            raise ValueError(f"titans_torch.{function}: extra metadata key '{k}' is a key of the {what}'s config")
+        meta[k] = v
+    write_safetensors(path, dict(module.named_parameters()), meta, dtype)
+
+
 def save_model(path: str, model: TitansModel, extra: Optional[Mapping[str, str]] = None,
                dtype: Optional[torch.dtype] = None) -> None:
     """The C++ ``save_model``: every parameter under its C++ name and shape, the config in the
     metadata, plus the caller's ``extra`` keys (which may not be config keys)."""
-    meta = model_metadata(model.cfg)
-    for k, v in (extra or {}).items():
-        if k in meta:
-            raise ValueError(f"titans_torch.save_model: extra metadata key '{k}' is a key of the model's config")
-        meta[k] = v
-    write_safetensors(path, dict(model.named_parameters()), meta, dtype)
+    _save_with_config(path, model, model_metadata(model.cfg), extra, dtype, "save_model", "model")
 
 
 def load_model(path: str, dtype: Optional[torch.dtype] = None, device=None) -> LoadedModel:
@@ -391,12 +397,7 @@ def load_model(path: str, dtype: Optional[torch.dtype] = None, device=None) -> L
 def save_layer(path: str, layer: NeuralMemory, extra: Optional[Mapping[str, str]] = None,
                dtype: Optional[torch.dtype] = None) -> None:
     """A layer as C++ ``save_checkpoint(path, params, to_metadata(cfg))`` writes it."""
-    meta = neural_memory_metadata(layer.cfg)
-    for k, v in (extra or {}).items():
-        if k in meta:
-            raise ValueError(f"titans_torch.save_layer: extra metadata key '{k}' is a key of the layer's config")
-        meta[k] = v
-    write_safetensors(path, dict(layer.named_parameters()), meta, dtype)
+    _save_with_config(path, layer, neural_memory_metadata(layer.cfg), extra, dtype, "save_layer", "layer")
 
 
 def load_layer(path: str, dtype: Optional[torch.dtype] = None, device=None) -> Tuple[NeuralMemory, Dict[str, str]]:
