@@ -19,6 +19,8 @@ TEST(CheckpointLayer, ConfigParamsAndOptimizerRoundTrip) {
   cfg.activation = titans::Activation::gelu;
   cfg.per_chunk_gates = true;
   cfg.theta_max = 0.3;
+  cfg.alpha_max = 0.25;
+  cfg.eta_max = 0;  // the no-momentum ablation is a valid config and round-trips
   titans::NeuralMemory<float> layer(cfg);
   auto p = layer.init(9);
   titans::AdamW<titans::NeuralMemoryParams<float>> opt(p);
@@ -35,6 +37,8 @@ TEST(CheckpointLayer, ConfigParamsAndOptimizerRoundTrip) {
   EXPECT_EQ(back.activation, titans::Activation::gelu);
   EXPECT_TRUE(back.per_chunk_gates);
   EXPECT_DOUBLE_EQ(back.theta_max, 0.3);
+  EXPECT_EQ(back.alpha_max, 0.25);
+  EXPECT_EQ(back.eta_max, 0.0);
 
   // Load into a double model built from the file's config: the F32 values convert exactly.
   titans::NeuralMemory<double> layer2(back);
@@ -74,6 +78,32 @@ TEST(CheckpointLayer, SessionStateResumesTheStream) {
   const Matrix<double> resumed = layer.forward(p, x.rightCols(5), s2);
   EXPECT_EQ(resumed, layer.forward(p, x.rightCols(5), s1_copy));  // bit for bit
   EXPECT_LT((resumed - y.rightCols(5)).cwiseAbs().maxCoeff(), 1e-12);  // == the unsplit stream
+}
+
+// A file written before the forgetting gate's bound has no neural_memory.alpha_max: it loads
+// with α_max = 1, the behaviour it was written with; a bad value is named.
+TEST(CheckpointLayer, FileWithoutAlphaMaxLoadsUnbounded) {
+  titans::NeuralMemoryConfig cfg;
+  cfg.dim = 8;
+  cfg.heads = 2;
+  cfg.alpha_max = 0.5;
+  titans::NeuralMemory<float> layer(cfg);
+  const auto p = layer.init(3);
+  auto meta = titans::to_metadata(cfg);
+  ASSERT_EQ(meta.at("neural_memory.alpha_max"), "0.5");
+  ASSERT_EQ(meta.erase("neural_memory.alpha_max"), 1u);
+  const auto bytes = titans::save_checkpoint_to_memory(p, meta);
+  const auto back =
+      titans::neural_memory_config_from_metadata(titans::read_checkpoint_metadata_from_memory(bytes.data(), bytes.size()));
+  EXPECT_EQ(back.alpha_max, 1.0);
+  EXPECT_EQ(back.eta_max, cfg.eta_max);
+  meta["neural_memory.alpha_max"] = "1.5";
+  try {
+    titans::neural_memory_config_from_metadata(meta);
+    ADD_FAILURE() << "no exception";
+  } catch (const titans::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("alpha_max is 1.5"), std::string::npos) << e.what();
+  }
 }
 
 TEST(CheckpointLayer, BadMetadataIsNamed) {

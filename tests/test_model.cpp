@@ -889,7 +889,8 @@ bool same_config(const ModelConfig& a, const ModelConfig& b) {
          x.checkpoint_every == y.checkpoint_every && m.dim == n.dim && m.heads == n.heads &&
          m.depth == n.depth && m.expansion == n.expansion && m.activation == n.activation &&
          m.residual == n.residual && m.chunk_size == n.chunk_size && m.conv_kernel == n.conv_kernel &&
-         m.theta_max == n.theta_max && m.per_chunk_gates == n.per_chunk_gates && m.norm_eps == n.norm_eps;
+         m.theta_max == n.theta_max && m.eta_max == n.eta_max && m.alpha_max == n.alpha_max &&
+         m.per_chunk_gates == n.per_chunk_gates && m.norm_eps == n.norm_eps;
 }
 
 ModelConfig unusual_config() {
@@ -911,6 +912,8 @@ ModelConfig unusual_config() {
   c.block.memory.chunk_size = 5;
   c.block.memory.conv_kernel = 2;
   c.block.memory.theta_max = 0.7;
+  c.block.memory.eta_max = 0.85;
+  c.block.memory.alpha_max = 0.6;
   c.block.memory.per_chunk_gates = true;
   c.block.memory.norm_eps = 1e-7;
   return c;
@@ -988,8 +991,8 @@ TEST(ModelMetadata, MissingKeysNamedAtOnceAndDefaultsApplied) {
                                              "block.attention_block",    "block.norm_eps",
                                              "block.checkpoint_every",   "neural_memory.activation",
                                              "neural_memory.output_norm", "neural_memory.surprise_clamp",
-                                             "neural_memory.eta_max",     "neural_memory.per_chunk_gates",
-                                             "neural_memory.norm_eps"};
+                                             "neural_memory.eta_max",     "neural_memory.alpha_max",
+                                             "neural_memory.per_chunk_gates", "neural_memory.norm_eps"};
   m = titans::to_metadata(c);
   for (const auto& key : optional) ASSERT_EQ(m.erase(key), 1u) << key;
   const ModelConfig back = titans::model_config_from_metadata(m);
@@ -1004,6 +1007,7 @@ TEST(ModelMetadata, MissingKeysNamedAtOnceAndDefaultsApplied) {
   EXPECT_FALSE(back.block.memory.output_norm);  // absent bounds mean "off" (files from before them)
   EXPECT_EQ(back.block.memory.surprise_clamp, 0.0);
   EXPECT_EQ(back.block.memory.eta_max, 1.0);
+  EXPECT_EQ(back.block.memory.alpha_max, 1.0);
   EXPECT_FALSE(back.block.memory.per_chunk_gates);
   // Every key to_metadata writes is either required or in the optional list above.
   std::size_t required = 0;

@@ -9,7 +9,9 @@
 #include "support/reference_memory.hpp"
 #include "support/random_matrix.hpp"
 
+#include <limits>
 #include <set>
+#include <tuple>
 
 namespace {
 
@@ -70,7 +72,7 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
     Vec<double> a(T), e(T), th(T);
     for (Index t = 0; t < T; ++t) {
       const Index src = c.per_chunk_gates ? t - t % c.chunk_size : t;
-      a(t) = sigm(p.w_alpha.row(h).dot(x.col(src)) + p.b_alpha(h, 0));
+      a(t) = c.alpha_max * sigm(p.w_alpha.row(h).dot(x.col(src)) + p.b_alpha(h, 0));
       e(t) = c.eta_max * sigm(p.w_eta.row(h).dot(x.col(src)) + p.b_eta(h, 0));
       th(t) = c.theta_max * sigm(p.w_theta.row(h).dot(x.col(src)) + p.b_theta(h, 0));
     }
@@ -101,7 +103,7 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
 
 TEST(NeuralMemory, MatchesIndependentFormulation) {
   for (bool per_chunk : {false, true})
-    for (int form = 0; form < 3; ++form)  // plain, residual, bounded (normalised residual + clamp + η_max)
+    for (int form = 0; form < 3; ++form)  // plain, residual, bounded (normalised residual + clamp + η_max, α_max)
       for (Index depth : {1, 2, 3}) {
         auto c = small_config();
         c.per_chunk_gates = per_chunk;
@@ -109,6 +111,7 @@ TEST(NeuralMemory, MatchesIndependentFormulation) {
         c.output_norm = form == 2;
         c.surprise_clamp = form == 2 ? 0.5 : 0.0;
         c.eta_max = form == 2 ? 0.8 : 1.0;
+        c.alpha_max = form == 2 ? 0.5 : 1.0;
         c.depth = depth;
         const bool residual = c.residual;
         NeuralMemory<double> layer(c);
@@ -422,6 +425,52 @@ TEST(NeuralMemory, InitIsDeterministicAndNamed) {
   EXPECT_EQ(titans::parameter_count(a), 5 * D * D + 3 * D * K + 3 * H * D + 3 * H + H * (E * d * d + d * E * d) + 2 * D);
 }
 
+// α_max = 0 is the paper's "no forgetting" ablation (Table 5): α ≡ 0 exactly, however the gate
+// projection scores a token, so a chunk's write is the no-decay update Θ ← Θ + S. Checked against
+// the independent token loop (support/reference_memory.hpp) fed α = 0 and the layer's other
+// inputs; the same layer with α_max = 1 forgets most of its weights. η_max = 0 gives η ≡ 0 alike.
+TEST(NeuralMemory, GateMaxZeroGivesExactlyZeroGates) {
+  auto c = small_config();
+  const Mat<double> x = random_matrix<double>(c.dim, c.chunk_size, 11);  // one whole chunk
+  auto run = [&](double alpha_max, double eta_max) {
+    c.alpha_max = alpha_max;
+    c.eta_max = eta_max;
+    NeuralMemory<double> layer(c);
+    auto p = layer.init(12);
+    p.w_alpha = random_matrix<double>(c.heads, c.dim, 13);
+    p.b_alpha.setConstant(4);  // α_max σ(·) ≈ 0.98 α_max
+    auto s = layer.initial_state(p);
+    const auto in = layer.memory_inputs(p, x, s);
+    auto s1 = s;
+    layer.forward(p, x, s1);
+    return std::make_tuple(in, s, s1);
+  };
+  const auto [in0, s_start, s_end] = run(0.0, 0.95);
+  EXPECT_TRUE((in0.alpha.array() == 0.0).all()) << in0.alpha;
+  EXPECT_GT(in0.eta.minCoeff(), 0.0);
+  const Index d = c.dim / c.heads;
+  const auto mem = c.memory();
+  for (Index h = 0; h < c.heads; ++h) {
+    const titans_test::RefInputs<double> ri{in0.k.middleRows(h * d, d), in0.v.middleRows(h * d, d),
+                                            in0.q.middleRows(h * d, d), Vec<double>::Zero(x.cols()),
+                                            in0.eta.row(h).transpose(), in0.theta.row(h).transpose(),
+                                            Vec<double>::Ones(d)};  // γ = 1 at init (output_norm)
+    std::vector<Mat<double>> w0 = s_start.heads[h].weights, m0;
+    for (const auto& w : w0) m0.push_back(Mat<double>::Zero(w.rows(), w.cols()));
+    const auto ref = titans_test::ref_chunk_loop<double>(mem, c.chunk_size, 0, ri, w0, m0, {});
+    for (std::size_t l = 0; l < w0.size(); ++l) {
+      EXPECT_LT(max_rel(s_end.heads[h].weights[l], ref.w[l]), 1e-12) << "head " << h << " layer " << l;
+      EXPECT_LT(max_rel(s_end.heads[h].momentum[l], ref.s[l]), 1e-12) << "head " << h << " layer " << l;
+    }
+  }
+  const auto [in1, s1_start, s1_end] = run(1.0, 0.95);  // control: the same gates do forget at α_max = 1
+  EXPECT_GT(in1.alpha.minCoeff(), 0.5);
+  EXPECT_GT(max_rel(s1_end.heads[0].weights[0], s_end.heads[0].weights[0]), 0.5);
+  const auto [in2, s2_start, s2_end] = run(0.0, 0.0);
+  EXPECT_TRUE((in2.eta.array() == 0.0).all()) << in2.eta;
+  EXPECT_TRUE((in2.alpha.array() == 0.0).all()) << in2.alpha;
+}
+
 template <class Fn>
 void expect_throw_naming(Fn&& fn, const std::string& needle) {
   try {
@@ -449,6 +498,21 @@ TEST(NeuralMemory, BadConfigAndInputThrow) {
   c = small_config();
   c.theta_max = -1;
   expect_throw_naming([&] { NeuralMemory<double>{c}; }, "theta_max");
+  for (double bad : {-0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    c = small_config();
+    c.alpha_max = bad;
+    EXPECT_THROW(NeuralMemory<double>{c}, titans::InvalidArgument);
+    expect_throw_naming([&] { NeuralMemory<double>{c}; }, "alpha_max is ");
+    c = small_config();
+    c.eta_max = bad;
+    expect_throw_naming([&] { NeuralMemory<double>{c}; }, "eta_max is ");
+  }
+  for (double edge : {0.0, 1.0}) {  // both ends of [0, 1] are valid
+    c = small_config();
+    c.alpha_max = edge;
+    c.eta_max = edge;
+    EXPECT_NO_THROW(NeuralMemory<double>{c});
+  }
 
   NeuralMemory<double> layer(small_config());
   auto p = layer.init(1);

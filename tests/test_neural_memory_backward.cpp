@@ -65,13 +65,19 @@ struct Case {
   // below rtol at 1e-5); at L = 3, b = 2 the truncation error does (5e-5 at 1e-5, below rtol
   // from 3e-6 down).
   double step = 1e-6;
+  // The gate bounds: α = α_max σ(·), η = η_max σ(·). At 0 the gate is exactly 0 (the paper's
+  // no-forgetting and no-momentum ablations), and its projection and bias get no gradient.
+  double alpha_max = 1.0, eta_max = 0.95;
 };
 
 class LayerGradCheck : public ::testing::TestWithParam<Case> {};
 
 TEST_P(LayerGradCheck, MatchesFiniteDifferences) {
   const Case cs = GetParam();
-  NeuralMemory<double> layer(tiny(cs.depth, cs.b, cs.per_chunk, cs.residual));
+  NeuralMemoryConfig cfg = tiny(cs.depth, cs.b, cs.per_chunk, cs.residual);
+  cfg.alpha_max = cs.alpha_max;
+  cfg.eta_max = cs.eta_max;
+  NeuralMemory<double> layer(cfg);
   Params p = lively_params(layer, 3);
   if (cs.extreme) {  // head 0: α ≈ 0, η ≈ 1, θ ≈ 0; head 1: α ≈ 1, η ≈ 0, θ ≈ θ_max
     p.b_alpha << -7, 7;
@@ -117,6 +123,8 @@ TEST_P(LayerGradCheck, MatchesFiniteDifferences) {
   // so central differences at h = 1e-6 are good to ~1e-7 absolute here; the memory forms' exact
   // derivatives are checked against forward mode to 1e-10 in test_memory_backward.
   opt.atol = 2e-7;
+  if (cs.alpha_max == 0) opt.may_be_zero.insert(opt.may_be_zero.end(), {"w_alpha", "b_alpha"});
+  if (cs.eta_max == 0) opt.may_be_zero.insert(opt.may_be_zero.end(), {"w_eta", "b_eta"});
   opt = titans_test::sampled(opt);
   const auto r = titans::gradient_check(p, x, fwd, bwd, opt);
   EXPECT_TRUE(r.ok) << r.report();
@@ -129,7 +137,13 @@ INSTANTIATE_TEST_SUITE_P(Layer, LayerGradCheck,
                                            Case{2, 3, false, false, 7, 0}, Case{3, 2, false, true, 5, 0},
                                            Case{2, 3, true, false, 7, 0}, Case{2, 3, true, false, 5, 2},
                                            Case{2, 4, false, true, 6, 3}, Case{1, 3, true, true, 4, 1},
-                                           Case{2, 3, false, false, 7, 0, true, 1e-5}, Case{3, 2, true, false, 5, 1, true}));
+                                           Case{2, 3, false, false, 7, 0, true, 1e-5}, Case{3, 2, true, false, 5, 1, true},
+                                           // α_max < 1 (the gate's chain rule α_max σ(1 − σ)), and
+                                           // the ablations α ≡ 0 and η ≡ 0
+                                           Case{2, 3, false, false, 7, 2, false, 1e-6, 0.5},
+                                           Case{2, 3, true, true, 7, 2, false, 1e-6, 0.0, 0.0},
+                                           Case{1, 2, false, false, 5, 0, false, 1e-6, 0.0, 0.95},
+                                           Case{2, 3, false, false, 6, 1, false, 1e-6, 1.0, 0.0}));
 
 TEST(LayerBackward, TwoCallsEqualOneCall) {
   for (bool per_chunk : {false, true}) {

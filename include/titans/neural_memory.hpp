@@ -55,9 +55,12 @@ struct NeuralMemoryConfig {
   Index chunk_size = 16;   ///< b: tokens per gradient mini-batch (1 = exact token-by-token rule)
   Index conv_kernel = 4;   ///< causal depthwise convolution width over time (1 = none)
   double theta_max = 1.0;  ///< θ = θ_max σ(·)
-  /// η = η_max σ(·), η_max in (0, 1]: bounds the momentum's effective step θ / (1 − η) by
-  /// θ_max / (1 − η_max) (docs/MATH.md §8.4); 1 = unbounded.
+  /// η = η_max σ(·), η_max in [0, 1]: bounds the momentum's effective step θ / (1 − η) by
+  /// θ_max / (1 − η_max) (docs/MATH.md §8.4); 1 = unbounded, 0 = no momentum (η ≡ 0).
   double eta_max = 0.95;
+  /// α = α_max σ(·), α_max in [0, 1]: the forgetting gate (the state keeps (1 − α) of the
+  /// weights); 1 = unbounded, 0 = no forgetting (α ≡ 0, the paper's Table 5 ablation).
+  double alpha_max = 1.0;
   /// [choice] Gates constant within each chunk. The paper's "mean over the chunk" would let a
   /// token's gate depend on later tokens of its chunk, which breaks causality and streaming; a
   /// chunk's gates are therefore computed from the pre-activation of its *first* token.
@@ -95,6 +98,7 @@ struct NeuralMemoryConfig {
     v("neural_memory.output_norm", c.output_norm, false);  // absent: a file from before the bounds
     v("neural_memory.surprise_clamp", c.surprise_clamp, 0.0);
     v("neural_memory.eta_max", c.eta_max, 1.0);
+    v("neural_memory.alpha_max", c.alpha_max, 1.0);  // absent: a file from before the bound
     v("neural_memory.chunk_size", c.chunk_size);
     v("neural_memory.conv_kernel", c.conv_kernel);
     v("neural_memory.theta_max", c.theta_max);
@@ -114,8 +118,10 @@ struct NeuralMemoryConfig {
       detail::raise<InvalidArgument>(where, "theta_max is ", theta_max, ", expected a finite value >= 0");
     if (!(norm_eps > 0) || !std::isfinite(norm_eps))
       detail::raise<InvalidArgument>(where, "norm_eps is ", norm_eps, ", expected a finite value > 0");
-    if (!(eta_max > 0 && eta_max <= 1))
-      detail::raise<InvalidArgument>(where, "eta_max is ", eta_max, ", expected a value in (0, 1]");
+    if (!(eta_max >= 0 && eta_max <= 1))  // also rejects NaN
+      detail::raise<InvalidArgument>(where, "eta_max is ", eta_max, ", expected a value in [0, 1]");
+    if (!(alpha_max >= 0 && alpha_max <= 1))
+      detail::raise<InvalidArgument>(where, "alpha_max is ", alpha_max, ", expected a value in [0, 1]");
     memory().validate(where);
   }
 };
@@ -132,8 +138,8 @@ inline std::map<std::string, std::string> to_metadata(const NeuralMemoryConfig& 
 /// \brief Rebuilds a config from to_metadata's pairs; throws FormatError naming a malformed key,
 /// or every missing required key at once, and InvalidArgument if the values form an invalid
 /// config. Keys with a default (metadata_fields) may be missing: the bounds added later
-/// (output_norm, surprise_clamp, eta_max) then read as off, so files written before them load
-/// with the behaviour they had.
+/// (output_norm, surprise_clamp, eta_max, alpha_max) then read as off, so files written before
+/// them load with the behaviour they had.
 inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std::string, std::string>& m) {
   constexpr const char* where = "titans::neural_memory_config_from_metadata";
   detail::MetadataFieldReader r(where, m);
@@ -228,8 +234,9 @@ struct NeuralMemoryCache {
   Matrix<Scalar> conv[3];                ///< (D, T) convolution outputs (before SiLU)
   Matrix<Scalar> silu_k, silu_q;         ///< (D, T) SiLU outputs before ℓ2 normalisation
   MemoryInputs<Scalar> in;               ///< what the memories were fed
-  Matrix<Scalar> sig_theta;              ///< (H, T) σ of θ's pre-activation (θ = θ_max σ)
-  Matrix<Scalar> sig_eta;                ///< (H, T) σ of η's pre-activation (η = η_max σ)
+  /// (H, T) σ of the gates' pre-activations, α, η, θ in that order (α = α_max σ, η = η_max σ,
+  /// θ = θ_max σ).
+  Matrix<Scalar> sig_gate[3];
   std::vector<Index> gate_source;        ///< per token: column whose gate pre-activation it used; −1: the state's
   Index final_gate_source = -1;          ///< same, for the final state's chunk_gates
   std::vector<MemoryForwardCache<Scalar>> heads;
@@ -248,8 +255,8 @@ struct NeuralMemoryCache {
       add(ext[i]);
       add(conv[i]);
     }
-    for (const auto* m : {&silu_k, &silu_q, &in.k, &in.v, &in.q, &in.alpha, &in.eta, &in.theta, &sig_theta, &sig_eta, &y, &rinv,
-                          &n, &g})
+    for (const auto* m : {&silu_k, &silu_q, &in.k, &in.v, &in.q, &in.alpha, &in.eta, &in.theta, &sig_gate[0], &sig_gate[1],
+                          &sig_gate[2], &y, &rinv, &n, &g})
       add(*m);
     for (const auto& h : heads) total += h.bytes();
     return total + gate_source.size() * sizeof(Index);
@@ -373,6 +380,11 @@ class NeuralMemory {
   /// head, and the gates. With advance, the conv tail and chunk gates of `state` move on.
   MemoryInputs<Scalar> inputs_unchecked(const Params& p, const Eigen::Ref<const Mat>& x, State& state,
                                         bool advance, NeuralMemoryCache<Scalar>* cache) const;
+
+  /// α_max, η_max, θ_max for gi = 0, 1, 2: gate gi is gate_max(gi)·σ(its pre-activation).
+  Scalar gate_max(int gi) const {
+    return static_cast<Scalar>(gi == 0 ? cfg_.alpha_max : gi == 1 ? cfg_.eta_max : cfg_.theta_max);
+  }
 
   /// Head h's kernel inputs: its rows of `in` and of params.memory_gain (γ, output_norm only).
   KernelInputs<Scalar> head_inputs(const Params& p, const MemoryInputs<Scalar>& in, Index h) const;
@@ -606,14 +618,11 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
     if (dinitial) add_state_gradient(dinitial->heads[static_cast<std::size_t>(h)], kg.state);
   });
 
-  // Gates: α = σ(a), η = η_max σ(e), θ = θ_max σ(t); then the per-chunk routing and the projections.
-  dgate[0] = (dgate[0].array() * cache.in.alpha.array() * (one - cache.in.alpha.array())).matrix();
-  dgate[1] = (dgate[1].array() * static_cast<Scalar>(cfg_.eta_max) * cache.sig_eta.array() *
-              (one - cache.sig_eta.array()))
-                 .matrix();
-  dgate[2] = (dgate[2].array() * static_cast<Scalar>(cfg_.theta_max) * cache.sig_theta.array() *
-              (one - cache.sig_theta.array()))
-                 .matrix();
+  // Gates: α = α_max σ(a), η = η_max σ(e), θ = θ_max σ(t); then the per-chunk routing and the projections.
+  for (int gi = 0; gi < 3; ++gi) {
+    const auto sig = cache.sig_gate[gi].array();
+    dgate[gi] = (dgate[gi].array() * gate_max(gi) * sig * (one - sig)).matrix();
+  }
   Mat dchunk_gates = Mat::Zero(3 * H, 1);
   if (dfinal) {
     for (int gi = 0; gi < 3; ++gi) {
@@ -860,13 +869,12 @@ auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<co
     }
     if (cache) cache->final_gate_source = source;
   }
-  in.alpha = detail::sigmoid<Scalar>(pre[0]);
-  in.eta = detail::sigmoid<Scalar>(pre[1]);
-  if (cache) cache->sig_eta = in.eta;
-  in.eta *= static_cast<Scalar>(cfg_.eta_max);
-  in.theta = detail::sigmoid<Scalar>(pre[2]);
-  if (cache) cache->sig_theta = in.theta;
-  in.theta *= static_cast<Scalar>(cfg_.theta_max);
+  Mat* gate[3] = {&in.alpha, &in.eta, &in.theta};
+  for (int gi = 0; gi < 3; ++gi) {
+    *gate[gi] = detail::sigmoid<Scalar>(pre[gi]);
+    if (cache) cache->sig_gate[gi] = *gate[gi];
+    *gate[gi] *= gate_max(gi);  // a max of 0 gives exactly 0 (σ is finite)
+  }
   return in;
 }
 

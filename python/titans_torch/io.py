@@ -215,7 +215,8 @@ def neural_memory_metadata(c: NeuralMemoryConfig) -> Dict[str, str]:
     return {p + "dim": str(c.dim), p + "heads": str(c.heads), p + "depth": str(c.depth),
             p + "expansion": str(c.expansion), p + "activation": c.activation, p + "residual": _b(c.residual),
             p + "output_norm": _b(c.output_norm), p + "surprise_clamp": format_real(c.surprise_clamp),
-            p + "eta_max": format_real(c.eta_max), p + "chunk_size": str(c.chunk_size),
+            p + "eta_max": format_real(c.eta_max), p + "alpha_max": format_real(c.alpha_max),
+            p + "chunk_size": str(c.chunk_size),
             p + "conv_kernel": str(c.conv_kernel), p + "theta_max": format_real(c.theta_max),
             p + "per_chunk_gates": _b(c.per_chunk_gates), p + "norm_eps": format_real(c.norm_eps)}
 
@@ -295,7 +296,7 @@ _REQUIRED = object()
 
 def _memory_fields(r: _Reader):
     """The neural_memory.* keys, with the C++ defaults (metadata_fields in neural_memory.hpp): the
-    bounds added later (output_norm, surprise_clamp, eta_max) read as off when missing."""
+    bounds added later (output_norm, surprise_clamp, eta_max, alpha_max) read as off when missing."""
     act = r.text("neural_memory.activation", "silu")
     if act not in ACTIVATIONS:
         raise FormatError(f"{r.where}: 'neural_memory.activation' is '{act}', not silu, gelu or identity")
@@ -304,6 +305,7 @@ def _memory_fields(r: _Reader):
         depth=r.integer("neural_memory.depth"), expansion=r.integer("neural_memory.expansion"), activation=act,
         residual=r.boolean("neural_memory.residual"), output_norm=r.boolean("neural_memory.output_norm", False),
         surprise_clamp=r.real("neural_memory.surprise_clamp", 0.0), eta_max=r.real("neural_memory.eta_max", 1.0),
+        alpha_max=r.real("neural_memory.alpha_max", 1.0),
         chunk_size=r.integer("neural_memory.chunk_size"), conv_kernel=r.integer("neural_memory.conv_kernel"),
         theta_max=r.real("neural_memory.theta_max"), per_chunk_gates=r.boolean("neural_memory.per_chunk_gates", False),
         norm_eps=r.real("neural_memory.norm_eps", 1e-6))

@@ -35,7 +35,8 @@ class NeuralMemoryConfig:
     chunk_size: int = 16
     conv_kernel: int = 4
     theta_max: float = 1.0
-    eta_max: float = 0.95
+    eta_max: float = 0.95  # η = η_max σ(·), in [0, 1]; 0: no momentum
+    alpha_max: float = 1.0  # α = α_max σ(·), in [0, 1]; 0: no forgetting
     per_chunk_gates: bool = False
     norm_eps: float = 1e-6
 
@@ -56,8 +57,10 @@ class NeuralMemoryConfig:
         _check_int(where, "conv_kernel", self.conv_kernel, 1, 1024)
         _check_real(where, "theta_max", self.theta_max)
         _check_real(where, "norm_eps", self.norm_eps, positive=True)
-        if isinstance(self.eta_max, bool) or not (0 < self.eta_max <= 1):
-            raise ConfigError(f"{where}: eta_max is {self.eta_max!r}, expected a value in (0, 1]")
+        for name in ("eta_max", "alpha_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (0 <= value <= 1):  # also rejects NaN
+                raise ConfigError(f"{where}: {name} is {value!r}, expected a value in [0, 1]")
         self.memory().validate(where)
 
 
@@ -222,7 +225,7 @@ class NeuralMemory(nn.Module):
                 new.append(ext[:, source + 1])
                 pre[g] = ext.index_select(1, idx)
             chunk_gates = torch.stack(new, dim=1)
-        alpha = torch.sigmoid(pre[0])
+        alpha = cfg.alpha_max * torch.sigmoid(pre[0])
         eta = cfg.eta_max * torch.sigmoid(pre[1])
         theta = cfg.theta_max * torch.sigmoid(pre[2])
         return k, v, q, alpha, eta, theta, tails, chunk_gates

@@ -268,11 +268,11 @@ class IoTest(unittest.TestCase):
     def test_old_files_read_bounds_as_off(self):
         meta = tt.model_metadata(self.small_model().cfg)
         for key in ("neural_memory.output_norm", "neural_memory.surprise_clamp", "neural_memory.eta_max",
-                    "block.checkpoint_every"):
+                    "neural_memory.alpha_max", "block.checkpoint_every"):
             del meta[key]
         c = tt.model_config_from_metadata(meta)
         self.assertEqual((c.block.memory.output_norm, c.block.memory.surprise_clamp, c.block.memory.eta_max,
-                          c.block.checkpoint_every), (False, 0.0, 1.0, 1))
+                          c.block.memory.alpha_max, c.block.checkpoint_every), (False, 0.0, 1.0, 1.0, 1))
 
     def rewrite(self, edit_tensors=None, edit_meta=None):
         m = self.small_model()
@@ -389,13 +389,35 @@ class IoTest(unittest.TestCase):
                     tt.load_model(self.path("m.safetensors"))
 
     def test_layer_round_trip(self):
-        cfg = tt.NeuralMemoryConfig(dim=8, heads=2, depth=2, expansion=2, chunk_size=3)
+        cfg = tt.NeuralMemoryConfig(dim=8, heads=2, depth=2, expansion=2, chunk_size=3, alpha_max=0.25)
         layer = tt.NeuralMemory(cfg, dtype=torch.float64, seed=3)
         tt.save_layer(self.path("l.safetensors"), layer)
         back, meta = tt.load_layer(self.path("l.safetensors"))
         self.assertEqual(back.cfg, cfg)
+        self.assertEqual(meta["neural_memory.alpha_max"], "0.25")
         x = torch.randn(1, 7, 8, dtype=torch.float64)
         self.assertTrue(torch.equal(back(x)[0], layer(x)[0]))
+        del meta["neural_memory.alpha_max"]  # a file from before the bound: α_max = 1
+        self.assertEqual(tt.neural_memory_config_from_metadata(meta).alpha_max, 1.0)
+
+    def test_gate_bounds(self):
+        # α = α_max σ(·), η = η_max σ(·); a bound of 0 gives exactly 0 (the no-forgetting and
+        # no-momentum ablations); values outside [0, 1] are refused naming the field
+        x = torch.randn(1, 5, 8, dtype=torch.float64)
+        for alpha_max, eta_max in ((0.5, 0.95), (0.0, 0.0)):
+            cfg = tt.NeuralMemoryConfig(dim=8, heads=2, depth=1, chunk_size=2, alpha_max=alpha_max, eta_max=eta_max)
+            layer = tt.NeuralMemory(cfg, dtype=torch.float64, seed=4)
+            with torch.no_grad():
+                layer.b_alpha.fill_(3.0)
+            _, _, _, alpha, eta, _, _, _ = layer._inputs(x, layer.initial_state(1))
+            want = alpha_max * torch.sigmoid(torch.matmul(x, layer.w_alpha.t()) + 3.0)
+            self.assertTrue(torch.equal(alpha, want))
+            if eta_max == 0:
+                self.assertTrue(bool((alpha == 0).all()) and bool((eta == 0).all()))
+        for name in ("alpha_max", "eta_max"):
+            for bad in (-0.1, 1.5, float("nan")):
+                with self.assertRaisesRegex(tt.ConfigError, f"{name} is"):
+                    tt.NeuralMemoryConfig(dim=8, heads=2, **{name: bad}).validate()
 
     def test_bad_tokens(self):
         m = self.small_model()
