@@ -3,7 +3,8 @@
 // test-time updates, causality, streaming (splits, decode == prefill, forward_train == forward),
 // every block against an independent formulation written here (naive attention, RoPE, RMSNorm,
 // SwiGLU, the public NeuralMemory layer), what the window and the persistent tokens reach, MAC's
-// retrieval from the pre-segment memory, bad configurations and batch isolation.
+// retrieval from the pre-segment memory in both forms (interleaved, and Figure 3a's memory tokens),
+// bad configurations and batch isolation.
 #include <titans/blocks.hpp>
 #include <titans/gradcheck.hpp>
 #include <titans/parameters.hpp>
@@ -61,6 +62,19 @@ BlockConfig small_config(BlockKind kind, Index persistent = 2, Index segment = 4
   c.memory.chunk_size = 3;
   c.memory.conv_kernel = 3;
   return c;
+}
+
+// MAC in the Figure 3a form: N_l memory tokens from learned queries, a prefix of the attention.
+BlockConfig mac_tokens_config(Index memory_tokens, Index persistent = 2, Index segment = 4) {
+  BlockConfig c = small_config(BlockKind::mac, persistent, segment);
+  c.memory_tokens = memory_tokens;
+  return c;
+}
+
+std::string config_name(const BlockConfig& c) {
+  return std::string(titans::to_string(c.kind)) + " segment " + std::to_string(c.segment) + " window " +
+         std::to_string(c.window) + " persistent " + std::to_string(c.persistent) +
+         (c.has_retrieve_queries() ? " memory_tokens " + std::to_string(c.memory_tokens) : std::string());
 }
 
 using titans_test::random_matrix;
@@ -274,6 +288,7 @@ struct MacVariant {
   bool retrieve_from_init = false;  // retrieve with Θ_init instead of the pre-segment memory
   bool see_all_h = false;           // position j sees every h of its segment, not just h_{≤j}
   bool absolute_rope = false;       // rotary positions counted from the sequence start, not the segment
+  bool causal_memory_tokens = false;  // memory tokens: position j sees h_1 … h_{j+1} only, not all N_l
 };
 
 // MAC (docs/MATH.md §6) from its definition, over a whole sequence from a fresh state.
@@ -293,28 +308,42 @@ Mat mac_mixer(const BlockConfig& c, const BParams<double>& p, const Mat& u, cons
     const Index n = std::min(C, T - t0);
     const auto snap = var.retrieve_from_init ? w_init : weights();  // the memory before this segment
     const Mat seg = u.middleCols(t0, n);
-    // 1. h = M*(q): q = ℓ2-normalised SiLU(W_R u) per head; per-head RMSNorm of the read × gain.
-    Mat q = silu(p.retrieve_w * seg);
-    for (Index t = 0; t < n; ++t)
+    // 1. h = M*(q): q = ℓ2-normalised SiLU(W_R u) per head, or the learned queries (Figure 3a);
+    // per-head RMSNorm of the read × gain.
+    const bool tokens = c.memory_tokens > 0;
+    Mat q = tokens ? p.retrieve_queries : silu(p.retrieve_w * seg);
+    for (Index t = 0; t < q.cols(); ++t)
       for (Index h = 0; h < H; ++h) q.col(t).segment(h * d, d) /= std::sqrt(q.col(t).segment(h * d, d).squaredNorm() + c.memory.norm_eps);
-    Mat r(D, n);
+    Mat r(D, q.cols());
     for (Index h = 0; h < H; ++h)
       r.middleRows(h * d, d) =
           titans::memory_apply<double>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d), mem.gain(p.memory, h));
     const Mat hret = rms(r, p.retrieve_gain, c.memory.norm_eps, H);
-    // 2. attention over [persistent || h || seg]; keys 0..n−1 are h, n..2n−1 the segment.
-    Mat kv(D, 2 * n);
+    // 2. Interleaved: attention over [persistent || h || seg]; keys 0..n−1 are h, n..2n−1 the
+    // segment. Figure 3a: the memory tokens join the persistent tokens as the always-visible
+    // prefix (no position), and the keys are the segment's tokens.
+    std::vector<Index> qpos(static_cast<std::size_t>(n));
+    for (Index j = 0; j < n; ++j) qpos[static_cast<std::size_t>(j)] = var.absolute_rope ? t0 + j : j;
+    const Index nh = hret.cols();
+    Mat kv(D, nh + n);
     kv << hret, seg;
-    std::vector<Index> qpos(static_cast<std::size_t>(n)), kpos(static_cast<std::size_t>(2 * n));
-    for (Index j = 0; j < n; ++j) {
-      const Index pos = var.absolute_rope ? t0 + j : j;
-      qpos[static_cast<std::size_t>(j)] = pos;
-      kpos[static_cast<std::size_t>(j)] = pos;
-      kpos[static_cast<std::size_t>(n + j)] = pos;
+    std::vector<Index> kpos(static_cast<std::size_t>(nh), 0);  // h_j at j (interleaved); 0 = no rotation
+    if (!tokens) kpos = qpos;
+    kpos.insert(kpos.end(), qpos.begin(), qpos.end());
+    Mat y;
+    if (!tokens) {
+      const bool all_h = var.see_all_h;
+      y = naive_attention(p.attention, c.attention_heads, c.rope_base, seg, qpos, p.persistent, kv, kpos,
+                          [n, all_h](Index i, Index j) { return j < n ? (all_h || j <= i) : j - n <= i; });
+    } else if (!var.causal_memory_tokens) {
+      Mat prefix(D, c.persistent + nh);
+      prefix << p.persistent, hret;
+      y = naive_attention(p.attention, c.attention_heads, c.rope_base, seg, qpos, prefix, seg, qpos,
+                          [](Index i, Index j) { return j <= i; });
+    } else {  // the wrong variant: query i sees the memory tokens h_1 … h_{i+1} only
+      y = naive_attention(p.attention, c.attention_heads, c.rope_base, seg, qpos, p.persistent, kv, kpos,
+                          [nh](Index i, Index j) { return j < nh ? j <= i : j - nh <= i; });
     }
-    const bool all_h = var.see_all_h;
-    const Mat y = naive_attention(p.attention, c.attention_heads, c.rope_base, seg, qpos, p.persistent, kv, kpos,
-                                  [n, all_h](Index i, Index j) { return j < n ? (all_h || j <= i) : j - n <= i; });
     // 3. write y into the memory and read z; 4. gate.
     const Mat z = mem.forward(p.memory, y, st);
     out.middleCols(t0, n) = gate(c, p, y, z);
@@ -363,18 +392,23 @@ struct GradCase {
   BlockKind kind;
   Index persistent, segment, prefix;  // prefix > 0: a carried state (gradients stop at the call boundary)
   Index checkpoint = 1;               // BlockConfig::checkpoint_every (> 1: backward recomputes)
+  Index memory_tokens = 0;            // MAC's N_l (> 0: Figure 3a's learned-query memory tokens)
+  Index depth = 2;                    // memory depth
 };
 
 void PrintTo(const GradCase& g, std::ostream* os) {
   *os << titans::to_string(g.kind) << ", persistent " << g.persistent << ", segment " << g.segment << ", prefix "
-      << g.prefix << ", checkpoint_every " << g.checkpoint;
+      << g.prefix << ", checkpoint_every " << g.checkpoint << ", memory_tokens " << g.memory_tokens << ", depth "
+      << g.depth;
 }
 
 std::string grad_case_name(const ::testing::TestParamInfo<GradCase>& info) {
   const GradCase& g = info.param;
   return kind_name(g.kind) + "_np" + std::to_string(g.persistent) + "_C" + std::to_string(g.segment) +
          (g.prefix > 0 ? "_after" + std::to_string(g.prefix) : std::string()) +
-         (g.checkpoint > 1 ? "_ckpt" + std::to_string(g.checkpoint) : std::string());
+         (g.checkpoint > 1 ? "_ckpt" + std::to_string(g.checkpoint) : std::string()) +
+         (g.memory_tokens > 0 ? "_Nl" + std::to_string(g.memory_tokens) : std::string()) +
+         (g.depth != 2 ? "_L" + std::to_string(g.depth) : std::string());
 }
 
 titans::GradCheckOptions grad_options() {
@@ -394,6 +428,8 @@ TEST_P(BlockGradCheck, MatchesFiniteDifferences) {
   const GradCase g = GetParam();
   BlockConfig cfg = small_config(g.kind, g.persistent, g.segment);
   cfg.checkpoint_every = g.checkpoint;
+  cfg.memory_tokens = g.memory_tokens;
+  cfg.memory.depth = g.depth;
   const Block<double> blk(cfg);
   BParams<double> p = lively(blk, 3);
   Mat x = random_matrix<double>(kDim, kT, 5);
@@ -455,7 +491,17 @@ INSTANTIATE_TEST_SUITE_P(
                       GradCase{BlockKind::mal, 2, 4, 5}, GradCase{BlockKind::swa, 2, 4, 5},
                       // the memory keeps every 2nd chunk-start state and backward recomputes the rest
                       GradCase{BlockKind::mac, 2, 4, 0, 2}, GradCase{BlockKind::mag, 2, 4, 0, 2},
-                      GradCase{BlockKind::mal, 2, 4, 5, 2}),
+                      GradCase{BlockKind::mal, 2, 4, 5, 2},
+                      // MAC with N_l memory tokens (Figure 3a), the memory deep (L = 2) unless _L1: 11
+                      // tokens in 2 segments of 6, in 6 of 2 and in 4 of 3 (more memory tokens than a
+                      // segment's tokens), in 3 of 4 without persistent tokens; a carried state whose
+                      // call starts inside a segment (the snapshot is then a constant) and on a boundary.
+                      // (The draws N_l = 3, C = 4, N_p = 2 and C = 2, N_p = 1 each have one entry where
+                      // double central differences miss by 1–3e-4 relative at every step; long-double
+                      // differences converge to backward there as h², measured: a conditioning limit.)
+                      GradCase{BlockKind::mac, 2, 6, 0, 1, 3}, GradCase{BlockKind::mac, 2, 2, 0, 2, 3},
+                      GradCase{BlockKind::mac, 1, 3, 0, 2, 5}, GradCase{BlockKind::mac, 0, 4, 0, 1, 3, 1},
+                      GradCase{BlockKind::mac, 2, 4, 5, 1, 3}, GradCase{BlockKind::mac, 2, 4, 4, 1, 3, 1}),
     grad_case_name);
 
 void stack_gradient_check(const std::vector<BlockKind>& kinds) {
@@ -497,9 +543,12 @@ TYPED_TEST_SUITE(BlockTyped, Scalars);
 
 TYPED_TEST(BlockTyped, Causal) {
   using S = TypeParam;
-  for (BlockKind kind : kKinds) {
-    SCOPED_TRACE(kind_name(kind));
-    const Block<S> blk(small_config(kind));
+  std::vector<BlockConfig> configs;
+  for (BlockKind kind : kKinds) configs.push_back(small_config(kind));
+  configs.push_back(mac_tokens_config(3));
+  for (const BlockConfig& cfg : configs) {
+    SCOPED_TRACE(config_name(cfg));
+    const Block<S> blk(cfg);
     const auto p = lively(blk, 21);
     const Matrix<S> x = random_matrix<S>(kDim, kT, 22);
     auto s = blk.initial_state(p);
@@ -535,9 +584,12 @@ TYPED_TEST(BlockTyped, StreamingSplitsAndDecodeEqualPrefill) {
     c.checkpoint_every = 2;  // training recomputation must not change forward_train's outputs
     configs.push_back(c);
   }
+  // Figure 3a's memory tokens: fewer than a segment's tokens, more, and without persistent tokens.
+  configs.push_back(mac_tokens_config(3));
+  configs.push_back(mac_tokens_config(5, 0, 3));
+  configs.push_back(mac_tokens_config(2, 1, 1));
   for (const BlockConfig& cfg : configs) {
-    SCOPED_TRACE(kind_name(cfg.kind) + " segment " + std::to_string(cfg.segment) + " window " +
-                 std::to_string(cfg.window) + " persistent " + std::to_string(cfg.persistent));
+    SCOPED_TRACE(config_name(cfg));
     const Block<S> blk(cfg);
     const auto p = lively(blk, 31);
     const Matrix<S> x = random_matrix<S>(kDim, kT, 32);
@@ -690,15 +742,17 @@ TEST(BlockReference, EveryKindMatchesItsDefinition) {
   struct Cfg {
     BlockKind kind;
     Index persistent, segment, T;
+    Index memory_tokens = 0;
   };
   for (const Cfg& k : {Cfg{BlockKind::mac, 2, 4, kT}, Cfg{BlockKind::mac, 2, 6, 13}, Cfg{BlockKind::mac, 0, 3, kT},
                        Cfg{BlockKind::mac, 1, 5, 12}, Cfg{BlockKind::mac, 3, 1, 5}, Cfg{BlockKind::lmm, 2, 4, kT},
                        Cfg{BlockKind::lmm, 0, 4, kT}, Cfg{BlockKind::mag, 2, 4, kT}, Cfg{BlockKind::mag, 0, 4, kT},
                        Cfg{BlockKind::mal, 2, 4, kT}, Cfg{BlockKind::mal, 0, 4, kT}, Cfg{BlockKind::swa, 2, 4, kT},
-                       Cfg{BlockKind::swa, 0, 4, kT}}) {
-    SCOPED_TRACE(kind_name(k.kind) + " persistent " + std::to_string(k.persistent) + " segment " +
-                 std::to_string(k.segment) + " T " + std::to_string(k.T));
-    const BlockConfig cfg = small_config(k.kind, k.persistent, k.segment);
+                       Cfg{BlockKind::swa, 0, 4, kT}, Cfg{BlockKind::mac, 2, 4, kT, 3}, Cfg{BlockKind::mac, 0, 3, kT, 5},
+                       Cfg{BlockKind::mac, 1, 5, 12, 2}, Cfg{BlockKind::mac, 2, 1, 5, 1}}) {
+    BlockConfig cfg = small_config(k.kind, k.persistent, k.segment);
+    cfg.memory_tokens = k.memory_tokens;
+    SCOPED_TRACE(config_name(cfg) + " T " + std::to_string(k.T));
     const Block<double> blk(cfg);
     const auto p = lively(blk, 51);
     const Mat x = random_matrix<double>(kDim, k.T, 52);
@@ -730,12 +784,28 @@ TEST(BlockReference, MacChoicesAreDistinguishable) {
   EXPECT_GT(max_rel(y, reference_block(cfg, p, x, absolute)), 1e-6) << "absolute rotary positions";
   // Retrieval from Θ_init only differs from the first segment on: the first segment agrees.
   EXPECT_LT(max_rel(y.leftCols(cfg.segment), reference_block(cfg, p, x, from_init).leftCols(cfg.segment)), 1e-12);
+
+  // Figure 3a's form: the same for the retrieval, and every query sees all N_l memory tokens
+  // (a causal mask over them is another block).
+  const BlockConfig tcfg = mac_tokens_config(3);
+  const Block<double> tblk(tcfg);
+  const auto tp = lively(tblk, 63);
+  auto ts = tblk.initial_state(tp);
+  const Mat ty = tblk.forward(tp, x, ts);
+  EXPECT_LT(max_rel(ty, reference_block(tcfg, tp, x)), 1e-12);
+  MacVariant causal_tokens;
+  causal_tokens.causal_memory_tokens = true;
+  EXPECT_GT(max_rel(ty, reference_block(tcfg, tp, x, from_init)), 1e-6) << "memory tokens from Θ_init";
+  EXPECT_GT(max_rel(ty, reference_block(tcfg, tp, x, absolute)), 1e-6) << "absolute rotary positions";
+  EXPECT_GT(max_rel(ty.col(0), reference_block(tcfg, tp, x, causal_tokens).col(0)), 1e-6) << "causal over h";
+  EXPECT_LT(max_rel(ty.leftCols(tcfg.segment), reference_block(tcfg, tp, x, from_init).leftCols(tcfg.segment)), 1e-12);
 }
 
 TEST(BlockMac, NextSegmentReadsTheMemoryOfThePreviousOne) {
-  for (Index C : {4, 6}) {
-    SCOPED_TRACE("segment " + std::to_string(C));
-    const BlockConfig cfg = small_config(BlockKind::mac, 2, C);
+  for (const BlockConfig& cfg : {small_config(BlockKind::mac, 2, 4), small_config(BlockKind::mac, 2, 6),
+                                 mac_tokens_config(3, 2, 4), mac_tokens_config(2, 0, 6)}) {
+    const Index C = cfg.segment;
+    SCOPED_TRACE(config_name(cfg));
     const Block<double> blk(cfg);
     auto p = lively(blk, 71);
     const Mat x = random_matrix<double>(kDim, kT, 72);
@@ -757,6 +827,35 @@ TEST(BlockMac, NextSegmentReadsTheMemoryOfThePreviousOne) {
     p.retrieve_gain.setZero();
     EXPECT_EQ(max_abs(run(p, x2).rightCols(kT - C), run(p, x).rightCols(kT - C)), 0.0);
     EXPECT_GT(max_rel(run(p, x2).col(C - 1), run(p, x).col(C - 1)), 1e-6);  // attention within segment 0
+  }
+}
+
+// Figure 3a: the first token of a segment already sees every one of the N_l memory tokens (in the
+// interleaved form it sees only its own h_1). The second call below starts at a segment boundary
+// from the same carried state, so a changed learned query reaches its first token only through
+// that segment's memory tokens in the attention.
+TEST(BlockMac, FirstTokenOfASegmentSeesEveryMemoryToken) {
+  for (Index nl : {3, 6}) {  // fewer and more memory tokens than the segment's 4 tokens
+    SCOPED_TRACE("memory_tokens " + std::to_string(nl));
+    const BlockConfig cfg = mac_tokens_config(nl);
+    const Block<double> blk(cfg);
+    const auto p = lively(blk, 75);
+    const Index C = cfg.segment;
+    const Mat x = random_matrix<double>(kDim, kT, 76);
+    auto s0 = blk.initial_state(p);
+    const Mat y0 = blk.forward(p, x.leftCols(C), s0);
+    const auto carried = s0;
+    const Mat y1 = blk.forward(p, x.rightCols(kT - C), s0);
+    for (Index i = 0; i < nl; ++i) {
+      auto p2 = p;
+      p2.retrieve_queries.col(i) += random_matrix<double>(kDim, 1, 77 + static_cast<std::uint64_t>(i)).col(0);
+      auto s = blk.initial_state(p2);
+      EXPECT_GT(max_rel(blk.forward(p2, x.leftCols(C), s).col(0), y0.col(0)), 1e-6)
+          << "token 0 does not see memory token " << i;
+      auto s2 = carried;
+      EXPECT_GT(max_rel(blk.forward(p2, x.rightCols(kT - C), s2).col(0), y1.col(0)), 1e-6)
+          << "token " << C << " does not see memory token " << i;
+    }
   }
 }
 
@@ -879,6 +978,46 @@ TEST(BlockErrors, BadConfigThrowsNamingTheField) {
   }
   expect_throw_naming<InvalidArgument>([] { titans::block_kind_from_string("xyz"); }, "xyz");
   for (BlockKind k : kKinds) EXPECT_EQ(titans::block_kind_from_string(titans::to_string(k)), k);
+  // memory_tokens (N_l): range-checked for every kind, used by MAC only ([choice], blocks.hpp).
+  for (BlockKind kind : kKinds) {
+    SCOPED_TRACE(kind_name(kind));
+    for (Index bad : {Index(-1), titans::limits::memory_tokens + 1}) {
+      BlockConfig c = small_config(kind);
+      c.memory_tokens = bad;
+      expect_throw_naming<InvalidArgument>([&] { Block<double>{c}; }, "memory_tokens (N_l) is " + std::to_string(bad));
+    }
+    BlockConfig c = small_config(kind);
+    c.memory_tokens = 3;
+    const Block<double> with(c), without(small_config(kind));
+    EXPECT_EQ(with.parameter_count() != without.parameter_count(), kind == BlockKind::mac);
+    EXPECT_EQ(titans::parameter_names(with.init(1)) != titans::parameter_names(without.init(1)), kind == BlockKind::mac);
+  }
+}
+
+// The params of one MAC form do not fit the other, nor another N_l: ShapeError naming the tensor.
+TEST(BlockErrors, MemoryTokenParamsAreChecked) {
+  const Block<double> interleaved(small_config(BlockKind::mac)), three(mac_tokens_config(3)), four(mac_tokens_config(4));
+  const Mat x = random_matrix<double>(kDim, 3, 4);
+  auto s = three.initial_state(three.init(1));
+  expect_throw_naming<titans::ShapeError>([&] { three.forward(interleaved.init(1), x, s); },
+                                          "memory_tokens = 3: they have retrieve.w, the block needs retrieve.queries");
+  auto si = interleaved.initial_state(interleaved.init(1));
+  expect_throw_naming<titans::ShapeError>([&] { interleaved.forward(three.init(1), x, si); },
+                                          "they have retrieve.queries, the block needs retrieve.w");
+  expect_throw_naming<titans::ShapeError>([&] { three.forward(four.init(1), x, s); },
+                                          "params.retrieve_queries (retrieve.queries) has shape (8, 4), expected (8, 3)");
+  auto p = three.init(1);
+  EXPECT_EQ(p.retrieve_queries.rows(), kDim);
+  EXPECT_EQ(p.retrieve_queries.cols(), 3);
+  EXPECT_EQ(p.retrieve_w.size(), 0) << "the Figure 3a form has no retrieval projection";
+  EXPECT_EQ(titans::parameter_count(p), three.parameter_count());
+  EXPECT_EQ(titans::parameter_count(interleaved.init(1)), interleaved.parameter_count());
+  // A state of one form is not a state of the other: the KV cache holds 2 keys per token, or 1.
+  auto sp = interleaved.initial_state(interleaved.init(1));
+  interleaved.forward(interleaved.init(1), x.leftCols(2), sp);
+  expect_throw_naming<titans::InvalidArgument>([&] { three.check_state(sp); }, "holds 4 keys at position 2");
+  EXPECT_NO_THROW(three.forward(p, x, s));
+  EXPECT_EQ(s.attention.k.cols(), 3);
 }
 
 TEST(BlockErrors, BadArgumentsThrow) {
@@ -930,9 +1069,12 @@ TEST(BlockErrors, BadArgumentsThrow) {
 // by name, whichever path it poisons; parameters are scanned only when something went wrong.
 TEST(BlockErrors, NonFiniteParameterIsNamed) {
   const Mat x = random_matrix<double>(kDim, 5, 6);
-  for (BlockKind kind : kKinds) {
-    SCOPED_TRACE(kind_name(kind));
-    const Block<double> blk(small_config(kind));
+  std::vector<BlockConfig> configs;
+  for (BlockKind kind : kKinds) configs.push_back(small_config(kind));
+  configs.push_back(mac_tokens_config(3));  // retrieve.queries
+  for (const BlockConfig& cfg : configs) {
+    SCOPED_TRACE(config_name(cfg));
+    const Block<double> blk(cfg);
     const auto p = blk.init(1);
     std::vector<std::string> names;
     p.for_each([&](const std::string& n, const auto& t) {
@@ -958,14 +1100,15 @@ TEST(BlockErrors, NonFiniteParameterIsNamed) {
 // by every kind with a memory, MAC's retrieval included, not as a bad input of a later stage.
 TEST(BlockErrors, DivergedMemoryStateIsReportedAsSuch) {
   const Mat x = random_matrix<double>(kDim, 5, 8);
-  for (BlockKind kind : {BlockKind::lmm, BlockKind::mac, BlockKind::mag, BlockKind::mal}) {
-    SCOPED_TRACE(kind_name(kind));
-    const Block<double> blk(small_config(kind));
+  for (const BlockConfig& cfg : {small_config(BlockKind::lmm), small_config(BlockKind::mac), mac_tokens_config(3),
+                                 small_config(BlockKind::mag), small_config(BlockKind::mal)}) {
+    SCOPED_TRACE(config_name(cfg));
+    const Block<double> blk(cfg);
     const auto p = blk.init(1);
     auto s = blk.initial_state(p);
     s.memory.heads[1].weights[0](0, 0) = std::numeric_limits<double>::infinity();
     expect_throw_naming<titans::NumericError>([&] { blk.forward(p, x, s); }, "diverged");
-    if (kind != BlockKind::mac) continue;
+    if (cfg.kind != BlockKind::mac) continue;
     // MAC at a segment boundary: the next segment reads the diverged state (its snapshot) before
     // the memory layer runs again.
     auto s2 = blk.initial_state(p);

@@ -11,10 +11,16 @@ namespace {
 
 using titans::Matrix;
 
-TEST(CheckpointLayer, ConfigParamsAndOptimizerRoundTrip) {
+// Two memory heads of width 4.
+titans::NeuralMemoryConfig small_config() {
   titans::NeuralMemoryConfig cfg;
   cfg.dim = 8;
   cfg.heads = 2;
+  return cfg;
+}
+
+TEST(CheckpointLayer, ConfigParamsAndOptimizerRoundTrip) {
+  titans::NeuralMemoryConfig cfg = small_config();
   cfg.depth = 3;
   cfg.activation = titans::Activation::gelu;
   cfg.per_chunk_gates = true;
@@ -56,9 +62,7 @@ TEST(CheckpointLayer, ConfigParamsAndOptimizerRoundTrip) {
 }
 
 TEST(CheckpointLayer, SessionStateResumesTheStream) {
-  titans::NeuralMemoryConfig cfg;
-  cfg.dim = 8;
-  cfg.heads = 2;
+  titans::NeuralMemoryConfig cfg = small_config();
   cfg.chunk_size = 4;
   titans::NeuralMemory<double> layer(cfg);
   const auto p = layer.init(2);
@@ -83,9 +87,7 @@ TEST(CheckpointLayer, SessionStateResumesTheStream) {
 // A file written before the forgetting gate's bound has no neural_memory.alpha_max: it loads
 // with α_max = 1, the behaviour it was written with; a bad value is named.
 TEST(CheckpointLayer, FileWithoutAlphaMaxLoadsUnbounded) {
-  titans::NeuralMemoryConfig cfg;
-  cfg.dim = 8;
-  cfg.heads = 2;
+  titans::NeuralMemoryConfig cfg = small_config();
   cfg.alpha_max = 0.5;
   titans::NeuralMemory<float> layer(cfg);
   const auto p = layer.init(3);

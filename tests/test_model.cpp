@@ -886,7 +886,7 @@ bool same_config(const ModelConfig& a, const ModelConfig& b) {
          x.attention_heads == y.attention_heads && x.window == y.window && x.segment == y.segment &&
          x.persistent == y.persistent && x.ffn_hidden == y.ffn_hidden && x.rope_base == y.rope_base &&
          x.attention_block == y.attention_block && x.norm_eps == y.norm_eps &&
-         x.checkpoint_every == y.checkpoint_every && m.dim == n.dim && m.heads == n.heads &&
+         x.checkpoint_every == y.checkpoint_every && x.memory_tokens == y.memory_tokens && m.dim == n.dim && m.heads == n.heads &&
          m.depth == n.depth && m.expansion == n.expansion && m.activation == n.activation &&
          m.residual == n.residual && m.chunk_size == n.chunk_size && m.conv_kernel == n.conv_kernel &&
          m.theta_max == n.theta_max && m.eta_max == n.eta_max && m.alpha_max == n.alpha_max &&
@@ -905,6 +905,7 @@ ModelConfig unusual_config() {
   c.block.attention_block = 7;
   c.block.norm_eps = 0.1 / 3;
   c.block.checkpoint_every = 3;
+  c.block.memory_tokens = 3;  // the MAC block's Figure 3a form (the other kinds ignore it)
   c.block.memory.depth = 3;
   c.block.memory.expansion = 3;
   c.block.memory.activation = titans::Activation::gelu;
@@ -971,6 +972,8 @@ TEST(ModelMetadata, CorruptMetadataIsFormatError) {
   expect_format_error("neural_memory.heads", "3", "memory heads do not divide dim");
   expect_format_error("neural_memory.chunk_size", "0", "invalid memory chunk size");
   expect_format_error("block.checkpoint_every", "0", "invalid checkpoint_every");
+  expect_format_error("block.memory_tokens", "-2", "invalid memory_tokens");
+  expect_format_error("block.memory_tokens", "3.5", "memory_tokens not an integer");
 }
 
 // Every missing required key is named in one message; keys with a default may be missing.
@@ -989,7 +992,8 @@ TEST(ModelMetadata, MissingKeysNamedAtOnceAndDefaultsApplied) {
   // The keys with a default: a file without them loads, with the documented defaults.
   const std::vector<std::string> optional = {"model.norm_eps",           "block.rope_base",
                                              "block.attention_block",    "block.norm_eps",
-                                             "block.checkpoint_every",   "neural_memory.activation",
+                                             "block.checkpoint_every",   "block.memory_tokens",
+                                             "neural_memory.activation",
                                              "neural_memory.output_norm", "neural_memory.surprise_clamp",
                                              "neural_memory.eta_max",     "neural_memory.alpha_max",
                                              "neural_memory.per_chunk_gates", "neural_memory.norm_eps"};
@@ -1003,6 +1007,7 @@ TEST(ModelMetadata, MissingKeysNamedAtOnceAndDefaultsApplied) {
   EXPECT_EQ(back.block.rope_base, dflt.block.rope_base);
   EXPECT_EQ(back.block.attention_block, dflt.block.attention_block);
   EXPECT_EQ(back.block.checkpoint_every, dflt.block.checkpoint_every);
+  EXPECT_EQ(back.block.memory_tokens, 0);  // a file from before the Figure 3a form: interleaved MAC
   EXPECT_EQ(back.block.memory.activation, titans::Activation::silu);
   EXPECT_FALSE(back.block.memory.output_norm);  // absent bounds mean "off" (files from before them)
   EXPECT_EQ(back.block.memory.surprise_clamp, 0.0);

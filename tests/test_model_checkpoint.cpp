@@ -95,6 +95,57 @@ TEST(ModelCheckpoint, RoundTripRebuildsTheModelFromTheFileAlone) {
   }
 }
 
+// A MAC model in the Figure 3a form (memory_tokens > 0) round-trips: its learned queries by name
+// and N_l in the metadata. A file without block.memory_tokens (written before the option) loads
+// as the interleaved MAC it was written with; a Figure 3a file that lost the key is refused.
+TEST(ModelCheckpoint, MacMemoryTokensRoundTripAndOldFilesLoadInterleaved) {
+  ModelConfig c = small_config(true);
+  c.block.memory_tokens = 3;
+  const TitansModel<double> model(c);
+  const auto params = model.init(5);
+  const auto bytes = titans::save_checkpoint_to_memory(params, titans::to_metadata(model.config()));
+  const auto loaded = titans::load_model_from_memory<double>(bytes.data(), bytes.size());
+  EXPECT_EQ(loaded.config.block.memory_tokens, 3);
+  EXPECT_EQ(loaded.metadata.at("block.memory_tokens"), "3");
+  const auto names = titans::parameter_names(loaded.params);
+  EXPECT_NE(std::find(names.begin(), names.end(), "block0.retrieve.queries"), names.end());
+  EXPECT_EQ(std::find(names.begin(), names.end(), "block0.retrieve.w"), names.end());
+  EXPECT_EQ(names, titans::parameter_names(params));
+  const auto a = tensors(params), b = tensors(loaded.params);
+  ASSERT_EQ(a.size(), b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << names[i];
+  auto s1 = model.initial_state(params);
+  auto s2 = loaded.model.initial_state(loaded.params);
+  EXPECT_EQ(model.forward(params, kTokens, s1), loaded.model.forward(loaded.params, kTokens, s2));
+
+  const TitansModel<double> old(small_config(true));
+  const auto old_params = old.init(5);
+  auto e = titans_test::edit_checkpoint(titans::save_checkpoint_to_memory(old_params, titans::to_metadata(old.config())));
+  ASSERT_EQ(e.metadata.erase("block.memory_tokens"), 1u);
+  const auto old_bytes = e.bytes();
+  const auto old_loaded = titans::load_model_from_memory<double>(old_bytes.data(), old_bytes.size());
+  EXPECT_EQ(old_loaded.config.block.memory_tokens, 0);
+  auto s3 = old.initial_state(old_params);
+  auto s4 = old_loaded.model.initial_state(old_loaded.params);
+  EXPECT_EQ(old.forward(old_params, kTokens, s3), old_loaded.model.forward(old_loaded.params, kTokens, s4));
+
+  // (N_l = 9 learned queries hold more values than W_R's D² = 64, so the file passes the size check
+  // and the tensors are named; with fewer the file is refused as too small for its model.)
+  ModelConfig wide = c;
+  wide.block.memory_tokens = 9;
+  const TitansModel<double> wide_model(wide);
+  auto f = titans_test::edit_checkpoint(
+      titans::save_checkpoint_to_memory(wide_model.init(5), titans::to_metadata(wide_model.config())));
+  f.metadata.erase("block.memory_tokens");
+  const auto mismatched = f.bytes();
+  try {
+    titans::load_model_from_memory<double>(mismatched.data(), mismatched.size());
+    ADD_FAILURE() << "expected FormatError";
+  } catch (const titans::FormatError& err) {
+    EXPECT_NE(std::string(err.what()).find("retrieve."), std::string::npos) << err.what();
+  }
+}
+
 // A model saved in BF16 or F16 is half the size; each value is its nearest 16-bit value, so the
 // parameters move by at most half an ulp of that type, and the loaded model runs.
 TEST(ModelCheckpoint, SavedInBF16OrF16LoadsWithRoundedValues) {
@@ -175,6 +226,7 @@ TEST(ModelCheckpoint, ParameterCountFromTheConfigEqualsTheParameters) {
         for (titans::Index persistent : {0, 2}) {
           ModelConfig c = small_config(tied);
           c.layers = {BlockKind::mac, BlockKind::mag, BlockKind::mal, BlockKind::lmm, BlockKind::swa};
+          c.block.memory_tokens = persistent == 2 ? 5 : 0;  // MAC in both forms
           c.block.memory.depth = depth;
           c.block.memory.output_norm = output_norm;
           c.block.persistent = persistent;

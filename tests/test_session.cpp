@@ -108,9 +108,16 @@ TEST(Session, LayerResumesAtEveryCut) {
 }
 
 TEST(Session, EveryBlockKindResumesAtEveryCut) {
-  for (BlockKind kind : {BlockKind::lmm, BlockKind::mac, BlockKind::mag, BlockKind::mal, BlockKind::swa}) {
-    SCOPED_TRACE(titans::to_string(kind));
-    const titans::Block<double> blk(small_block(kind));
+  std::vector<BlockConfig> configs;
+  for (BlockKind kind : {BlockKind::lmm, BlockKind::mac, BlockKind::mag, BlockKind::mal, BlockKind::swa})
+    configs.push_back(small_block(kind));
+  for (Index nl : {3, 7}) {  // MAC's Figure 3a form: fewer and more memory tokens than a segment's 5 tokens
+    configs.push_back(small_block(BlockKind::mac));
+    configs.back().memory_tokens = nl;
+  }
+  for (const BlockConfig& cfg : configs) {
+    SCOPED_TRACE(std::string(titans::to_string(cfg.kind)) + " memory_tokens " + std::to_string(cfg.memory_tokens));
+    const titans::Block<double> blk(cfg);
     const auto p = lively(blk, 5);
     const Matrix<double> x = random_matrix<double>(kDim, kT, 6);
     auto s = blk.initial_state(p);
@@ -239,6 +246,17 @@ TEST(Session, FilesOfAnotherModelAreRefused) {
   const auto pb = blk.init(1);
   expect_refused<titans::InvalidArgument>([&] { titans::load_session_from_memory(bytes, blk, pb); },
                                           "is of a TitansModel, not of a Block");
+  // A MAC block's session does not resume in a block with another number of memory tokens.
+  BlockConfig three = small_block(BlockKind::mac), four = three;
+  three.memory_tokens = 3;
+  four.memory_tokens = 4;
+  const titans::Block<double> b3(three), b4(four);
+  const auto p3 = b3.init(1), p4 = b4.init(1);
+  auto s3 = b3.initial_state(p3);
+  b3.forward(p3, random_matrix<double>(kDim, 7, 15), s3);
+  expect_refused<titans::InvalidArgument>(
+      [&] { titans::load_session_from_memory(titans::save_session_to_memory(b3, p3, s3), b4, p4); },
+      "'config.block.memory_tokens' is 3 in the session, 4 in this model");
   // A plain checkpoint is not a session.
   expect_refused<titans::FormatError>(
       [&] { titans::load_session_from_memory(titans::save_checkpoint_to_memory(p), model, p); },

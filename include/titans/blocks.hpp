@@ -12,6 +12,10 @@
 //     auto state = block.initial_state(params);
 //     titans::Matrix<float> y = block.forward(params, x /* (D, T) */, state);   // streams
 //
+// MAC comes in two forms: memory_tokens = 0 retrieves one token per segment token and
+// interleaves them in the attention's keys; memory_tokens = N_l > 0 is the paper's Figure 3a,
+// N_l memory tokens per segment from learned queries, seen by every token of the segment.
+//
 // Every block is strictly causal, streams exactly (any split of a sequence into calls, down to
 // one token per call, gives the same outputs as one call) and has a training forward whose
 // backward goes through the memory's test-time updates.
@@ -108,10 +112,19 @@ struct BlockConfig {
   /// Training only: the memory keeps one sub-chunk state in `checkpoint_every` and recomputes
   /// the rest in backward (MemoryTrainOptions); larger saves memory on long sequences.
   Index checkpoint_every = 1;
+  /// N_l, MAC only (docs/MATH.md §6): 0 = one retrieved token per segment token, interleaved with
+  /// it in the attention's keys; N_l > 0 = the paper's Figure 3a: each segment retrieves N_l
+  /// memory tokens with learned queries (params.retrieve_queries) from the memory before the
+  /// segment, and every token of the segment sees all of them, after the persistent tokens.
+  /// [choice] Checked for range but ignored by the other kinds, as `segment` is: a model's blocks
+  /// share one BlockConfig, and a hybrid (mac, swa) stack must be able to set it.
+  Index memory_tokens = 0;
 
   bool has_memory() const { return kind != BlockKind::swa; }
   bool has_attention() const { return kind != BlockKind::lmm; }
   bool has_gate() const { return kind == BlockKind::mac || kind == BlockKind::mag; }
+  /// MAC in the Figure 3a form: learned retrieval queries, memory tokens as an attention prefix.
+  bool has_retrieve_queries() const { return kind == BlockKind::mac && memory_tokens > 0; }
   Index ffn_width() const { return ffn_hidden > 0 ? ffn_hidden : ((8 * dim + 2) / 3 + 7) / 8 * 8; }
 
   AttentionConfig attention() const {
@@ -140,6 +153,7 @@ struct BlockConfig {
     v("block.attention_block", c.attention_block, dflt.attention_block);  // speed only
     v("block.norm_eps", c.norm_eps, dflt.norm_eps);
     v("block.checkpoint_every", c.checkpoint_every, dflt.checkpoint_every);  // training memory only
+    v("block.memory_tokens", c.memory_tokens, dflt.memory_tokens);  // absent: a file from before Figure 3a's MAC
     NeuralMemoryConfig::metadata_fields(c.memory, v);
   }
 
@@ -151,6 +165,7 @@ struct BlockConfig {
     detail::check_range(where, "persistent (N_p)", persistent, 0, limits::persistent);
     detail::check_range(where, "checkpoint_every", checkpoint_every, 1, limits::block);
     detail::check_range(where, "ffn_hidden", ffn_hidden, 0, limits::ffn_hidden);
+    detail::check_range(where, "memory_tokens (N_l)", memory_tokens, 0, limits::memory_tokens);
     if (!(norm_eps > 0) || !std::isfinite(norm_eps))
       detail::raise<InvalidArgument>(where, "norm_eps is ", norm_eps, ", expected a finite value > 0");
     if (has_attention()) {
@@ -183,12 +198,14 @@ template <class Scalar>
 struct BlockParams {
   using scalar_type = Scalar;
   bool has_attention = false, has_memory = false, has_gate = false, has_retrieve = false;
+  bool has_retrieve_queries = false;          ///< MAC with memory_tokens > 0: retrieve_queries, no retrieve_w
   Matrix<Scalar> norm_mixer, norm_ffn;        ///< (D, 1) pre-norm gains
   Matrix<Scalar> persistent;                  ///< (D, N_p) persistent-memory tokens
   AttentionParams<Scalar> attention;
   NeuralMemoryParams<Scalar> memory;
   Matrix<Scalar> gate_y, gate_m;              ///< (D, 1) gains of y ⊗ m = RMSNorm(y) ⊙ σ(RMSNorm(m))
   Matrix<Scalar> retrieve_w, retrieve_gain;   ///< MAC: (D, D) retrieval query projection, (D, 1) gain
+  Matrix<Scalar> retrieve_queries;            ///< MAC, memory_tokens > 0: (D, N_l) learned queries (instead of retrieve_w)
   Matrix<Scalar> ffn_w1, ffn_w3, ffn_w2;      ///< SwiGLU: (F, D), (F, D), (D, F)
 
   TITANS_DEFINE_FOR_EACH()
@@ -201,7 +218,11 @@ struct BlockParams {
     if (p.has_attention) p.attention.for_each([&](const std::string& n, auto& t) { f("attention." + n, t); });
     if (p.has_memory) p.memory.for_each([&](const std::string& n, auto& t) { f("memory." + n, t); });
     if (p.has_retrieve) {
-      f("retrieve.w", p.retrieve_w);
+      if (p.has_retrieve_queries) {
+        f("retrieve.queries", p.retrieve_queries);
+      } else {
+        f("retrieve.w", p.retrieve_w);
+      }
       f("retrieve.gain", p.retrieve_gain);
     }
     if (p.has_gate) {
@@ -220,7 +241,7 @@ template <class Scalar>
 struct BlockState {
   using scalar_type = Scalar;
   NeuralMemoryState<Scalar> memory;               ///< LMM / MAC / MAG / MAL
-  AttentionState<Scalar> attention;               ///< KV cache (MAC: the current segment's [h, x] keys)
+  AttentionState<Scalar> attention;               ///< KV cache (MAC: the current segment's [h, x] keys, or its x keys with memory tokens)
   std::vector<std::vector<Matrix<Scalar>>> snapshot;  ///< MAC: per head, memory weights at the segment start
   Matrix<Scalar> persistent_y;                    ///< MAL: memory outputs at the persistent tokens (D, N_p)
   bool primed = false;                            ///< the memory has read the persistent tokens
@@ -247,7 +268,9 @@ struct BlockCache {
   struct Segment {  ///< MAC: one segment (or the part of it inside the call)
     Index t0 = 0, n = 0;
     bool starts_segment = false;  ///< the snapshot it read is the memory state at its own start
-    Mat q_pre, q_silu, q, r_n, r_rinv;  ///< retrieval: W_R u, SiLU, ℓ2-normalised queries, RMS-normalised reads, 1/RMS per head
+    /// Retrieval: W_R u (interleaved form only); the query path's output before the ℓ2 norm
+    /// (SiLU(W_R u), or the learned queries); ℓ2-normalised queries; RMS-normalised reads; 1/RMS per head.
+    Mat q_pre, q_raw, q, r_n, r_rinv;
     std::vector<std::vector<Mat>> snapshot;
     AttentionCache<Scalar> attention;
     NeuralMemoryCache<Scalar> memory;
@@ -290,7 +313,8 @@ class Block {
     const Index D = cfg_.dim;
     return 2 * D + D * cfg_.persistent + (cfg_.has_attention() ? attn_.parameter_count() : 0) +
            (cfg_.has_memory() ? mem_.parameter_count() : 0) + (cfg_.has_gate() ? 2 * D : 0) +
-           (cfg_.kind == BlockKind::mac ? D * D + D : 0) + 3 * D * cfg_.ffn_width();
+           (cfg_.kind == BlockKind::mac ? (cfg_.has_retrieve_queries() ? D * cfg_.memory_tokens : D * D) + D : 0) +
+           3 * D * cfg_.ffn_width();
   }
 
   Params init(std::uint64_t seed) const;
@@ -344,17 +368,27 @@ class Block {
 
   Mat mixer(const Params& p, const Mat& u, State& state, Cache* c) const;
 
-  // MAC retrieval: q = ℓ2norm_head(SiLU(W_R u)), r = M*_snapshot(q) per head,
-  // h = gain ⊙ RMSNorm_head(r).  [choice] the retrieval query path has its own projection (the
-  // paper's q_t = S^(t) W_Q) and no convolution, so it reads only the segment's own tokens.
-  // Both norms use the memory's ε, as the memory's own query path does.
-  Mat retrieve(const Params& p, const Mat& u, const std::vector<std::vector<Mat>>& snap,
+  // MAC retrieval of n tokens from the queries q_raw (D, n) that a query path made:
+  // q = ℓ2norm_head(q_raw), r = M*_snapshot(q) per head, h = gain ⊙ RMSNorm_head(r). Both norms
+  // use the memory's ε, as the memory's own query path does.
+  Mat retrieve(const Params& p, const Mat& q_raw, const std::vector<std::vector<Mat>>& snap,
                typename Cache::Segment* sc) const;
 
-  // Adds into du (D, n), grads, and (when dsnap is given) the snapshot weights' gradient.
-  void retrieve_backward(const Params& p, const typename Cache::Segment& sc, const Eigen::Ref<const Mat>& u /* (D, n) */,
-                         const Mat& dh, Params& grads, Mat& du,
-                         std::vector<MemoryState<Scalar>>* dsnap) const;
+  // Backward of retrieve for dh (D, n): adds into grads (retrieve gain, memory gain) and, when
+  // dsnap is given, the snapshot weights' gradient; returns dL/d(q_raw) (D, n) for the query path.
+  Mat retrieve_backward(const Params& p, const typename Cache::Segment& sc, const Mat& dh, Params& grads,
+                        std::vector<MemoryState<Scalar>>* dsnap) const;
+
+  // The query paths. Interleaved: q_raw = SiLU(W_R u) for the segment's tokens u (D, n).
+  // [choice] The retrieval query path has its own projection (the paper's q_t = S^(t) W_Q) and no
+  // convolution, so it reads only the segment's own tokens. Figure 3a: q_raw = retrieve_queries.
+  Mat retrieval_queries(const Params& p, const Mat& u, typename Cache::Segment* sc) const;
+  // Adds the query path's gradients for dq_raw (D, n) into grads and (interleaved) du (D, n).
+  void retrieval_queries_backward(const Params& p, const typename Cache::Segment& sc, const Eigen::Ref<const Mat>& u,
+                                  const Mat& dq_raw, Params& grads, Mat& du) const;
+
+  // Keys and values MAC's KV cache holds per segment token: 2 interleaved, 1 with memory tokens.
+  Index mac_keys_per_token() const { return cfg_.has_retrieve_queries() ? 1 : 2; }
 
   // MAC over u, segment by segment (segments aligned to the absolute position).
   Mat mac(const Params& p, const Mat& u, State& state, Cache* c) const;
@@ -382,6 +416,7 @@ auto Block<Scalar>::init(std::uint64_t seed) const -> Params {
   p.has_memory = cfg_.has_memory();
   p.has_gate = cfg_.has_gate();
   p.has_retrieve = cfg_.kind == BlockKind::mac;
+  p.has_retrieve_queries = cfg_.has_retrieve_queries();
   auto normal = [&](Index r, Index c, double sd) {
     Mat m(r, c);
     rng.fill_normal(m, sd);
@@ -397,7 +432,13 @@ auto Block<Scalar>::init(std::uint64_t seed) const -> Params {
     p.gate_m = Mat::Ones(D, 1);
   }
   if (p.has_retrieve) {
-    p.retrieve_w = normal(D, D, 1.0 / std::sqrt(static_cast<double>(D)));
+    // [choice] The learned queries are N(0, 1), like the persistent tokens: they are ℓ2-normalised
+    // per head, so their scale sets only the step an optimizer's update turns them by.
+    if (p.has_retrieve_queries) {
+      p.retrieve_queries = normal(D, cfg_.memory_tokens, 1.0);
+    } else {
+      p.retrieve_w = normal(D, D, 1.0 / std::sqrt(static_cast<double>(D)));
+    }
     p.retrieve_gain = Mat::Ones(D, 1);
   }
   p.ffn_w1 = normal(F, D, 1.0 / std::sqrt(static_cast<double>(D)));
@@ -412,6 +453,10 @@ void Block<Scalar>::check_params(const Params& p, const char* where) const {
   if (p.has_attention != cfg_.has_attention() || p.has_memory != cfg_.has_memory() ||
       p.has_gate != cfg_.has_gate() || p.has_retrieve != (cfg_.kind == BlockKind::mac))
     detail::raise<ShapeError>(where, "params were not made for a ", to_string(cfg_.kind), " block");
+  if (p.has_retrieve_queries != cfg_.has_retrieve_queries())
+    detail::raise<ShapeError>(where, "params were not made for a mac block with memory_tokens = ", cfg_.memory_tokens,
+                              ": they have ", p.has_retrieve_queries ? "retrieve.queries" : "retrieve.w",
+                              ", the block needs ", cfg_.has_retrieve_queries() ? "retrieve.queries" : "retrieve.w");
   detail::check_shape(where, "params.norm_mixer", p.norm_mixer, D, 1);
   detail::check_shape(where, "params.norm_ffn", p.norm_ffn, D, 1);
   detail::check_shape(where, "params.persistent", p.persistent, D, cfg_.persistent);
@@ -422,7 +467,11 @@ void Block<Scalar>::check_params(const Params& p, const char* where) const {
     detail::check_shape(where, "params.gate_m", p.gate_m, D, 1);
   }
   if (p.has_retrieve) {
-    detail::check_shape(where, "params.retrieve_w", p.retrieve_w, D, D);
+    if (p.has_retrieve_queries) {
+      detail::check_shape(where, "params.retrieve_queries (retrieve.queries)", p.retrieve_queries, D, cfg_.memory_tokens);
+    } else {
+      detail::check_shape(where, "params.retrieve_w", p.retrieve_w, D, D);
+    }
     detail::check_shape(where, "params.retrieve_gain", p.retrieve_gain, D, 1);
   }
   detail::check_shape(where, "params.ffn_w1", p.ffn_w1, F, D);
@@ -452,9 +501,9 @@ void Block<Scalar>::check_state(const State& s, const char* where) const {
       detail::raise<ShapeError>(where, "state.snapshot has ", s.snapshot.size(), " heads, expected ",
                                 cfg_.memory.heads);
     for (const auto& w : s.snapshot) check_memory_weights(where, "state.snapshot[h]", cfg_.memory.memory(), w);
-    if (s.attention.k.cols() > 2 * cfg_.segment)
+    if (s.attention.k.cols() > mac_keys_per_token() * cfg_.segment)
       detail::raise<ShapeError>(where, "state.attention holds ", s.attention.k.cols(), " keys, a segment has at most ",
-                                2 * cfg_.segment);
+                                mac_keys_per_token() * cfg_.segment);
   }
   if (cfg_.kind == BlockKind::mal && s.primed)
     detail::check_shape(where, "state.persistent_y", s.persistent_y, cfg_.dim, cfg_.persistent);
@@ -482,7 +531,7 @@ void Block<Scalar>::check_counters(const State& s, const char* where) const {
   Index cached = 0;
   switch (cfg_.kind) {
     case BlockKind::lmm: break;
-    case BlockKind::mac: cached = 2 * (pos % cfg_.segment); break;
+    case BlockKind::mac: cached = mac_keys_per_token() * (pos % cfg_.segment); break;
     case BlockKind::mag:
     case BlockKind::mal:
     case BlockKind::swa: cached = std::min(pos, cfg_.window - 1); break;
@@ -698,21 +747,19 @@ auto Block<Scalar>::mixer(const Params& p, const Mat& u, State& state, Cache* c)
 }
 
 template <class Scalar>
-auto Block<Scalar>::retrieve(const Params& p, const Mat& u, const std::vector<std::vector<Mat>>& snap,
+auto Block<Scalar>::retrieve(const Params& p, const Mat& q_raw, const std::vector<std::vector<Mat>>& snap,
                              typename Cache::Segment* sc) const -> Mat {
-  const Index D = cfg_.dim, T = u.cols(), H = cfg_.memory.heads, d = D / H;
+  const Index D = cfg_.dim, T = q_raw.cols(), H = cfg_.memory.heads, d = D / H;
   const MemoryConfig mc = cfg_.memory.memory();
-  Mat pre;
-  detail::product<detail::Trans::no, detail::Trans::no>(p.retrieve_w, u, pre);
-  const Mat silu = pre.cwiseProduct(detail::sigmoid<Scalar>(pre));
-  Mat q = silu;
+  Mat q = q_raw;
   detail::l2_normalize<Scalar>(q, H, cfg_.memory.norm_eps);
   Mat r(D, T), rinv;
   for (Index h = 0; h < H; ++h)
     r.middleRows(h * d, d) =
         memory_apply<Scalar>(mc, snap[static_cast<std::size_t>(h)], q.middleRows(h * d, d), mem_.gain(p.memory, h));
-  // q is finite (finite inputs); a non-finite read means the memory state itself is not: its
-  // test-time updates diverged at the end of an earlier segment (its reads were still finite).
+  // q is finite (finite inputs and parameters; a bad parameter is named by the caller); a
+  // non-finite read means the memory state itself is not: its test-time updates diverged at the
+  // end of an earlier segment (its reads were still finite).
   if (!r.allFinite())
     detail::raise<NumericError>("titans::Block (MAC retrieval)",
                                 "the memory's state is not finite: its test-time updates diverged; lower ",
@@ -721,8 +768,7 @@ auto Block<Scalar>::retrieve(const Params& p, const Mat& u, const std::vector<st
   Mat n = detail::rms_normalize<Scalar>(r, H, cfg_.memory.norm_eps, &rinv);
   Mat out = p.retrieve_gain.col(0).asDiagonal() * n;
   if (sc) {
-    sc->q_pre = pre;
-    sc->q_silu = silu;
+    sc->q_raw = q_raw;
     sc->q = std::move(q);
     sc->r_n = std::move(n);
     sc->r_rinv = std::move(rinv);
@@ -732,9 +778,8 @@ auto Block<Scalar>::retrieve(const Params& p, const Mat& u, const std::vector<st
 }
 
 template <class Scalar>
-void Block<Scalar>::retrieve_backward(const Params& p, const typename Cache::Segment& sc, const Eigen::Ref<const Mat>& u /* (D, n) */,
-                                      const Mat& dh, Params& grads, Mat& du,
-                                      std::vector<MemoryState<Scalar>>* dsnap) const {
+auto Block<Scalar>::retrieve_backward(const Params& p, const typename Cache::Segment& sc, const Mat& dh,
+                                      Params& grads, std::vector<MemoryState<Scalar>>* dsnap) const -> Mat {
   const Index D = cfg_.dim, T = dh.cols(), H = cfg_.memory.heads, d = D / H;
   const MemoryConfig mc = cfg_.memory.memory();
   grads.retrieve_gain.col(0) += dh.cwiseProduct(sc.r_n).rowwise().sum();
@@ -752,17 +797,39 @@ void Block<Scalar>::retrieve_backward(const Params& p, const typename Cache::Seg
                                   dq.middleRows(h * d, d), mc.output_norm ? &dgain : nullptr);
     if (mc.output_norm) grads.memory.memory_gain.middleRows(h * d, d) += dgain;
   }
-  detail::l2_normalize_backward<Scalar>(dq, sc.q, sc.q_silu, H, cfg_.memory.norm_eps);
+  detail::l2_normalize_backward<Scalar>(dq, sc.q, sc.q_raw, H, cfg_.memory.norm_eps);
+  return dq;
+}
+
+template <class Scalar>
+auto Block<Scalar>::retrieval_queries(const Params& p, const Mat& u, typename Cache::Segment* sc) const -> Mat {
+  if (cfg_.has_retrieve_queries()) return p.retrieve_queries;
+  Mat pre;
+  detail::product<detail::Trans::no, detail::Trans::no>(p.retrieve_w, u, pre);
+  Mat silu = pre.cwiseProduct(detail::sigmoid<Scalar>(pre));
+  if (sc) sc->q_pre = std::move(pre);
+  return silu;
+}
+
+template <class Scalar>
+void Block<Scalar>::retrieval_queries_backward(const Params& p, const typename Cache::Segment& sc,
+                                               const Eigen::Ref<const Mat>& u, const Mat& dq_raw, Params& grads,
+                                               Mat& du) const {
+  if (cfg_.has_retrieve_queries()) {
+    grads.retrieve_queries += dq_raw;
+    return;
+  }
   Mat dsilu;
   detail::activation_derivative(Activation::silu, sc.q_pre, dsilu);
-  const Mat dpre = dq.cwiseProduct(dsilu);
+  const Mat dpre = dq_raw.cwiseProduct(dsilu);
   detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), dpre, u, grads.retrieve_w);
   detail::product_add<detail::Trans::yes, detail::Trans::no>(Scalar(1), p.retrieve_w, dpre, du);
 }
 
 template <class Scalar>
 auto Block<Scalar>::mac(const Params& p, const Mat& u, State& state, Cache* c) const -> Mat {
-  const Index D = cfg_.dim, T = u.cols(), C = cfg_.segment;
+  const Index D = cfg_.dim, T = u.cols(), C = cfg_.segment, np = cfg_.persistent;
+  const bool prefix_form = cfg_.has_retrieve_queries();  // Figure 3a: the memory tokens are a prefix
   Mat out(D, T);
   Index t = 0;
   while (t < T) {
@@ -776,22 +843,32 @@ auto Block<Scalar>::mac(const Params& p, const Mat& u, State& state, Cache* c) c
       sc->starts_segment = in_seg == 0;
     }
     const Mat useg = u.middleCols(t, n);
-    const Mat h = retrieve(p, useg, state.snapshot, sc);
-    Mat kv(D, 2 * n);
-    std::vector<Index> qpos(static_cast<std::size_t>(n)), kpos(static_cast<std::size_t>(2 * n)),
+    // h depends only on the snapshot (the memory before the segment) and the queries: a call that
+    // continues a segment recomputes the same memory tokens.
+    const Mat h = retrieve(p, retrieval_queries(p, useg, sc), state.snapshot, sc);
+    // Keys and values after the prefix. Interleaved: h_1, u_1, h_2, u_2, … with query j seeing
+    // up to u_j. Figure 3a: the prefix is [persistent || h], every query sees all of it, and the
+    // segment tokens are causal. Queries and segment keys are at their position in the segment.
+    const Index per = mac_keys_per_token(), nc = state.attention.k.cols();
+    Mat memory_prefix, kv(D, per * n);
+    if (prefix_form) {
+      memory_prefix.resize(D, np + h.cols());
+      memory_prefix << p.persistent, h;
+    }
+    const Mat& prefix = prefix_form ? memory_prefix : p.persistent;
+    std::vector<Index> qpos(static_cast<std::size_t>(n)), kpos(static_cast<std::size_t>(per * n)),
         lo(qpos.size(), 0), hi(qpos.size());
-    const Index nc = state.attention.k.cols();
     for (Index j = 0; j < n; ++j) {
-      kv.col(2 * j) = h.col(j);
-      kv.col(2 * j + 1) = useg.col(j);
+      if (!prefix_form) kv.col(2 * j) = h.col(j);
+      kv.col(per * j + per - 1) = useg.col(j);
+      for (Index r = 0; r < per; ++r) kpos[static_cast<std::size_t>(per * j + r)] = in_seg + j;
       qpos[static_cast<std::size_t>(j)] = in_seg + j;
-      kpos[static_cast<std::size_t>(2 * j)] = in_seg + j;
-      kpos[static_cast<std::size_t>(2 * j + 1)] = in_seg + j;
-      hi[static_cast<std::size_t>(j)] = nc + 2 * j + 1;
+      hi[static_cast<std::size_t>(j)] = nc + per * j + per - 1;
     }
     Mat nk, nv;
-    Mat y = attn_.attend(c ? "titans::Block::forward_train (MAC attention)" : "titans::Block::forward (MAC attention)", p.attention, useg, qpos, kv, kpos, p.persistent,
-                         state.attention.k, state.attention.v, lo, hi, sc ? &sc->attention : nullptr, &nk, &nv);
+    Mat y = attn_.attend(c ? "titans::Block::forward_train (MAC attention)" : "titans::Block::forward (MAC attention)",
+                         p.attention, useg, qpos, kv, kpos, prefix, state.attention.k, state.attention.v, lo, hi,
+                         sc ? &sc->attention : nullptr, &nk, &nv);
     Mat z;
     if (sc) {
       mem_.settle(state.memory);  // the gradient of the memory's start state is in the settled form
@@ -810,7 +887,7 @@ auto Block<Scalar>::mac(const Params& p, const Mat& u, State& state, Cache* c) c
       state.attention.k.resize(D, 0);
       state.attention.v.resize(D, 0);
     } else {
-      Mat k(D, nc + 2 * n), v(D, nc + 2 * n);
+      Mat k(D, nc + per * n), v(D, nc + per * n);
       k << state.attention.k, nk;
       v << state.attention.v, nv;
       state.attention.k = std::move(k);
@@ -875,9 +952,12 @@ void Block<Scalar>::memory_backward_primed(const Params& p, const Cache& c, cons
 template <class Scalar>
 void Block<Scalar>::mac_backward(const Params& p, const Cache& c, const Mat& dmix, Params& grads, Mat& du) const {
   const Index D = cfg_.dim, np = cfg_.persistent;
+  const bool prefix_form = cfg_.has_retrieve_queries();
   NeuralMemoryState<Scalar> dnext;  // gradient of the memory state after the current segment
   bool have_next = false;
-  Mat dp = Mat::Zero(D, np);
+  // The attention's prefix gradient: the persistent tokens' columns add up over the segments, the
+  // memory tokens' (Figure 3a) are each segment's own.
+  Mat dprefix = Mat::Zero(D, np + (prefix_form ? cfg_.memory_tokens : 0));
   for (auto it = c.segments.rbegin(); it != c.segments.rend(); ++it) {
     const auto& sc = *it;
     const Index n = sc.n;
@@ -885,19 +965,27 @@ void Block<Scalar>::mac_backward(const Params& p, const Cache& c, const Mat& dmi
     gate_backward(p, sc.y, sc.z, sc.y_rinv, sc.z_rinv, dmix.middleCols(sc.t0, n), grads, dy, dz);
     NeuralMemoryState<Scalar> dstart = sc.memory_start_zero;
     mem_.backward(p.memory, sc.memory, dz, have_next ? &dnext : nullptr, grads.memory, dy, &dstart);
-    Mat duseg = Mat::Zero(D, n), dkv = Mat::Zero(D, 2 * n);
-    attn_.backward(p.attention, sc.attention, dy, grads.attention, duseg, dkv, dp);
-    Mat dh(D, n);
-    for (Index j = 0; j < n; ++j) {
-      dh.col(j) = dkv.col(2 * j);
-      duseg.col(j) += dkv.col(2 * j + 1);
+    Mat duseg = Mat::Zero(D, n), dkv = Mat::Zero(D, sc.attention.xkv.cols());
+    dprefix.rightCols(dprefix.cols() - np).setZero();
+    attn_.backward(p.attention, sc.attention, dy, grads.attention, duseg, dkv, dprefix);
+    Mat dh;
+    if (prefix_form) {
+      dh = dprefix.rightCols(cfg_.memory_tokens);
+      duseg += dkv;
+    } else {
+      dh.resize(D, n);
+      for (Index j = 0; j < n; ++j) {
+        dh.col(j) = dkv.col(2 * j);
+        duseg.col(j) += dkv.col(2 * j + 1);
+      }
     }
-    retrieve_backward(p, sc, c.u.middleCols(sc.t0, n), dh, grads, duseg, sc.starts_segment ? &dstart.heads : nullptr);
+    const Mat dq_raw = retrieve_backward(p, sc, dh, grads, sc.starts_segment ? &dstart.heads : nullptr);
+    retrieval_queries_backward(p, sc, c.u.middleCols(sc.t0, n), dq_raw, grads, duseg);
     du.middleCols(sc.t0, n) += duseg;
     dnext = std::move(dstart);
     have_next = true;
   }
-  grads.persistent += dp;
+  grads.persistent += dprefix.leftCols(np);
   if (c.fresh && have_next) mem_.initial_state_backward(dnext, grads.memory);
 }
 

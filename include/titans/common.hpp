@@ -200,6 +200,7 @@ inline constexpr Index chunk_size = Index(1) << 16;   ///< memory chunk b
 inline constexpr Index conv_kernel = 1024;            ///< convolution width K
 inline constexpr Index span = Index(1) << 24;         ///< attention window w, MAC segment C
 inline constexpr Index persistent = Index(1) << 16;   ///< persistent tokens N_p
+inline constexpr Index memory_tokens = Index(1) << 16;  ///< MAC memory tokens N_l
 inline constexpr Index ffn_hidden = Index(1) << 20;   ///< SwiGLU hidden width
 inline constexpr Index block = Index(1) << 16;        ///< attention query block; checkpoint_every
 }  // namespace limits

@@ -4,7 +4,7 @@ residual wrapper with a SwiGLU feed-forward.
 
 ``forward(x)`` runs a whole sequence (B, T, D) from a fresh state; ``run(x, state)`` continues a
 state and returns the state after, so a sequence can be fed in any split, down to one token. Its tensors have the C++ names (``norm_mixer``, ``persistent``,
-``attention.w_q``, ``memory.w_k``, ``retrieve.w``, ``gate.y_gain``, ``ffn.w1``, ...).
+``attention.w_q``, ``memory.w_k``, ``retrieve.w`` or ``retrieve.queries``, ``gate.y_gain``, ``ffn.w1``, ...).
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ class BlockConfig:
     norm_eps: float = 1e-6
     memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
     checkpoint_every: int = 1
+    # N_l, MAC only: 0 = a retrieved token per segment token, interleaved; > 0 = Figure 3a, N_l
+    # memory tokens from learned queries, a prefix every token of the segment sees
+    memory_tokens: int = 0
 
     def has_memory(self) -> bool:
         return self.kind != "swa"
@@ -49,6 +52,9 @@ class BlockConfig:
 
     def has_gate(self) -> bool:
         return self.kind in ("mac", "mag")
+
+    def has_retrieve_queries(self) -> bool:
+        return self.kind == "mac" and self.memory_tokens > 0
 
     def ffn_width(self) -> int:
         return self.ffn_hidden if self.ffn_hidden > 0 else ((8 * self.dim + 2) // 3 + 7) // 8 * 8
@@ -66,6 +72,7 @@ class BlockConfig:
         _check_int(where, "persistent (N_p)", self.persistent, 0, 1 << 16)
         _check_int(where, "checkpoint_every", self.checkpoint_every, 1, 1 << 16)
         _check_int(where, "ffn_hidden", self.ffn_hidden, 0, 1 << 20)
+        _check_int(where, "memory_tokens (N_l)", self.memory_tokens, 0, 1 << 16)
         _check_int(where, "attention_block", self.attention_block, 1, 1 << 16)
         _check_real(where, "norm_eps", self.norm_eps, positive=True)
         if self.has_attention():
@@ -104,7 +111,8 @@ class Block(nn.Module):
         self.persistent = z(D, Np)
         self.attention = Attention(cfg.attention(), dtype, device) if cfg.has_attention() else None
         self.memory = NeuralMemory(cfg.memory, dtype, device) if cfg.has_memory() else None
-        self.retrieve = _Tensors({"w": (D, D), "gain": (D, 1)}, dtype, device) if cfg.kind == "mac" else None
+        queries = {"queries": (D, cfg.memory_tokens)} if cfg.has_retrieve_queries() else {"w": (D, D)}
+        self.retrieve = _Tensors({**queries, "gain": (D, 1)}, dtype, device) if cfg.kind == "mac" else None
         self.gate = _Tensors({"y_gain": (D, 1), "m_gain": (D, 1)}, dtype, device) if cfg.has_gate() else None
         self.norm_ffn = z(D, 1)
         self.ffn = _Tensors({"w1": (F, D), "w3": (F, D), "w2": (D, F)}, dtype, device)
@@ -128,7 +136,10 @@ class Block(nn.Module):
             self.gate.y_gain.fill_(1.0)
             self.gate.m_gain.fill_(1.0)
         if self.retrieve is not None:
-            self.retrieve.w.copy_(_normal(gen, (D, D), 1 / math.sqrt(D), dt))
+            if cfg.has_retrieve_queries():
+                self.retrieve.queries.copy_(_normal(gen, (D, cfg.memory_tokens), 1.0, dt))
+            else:
+                self.retrieve.w.copy_(_normal(gen, (D, D), 1 / math.sqrt(D), dt))
             self.retrieve.gain.fill_(1.0)
         self.ffn.w1.copy_(_normal(gen, (F, D), 1 / math.sqrt(D), dt))
         self.ffn.w3.copy_(_normal(gen, (F, D), 1 / math.sqrt(D), dt))
@@ -154,17 +165,26 @@ class Block(nn.Module):
         out, ms = self.memory(u, state.memory)
         return out, None, ms
 
-    def _retrieve(self, u: torch.Tensor, snapshot) -> torch.Tensor:
-        """MAC retrieval: q = ℓ2n(SiLU(W_R u)) per memory head, h = γ_R ⊙ RMSN_head(M*_snapshot(q))."""
+    def _retrieval_queries(self, u: torch.Tensor) -> torch.Tensor:
+        """MAC's query path before the ℓ2 norm: SiLU(W_R u) (B, n, D), or with memory tokens the
+        learned queries (B, N_l, D)."""
+        if self.cfg.has_retrieve_queries():
+            q = self.retrieve.queries.t()
+            return q.unsqueeze(0).expand(u.shape[0], *q.shape)
+        return silu(torch.matmul(u, self.retrieve.w.t()))
+
+    def _retrieve(self, q_raw: torch.Tensor, snapshot) -> torch.Tensor:
+        """MAC retrieval: q = ℓ2n(q_raw) per memory head, h = γ_R ⊙ RMSN_head(M*_snapshot(q))."""
         mem = self.memory
         H, eps = mem.cfg.heads, mem.cfg.norm_eps
-        q = l2_normalize(silu(torch.matmul(u, self.retrieve.w.t())), H, eps)
+        q = l2_normalize(q_raw, H, eps)
         r = mem._unheads(memory_apply(mem.mem, snapshot, mem._heads(q), mem.head_gain()))
         return self.retrieve.gain[:, 0] * rms_normalize(r, H, eps)
 
     def _mac(self, u: torch.Tensor, state: "BlockState"):
         """Segments of C tokens aligned to the absolute position; a call may start or end inside
-        a segment (the state keeps the segment's [h, u] keys and values and the snapshot)."""
+        a segment (the state keeps the segment's [h, u] keys and values, or its u keys and values
+        with memory tokens, and the snapshot; memory tokens are recomputed from the snapshot)."""
         B, T, D = u.shape
         C = self.cfg.segment
         ms, snapshot = state.memory, state.snapshot
@@ -176,14 +196,19 @@ class Block(nn.Module):
             in_seg = (state.position + t) % C
             n = min(T - t, C - in_seg)
             useg = u[:, t:t + n]
-            h = self._retrieve(useg, snapshot)
-            kv = torch.stack([h, useg], dim=2).reshape(B, 2 * n, D)  # h_1, u_1, h_2, u_2, ...
+            h = self._retrieve(self._retrieval_queries(useg), snapshot)
             nc = ck.shape[2]
             i = torch.arange(n, device=u.device)
-            m = torch.arange(nc + 2 * n, device=u.device)
-            visible = m[None, :] <= nc + 2 * i[:, None] + 1
-            y, kn, vn = self.attention.attend(useg, range(in_seg, in_seg + n), kv,
-                                              [in_seg + j // 2 for j in range(2 * n)], p, visible, (ck, cv))
+            if self.cfg.has_retrieve_queries():  # Figure 3a: [persistent || h] then the segment, causal
+                prefix = h if p is None else torch.cat([p, h], dim=1)
+                kv, kpos = useg, range(in_seg, in_seg + n)
+                visible = torch.arange(nc + n, device=u.device)[None, :] <= nc + i[:, None]
+            else:
+                prefix = p
+                kv = torch.stack([h, useg], dim=2).reshape(B, 2 * n, D)  # h_1, u_1, h_2, u_2, ...
+                kpos = [in_seg + j // 2 for j in range(2 * n)]
+                visible = torch.arange(nc + 2 * n, device=u.device)[None, :] <= nc + 2 * i[:, None] + 1
+            y, kn, vn = self.attention.attend(useg, range(in_seg, in_seg + n), kv, kpos, prefix, visible, (ck, cv))
             z, ms = self.memory(y, ms)
             outs.append(self._gate(y, z))
             if in_seg + n == C:
@@ -249,9 +274,10 @@ class Block(nn.Module):
 @dataclass
 class BlockState:
     """Per-sequence state of a block, for a batch (C++ ``BlockState``): the memory layer's state,
-    the attention's KV cache (MAC: the current segment's interleaved [h, u] keys), MAC's
-    snapshot of the memory weights at the segment start, MAL's memory outputs at the persistent
-    tokens (B, N_p, D), whether the memory has been primed, and the position."""
+    the attention's KV cache (MAC: the current segment's interleaved [h, u] keys, or its u keys
+    with memory tokens), MAC's snapshot of the memory weights at the segment start, MAL's memory
+    outputs at the persistent tokens (B, N_p, D), whether the memory has been primed, and the
+    position."""
 
     memory: Optional[NeuralMemoryState]
     attention: Optional[AttentionState]

@@ -228,7 +228,7 @@ def model_metadata(c: ModelConfig) -> Dict[str, str]:
               "block.window": str(b.window), "block.segment": str(b.segment), "block.persistent": str(b.persistent),
               "block.ffn_hidden": str(b.ffn_hidden), "block.rope_base": format_real(b.rope_base),
               "block.attention_block": str(b.attention_block), "block.norm_eps": format_real(b.norm_eps),
-              "block.checkpoint_every": str(b.checkpoint_every),
+              "block.checkpoint_every": str(b.checkpoint_every), "block.memory_tokens": str(b.memory_tokens),
               "model.vocab": str(c.vocab), "model.layers": ",".join(c.layers), "model.tied": _b(c.tied),
               "model.norm_eps": format_real(c.norm_eps)})
     return m
@@ -343,7 +343,8 @@ def model_config_from_metadata(m: Mapping[str, str], where: str = "titans_torch.
         window=r.integer("block.window"), segment=r.integer("block.segment"),
         persistent=r.integer("block.persistent"), ffn_hidden=r.integer("block.ffn_hidden"),
         rope_base=r.real("block.rope_base", 10000.0), attention_block=r.integer("block.attention_block", 64),
-        norm_eps=r.real("block.norm_eps", 1e-6), checkpoint_every=r.integer("block.checkpoint_every", 1))
+        norm_eps=r.real("block.norm_eps", 1e-6), checkpoint_every=r.integer("block.checkpoint_every", 1),
+        memory_tokens=r.integer("block.memory_tokens", 0))
     memory = _memory_fields(r)
     r.finish()
     c = ModelConfig(vocab=vocab, layers=layers, block=BlockConfig(memory=NeuralMemoryConfig(**memory), **block),

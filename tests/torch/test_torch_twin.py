@@ -3,13 +3,14 @@
 
 - a model initialised and saved by C++ gives the same logits in PyTorch (1e-10 in double, 1e-4
   in float, both relative to max(1, max |logit|): the logits reach about 4, and in float the
-  five-block model differs by up to 1.5e-4 absolute), and a model made (and perturbed) in
-  PyTorch gives the same logits in C++;
+  five-block model differs by up to 1.5e-4 absolute; 1e-3 for the worst-conditioned model,
+  FLOAT_TOL_OF), and a model made (and perturbed) in PyTorch gives the same logits in C++;
 - the gradients of the mean cross-entropy agree between the C++ backward and PyTorch autograd;
 - a model trained a few steps in PyTorch, saved and loaded in C++, generates the same greedy tokens.
 
 Every comparison runs over twin_support.CONFIGS (all block kinds, memory depth 1 and 2, the
-bounded-update options on and off, tied and untied heads, with and without persistent tokens).
+bounded-update options on and off, tied and untied heads, with and without persistent tokens, both
+forms of MAC: interleaved retrieval and Figure 3a's memory tokens).
 """
 import os
 import sys
@@ -28,6 +29,10 @@ import titans_torch as tt  # noqa: E402
 
 DOUBLE_TOL = 1e-10
 FLOAT_TOL = 1e-4
+# Float precision is a property of the model: the perturbed MAC model with memory tokens is the
+# worst-conditioned one here. Against its exact (double) logits, its float logits are off by 5.5e-5
+# in PyTorch and 3.7e-4 in C++ (relative, measured), while the two agree to 4e-14 in double.
+FLOAT_TOL_OF = {"mac_tokens+mag_deep": 1e-3}
 GRAD_TOL = 1e-10  # relative to the largest gradient entry of the model
 SEQS = [[(7 * i + 3 * j + (i * i) % 5) % 13 for i in range(19)] for j in range(2)] + [[(5 * i + 1) % 13 for i in range(11)]]
 
@@ -110,7 +115,7 @@ class TwinTest(unittest.TestCase):
 
     def test_cpp_saved_model_same_logits_in_torch(self):
         for name in ts.CONFIGS:
-            for dtype, tol in (("f64", DOUBLE_TOL), ("f32", FLOAT_TOL)):
+            for dtype, tol in (("f64", DOUBLE_TOL), ("f32", FLOAT_TOL_OF.get(name, FLOAT_TOL))):
                 with self.subTest(config=name, dtype=dtype):
                     cfg, path = self.cpp_model(name, dtype)
                     loaded = tt.load_model(path)
@@ -121,7 +126,8 @@ class TwinTest(unittest.TestCase):
 
     def test_torch_saved_model_same_logits_in_cpp(self):
         for name in ts.CONFIGS:
-            for dtype, tdtype, tol in (("f64", torch.float64, DOUBLE_TOL), ("f32", torch.float32, FLOAT_TOL)):
+            for dtype, tdtype, tol in (("f64", torch.float64, DOUBLE_TOL),
+                                       ("f32", torch.float32, FLOAT_TOL_OF.get(name, FLOAT_TOL))):
                 with self.subTest(config=name, dtype=dtype):
                     model = self.torch_model(name, tdtype)
                     path = self.path(f"torch_{name}_{dtype}.safetensors")
@@ -187,6 +193,7 @@ class TwinTest(unittest.TestCase):
         targets = torch.tensor([seq[1:]])
         for name, dtype, tdtype in (("mac+swa_deep_bounded", "f64", torch.float64),
                                     ("mal_gelu_per_chunk", "f64", torch.float64),
+                                    ("mac_tokens+mag_deep", "f64", torch.float64),
                                     ("mac+swa_deep_bounded", "f32", torch.float32)):
             with self.subTest(config=name, dtype=dtype):
                 torch.manual_seed(0)

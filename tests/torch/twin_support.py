@@ -46,12 +46,13 @@ def read_sequences(path):
 
 
 def model_config(layers, *, dim=8, vocab=13, heads=2, attention_heads=2, depth=2, window=4, segment=5,
-                 persistent=2, chunk=3, conv=4, tied=True, attention_block=64, **memory):
+                 persistent=2, chunk=3, conv=4, tied=True, attention_block=64, memory_tokens=0, **memory):
     import titans_torch as tt
     mem = tt.NeuralMemoryConfig(dim=dim, heads=heads, depth=depth, expansion=2, chunk_size=chunk,
                                 conv_kernel=conv, **memory)
     block = tt.BlockConfig(dim=dim, attention_heads=attention_heads, window=window, segment=segment,
-                           persistent=persistent, ffn_hidden=0, attention_block=attention_block, memory=mem)
+                           persistent=persistent, ffn_hidden=0, attention_block=attention_block,
+                           memory_tokens=memory_tokens, memory=mem)
     return tt.ModelConfig(vocab=vocab, layers=list(layers), block=block, tied=tied)
 
 
@@ -60,7 +61,9 @@ def model_config(layers, *, dim=8, vocab=13, heads=2, attention_heads=2, depth=2
 # act on some tokens) and off, η_max < 1 and = 1, per-chunk gates, SiLU / GELU / identity, no
 # convolution, tied and untied heads, with and without persistent tokens, MAC segments that are
 # and are not multiples of the chunk size, windows shorter than the sequence, and sliding-window
-# attention in query blocks (attention_block) smaller than the sequence and than the window.
+# attention in query blocks (attention_block) smaller than the sequence and than the window, MAC's
+# Figure 3a form (memory_tokens: fewer and more memory tokens than a segment holds), and the gate
+# bounds α_max < 1 and the ablations α_max = η_max = 0.
 CONFIGS = {
     "mac+swa_deep_bounded": dict(layers=["mac", "swa"], depth=2, surprise_clamp=2.0, eta_max=0.9, segment=5,
                                  chunk=3, tied=True, persistent=2, attention_block=4),
@@ -74,4 +77,8 @@ CONFIGS = {
                                  surprise_clamp=1.0),
     "all_kinds_deep": dict(layers=["swa", "lmm", "mal", "mag", "mac"], depth=2, per_chunk_gates=True, chunk=2,
                            segment=3, window=3, tied=False, persistent=1, surprise_clamp=3.0, attention_block=5),
+    "mac_tokens+mag_deep": dict(layers=["mac", "mag"], memory_tokens=3, depth=2, segment=5, chunk=3, persistent=2,
+                                surprise_clamp=2.0, alpha_max=0.5, attention_block=4),
+    "mac_tokens_linear_ablation": dict(layers=["mac"], memory_tokens=7, depth=1, segment=4, chunk=2, persistent=0,
+                                       tied=False, alpha_max=0.0, eta_max=0.0, surprise_clamp=0.0),
 }
