@@ -11,6 +11,7 @@
 // Every command prints a Markdown table and writes <out>.md, <out>.csv and (with gnuplot) <out>.png.
 #include "experiments.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -134,6 +135,26 @@ int run_tables(const Command& cmd, const te::Settings& s, const te::Corpus& corp
     for (const auto& r : lm) {
       c.names.push_back(r.name);
       c.y.push_back(r.by_span);
+    }
+    // SWA's prediction depends only on the last span of bytes (past the first span), so its curve
+    // is the text's own difficulty at each position; each model minus SWA removes it.
+    const auto swa = std::find_if(lm.begin(), lm.end(), [](const te::LmRow& r) { return r.name == "SWA"; });
+    te::Curves d{"position", c.x, {}, {}};
+    if (swa != lm.end())
+      for (const auto& r : lm) {
+        if (&r == &*swa) continue;
+        d.names.push_back(r.name);
+        d.y.emplace_back();
+        for (std::size_t i = 0; i < r.by_span.size(); ++i) d.y.back().push_back(r.by_span[i] - swa->by_span[i]);
+      }
+    if (out.enabled() && !d.names.empty()) {
+      d.write_csv(out.csv("_vs_swa"));
+      d.plot(out.csv("_vs_swa"), out.png("_vs_swa"),
+             "set xlabel 'position in the context (bytes)'\nset ylabel 'bits/byte minus SWA at the same positions'\n"
+             "set title 'Each model against sliding-window attention (span " + std::to_string(s.base.span) + ")'\n"
+             "set arrow from " + std::to_string(s.base.span) + ", graph 0 to " + std::to_string(s.base.span) +
+                 ", graph 1 nohead dt 3",
+             ", 0 with lines dt 2 lc rgb 'black' title 'SWA'");
     }
     if (out.enabled()) {
       c.write_csv(out.csv());
