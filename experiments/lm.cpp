@@ -12,9 +12,13 @@ namespace titans_experiments {
 
 namespace {
 
-// Forward cost relative to a training step (forward + backward of `batch` sequences): about a
-// third per sequence.
-double eval_units(const Settings& s) { return static_cast<double>(s.eval_windows) / static_cast<double>(s.train.batch) / 3.0; }
+// Progress units (experiments.hpp): a training step's tokens x width, a forward a third of that.
+double step_units(const Settings& s) {
+  return static_cast<double>(s.train.batch * s.base.context * s.base.dim);
+}
+double eval_units(const Settings& s) {
+  return static_cast<double>(s.eval_windows * s.base.context * s.base.dim) / 3.0;
+}
 
 // Mean loss in nats at each position over the validation windows, and the forward throughput.
 std::vector<double> loss_by_position(const Settings& s, const Corpus& corpus, const Model& model, const Params& params,
@@ -62,7 +66,7 @@ double unigram_bits(const std::vector<unsigned char>& text) {
   return bits;
 }
 
-double lm_work(const Settings& s) { return static_cast<double>(s.train.steps) + eval_units(s); }
+double lm_work(const Settings& s) { return static_cast<double>(s.train.steps) * step_units(s) + eval_units(s); }
 
 std::vector<LmRow> run_lm(const Settings& s, const Corpus& corpus, const std::vector<Variant>& variants, Progress& progress) {
   const Index T = s.base.context, span = s.base.span;
@@ -97,7 +101,7 @@ std::vector<LmRow> run_lm(const Settings& s, const Corpus& corpus, const std::ve
           char what[160];
           std::snprintf(what, sizeof what, "[%s] step %ld/%ld, train %.3f bits/byte", row.name.c_str(), step + 1, ts.steps,
                         shown / kLn2);
-          progress.advance(1, what, step + 1 == ts.steps);
+          progress.advance(step_units(s), what, step + 1 == ts.steps);
         });
     row.train_tokens_per_s = static_cast<double>(ts.steps * ts.batch * T) / seconds_since(t0);
     const std::vector<double> loss = loss_by_position(s, corpus, model, params, row.eval_tokens_per_s);

@@ -137,15 +137,24 @@ std::pair<long, long> training_spans(const Settings& s, long step) {
   return {std::min(2L, s.train_max), first + static_cast<long>(std::lround(g * static_cast<double>(s.train_max - first)))};
 }
 
+// Progress units (experiments.hpp): tokens x width of training, a third of that for a forward.
 double eval_units(const Settings& s, std::size_t tasks) {
-  // Forward tokens of the evaluation relative to a training step's tokens (a third each).
   double tokens = 0;
-  for (long m = 1; m <= s.eval_max; m *= 2) tokens += static_cast<double>(m * s.needle_base.span);
-  const double step_tokens = static_cast<double>(s.needle_train.batch) * 0.5 * static_cast<double>(s.train_max * s.needle_base.span);
-  return tokens * static_cast<double>(s.eval_n) * static_cast<double>(tasks) / step_tokens / 3.0;
+  for (long m = 1; m <= s.eval_max; m *= 2) tokens += static_cast<double>(std::max(m * s.needle_base.span, Generator::min_length()));
+  return tokens * static_cast<double>(s.eval_n * s.needle_base.dim) * static_cast<double>(tasks) / 3.0;
+}
+// The expected tokens x width of training step `step` (the curriculum's mean length), and of all.
+double step_units(const Settings& s, long step) {
+  const auto [lo, hi] = training_spans(s, step);
+  return 0.5 * static_cast<double>((lo + hi) * s.needle_base.span * s.needle_train.batch * s.needle_base.dim);
+}
+double train_units(const Settings& s) {
+  double units = 0;
+  for (long step = 0; step < s.needle_train.steps; ++step) units += step_units(s, step);
+  return units;
 }
 
-// A fresh model trained on the mixed needles.
+// A fresh model trained on the needles of `tasks` (one per sequence).
 Params train_needles(const Settings& s, const Model& model, const std::string& name, const std::vector<Task>& tasks,
                      const Generator& gen, Progress& progress, double& tokens_per_s, Losses* losses = nullptr) {
   Params params = model.init(s.needle_train.seed);
@@ -171,7 +180,7 @@ Params train_needles(const Settings& s, const Model& model, const std::string& n
         shown = step == 0 ? loss : 0.95 * shown + 0.05 * loss;
         char what[160];
         std::snprintf(what, sizeof what, "[%s] needle step %ld/%ld, loss %.3f", name.c_str(), step + 1, s.needle_train.steps, shown);
-        progress.advance(1, what, step + 1 == s.needle_train.steps);
+        progress.advance(step_units(s, step), what, step + 1 == s.needle_train.steps);
       });
   tokens_per_s = tokens / seconds_since(t0);
   if (losses) *losses = l;
@@ -233,7 +242,7 @@ std::vector<std::string> needle_tasks(const std::string& list) {
 
 double needle_work(const Settings& s) {
   const auto tasks = static_cast<double>(needle_tasks(s.tasks).size());
-  return tasks * static_cast<double>(s.needle_train.steps) + eval_units(s, needle_tasks(s.tasks).size());
+  return tasks * train_units(s) + eval_units(s, needle_tasks(s.tasks).size());
 }
 
 NeedleResults run_needle(const Settings& s, const Corpus& corpus, const std::vector<Variant>& variants, Progress& progress) {
@@ -283,7 +292,7 @@ int run_reach(const Settings& s, const Corpus& corpus, const std::vector<Variant
   Needles nd = needles_of(corpus);
   nd.train.words = nd.eval.words = &nd.words;
   const std::vector<Task> tasks{Task::passkey};
-  Progress progress(static_cast<double>(s.needle_train.steps) * static_cast<double>(variants.size()), s.quiet);
+  Progress progress(train_units(s) * static_cast<double>(variants.size()), s.quiet);
   const std::vector<titans::ModelConfig> cfgs = equal_size_configs(variants, with_needle_vocab(s.needle_base));
   const double chance = 1.0 / kValues;
   // Recall has reached chance when the accuracy is within two binomial standard deviations of it.

@@ -175,8 +175,9 @@ inline std::vector<titans::ModelConfig> equal_size_configs(const std::vector<Var
   return cfgs;
 }
 
-/// Progress of a whole experiment (every model's training and evaluation counted in work units):
-/// one line rewritten in place on a terminal, with the time left for all of it.
+/// Progress of a whole experiment: one line rewritten in place on a terminal, with the time left
+/// for all of it. Work is counted in tokens x model width (a training step's tokens, a third for
+/// a forward-only token), so language-model and needle steps of different sizes weigh what they cost.
 class Progress {
  public:
   Progress(double total_units, bool quiet) : total_(total_units), quiet_(quiet), t0_(std::chrono::steady_clock::now()) {}
