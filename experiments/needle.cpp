@@ -116,11 +116,11 @@ struct Generator {
 };
 
 // Whether every answer position's argmax is its target.
-bool answered(const titans::Matrix<float>& logits, const std::vector<int>& targets, Index offset) {
+bool answered(const titans::Matrix<float>& logits, const std::vector<int>& targets) {
   for (std::size_t t = 0; t < targets.size(); ++t) {
     if (targets[t] < 0) continue;
     Index best = 0;
-    logits.col(static_cast<Index>(t) - offset).maxCoeff(&best);
+    logits.col(static_cast<Index>(t)).maxCoeff(&best);
     if (best != targets[t]) return false;
   }
   return true;
@@ -154,8 +154,8 @@ double train_units(const Settings& s) {
   return units;
 }
 
-// A fresh model trained on the needles of `tasks` (one per sequence).
-Params train_needles(const Settings& s, const Model& model, const std::string& name, const std::vector<Task>& tasks,
+// A fresh model trained on needles of `task`.
+Params train_needles(const Settings& s, const Model& model, const std::string& name, Task task,
                      const Generator& gen, Progress& progress, double& tokens_per_s, Losses* losses = nullptr) {
   Params params = model.init(s.needle_train.seed);
   const Index span = s.needle_base.span;
@@ -169,7 +169,6 @@ Params train_needles(const Settings& s, const Model& model, const std::string& n
         const auto [lo, hi] = training_spans(s, step);
         for (long k = 0; k < s.needle_train.batch; ++k) {
           const long spans = lo + static_cast<long>(rng.below(static_cast<std::uint64_t>(hi - lo + 1)));
-          const Task task = tasks[static_cast<std::size_t>(rng.below(tasks.size()))];
           Example e = gen.make(task, spans * span, rng);
           tokens += static_cast<double>(e.tokens.size());
           in.push_back(std::move(e.tokens));
@@ -197,26 +196,25 @@ double accuracy(const Model& model, const Params& params, const Generator& gen, 
   titans::detail::for_each_head(static_cast<Index>(ex.size()), [&](Index i) {
     auto state = model.initial_state(params);
     const auto& e = ex[static_cast<std::size_t>(i)];
-    ok[static_cast<std::size_t>(i)] = answered(model.forward(params, e.tokens, state), e.targets, 0);
+    ok[static_cast<std::size_t>(i)] = answered(model.forward(params, e.tokens, state), e.targets);
   });
   long right = 0;
   for (int v : ok) right += v;
   return static_cast<double>(right) / static_cast<double>(n);
 }
 
+// The word list and the generators of training (haystacks from the training split) and
+// evaluation (from the validation split) needles.
 struct Needles {
-  std::vector<std::string> words;
-  Generator train, eval;
-};
+  explicit Needles(const Corpus& c) : corpus(&c), words(words_of(c.train)) {
+    if (words.empty()) throw std::runtime_error("experiments: the corpus has no words for the word needle");
+  }
+  Generator train() const { return {&corpus->train, &words}; }
+  Generator eval() const { return {&corpus->validation, &words}; }
 
-Needles needles_of(const Corpus& corpus) {
-  Needles n;
-  n.words = words_of(corpus.train);
-  if (n.words.empty()) throw std::runtime_error("experiments: the corpus has no words for the word needle");
-  n.train = {&corpus.train, &n.words};
-  n.eval = {&corpus.validation, &n.words};
-  return n;
-}
+  const Corpus* corpus;
+  std::vector<std::string> words;
+};
 
 Base with_needle_vocab(Base b) {
   b.vocab = kVocab;
@@ -256,8 +254,7 @@ NeedleResults run_needle(const Settings& s, const Corpus& corpus, const std::vec
     r.multiples.push_back(m);
     r.contexts.push_back(std::max(m * s.needle_base.span, Generator::min_length()));
   }
-  Needles nd = needles_of(corpus);
-  nd.train.words = nd.eval.words = &nd.words;
+  const Needles nd(corpus);
   const std::vector<titans::ModelConfig> cfgs = equal_size_configs(variants, with_needle_vocab(s.needle_base));
   const double per_eval = eval_units(s, tasks.size()) / static_cast<double>(r.contexts.size() * tasks.size());
   for (std::size_t m = 0; m < variants.size(); ++m) {
@@ -271,13 +268,13 @@ NeedleResults run_needle(const Settings& s, const Corpus& corpus, const std::vec
     for (std::size_t k = 0; k < tasks.size(); ++k) {
       double tps = 0;
       Losses l;
-      const Params params = train_needles(s, model, row.name + ", " + r.tasks[k], {tasks[k]}, nd.train, progress, tps, &l);
+      const Params params = train_needles(s, model, row.name + ", " + r.tasks[k], tasks[k], nd.train(), progress, tps, &l);
       row.train_tokens_per_s += tps / static_cast<double>(tasks.size());
       row.train_loss.push_back(l);
       row.accuracy.emplace_back();
       for (std::size_t i = 0; i < r.contexts.size(); ++i) {
         row.accuracy.back().push_back(
-            accuracy(model, params, nd.eval, tasks[k], r.contexts[i], s.eval_n, s.needle_train.seed * 1000 + 17 * k + i));
+            accuracy(model, params, nd.eval(), tasks[k], r.contexts[i], s.eval_n, s.needle_train.seed * 1000 + 17 * k + i));
         progress.advance(per_eval, "[" + row.name + "] " + r.tasks[k] + " at " + std::to_string(r.contexts[i]) + " tokens");
       }
     }
@@ -289,9 +286,7 @@ NeedleResults run_needle(const Settings& s, const Corpus& corpus, const std::vec
 int run_reach(const Settings& s, const Corpus& corpus, const std::vector<Variant>& variants) {
   const Index span = s.needle_base.span;
   const long piece = 4096;  // tokens per forward call: the state carries the rest
-  Needles nd = needles_of(corpus);
-  nd.train.words = nd.eval.words = &nd.words;
-  const std::vector<Task> tasks{Task::passkey};
+  const Needles nd(corpus);
   Progress progress(train_units(s) * static_cast<double>(variants.size()), s.quiet);
   const std::vector<titans::ModelConfig> cfgs = equal_size_configs(variants, with_needle_vocab(s.needle_base));
   const double chance = 1.0 / kValues;
@@ -304,7 +299,7 @@ int run_reach(const Settings& s, const Corpus& corpus, const std::vector<Variant
   for (std::size_t m = 0; m < variants.size(); ++m) {
     const Model model(cfgs[m]);
     double train_tps = 0;
-    const Params params = train_needles(s, model, variants[m].name, tasks, nd.train, progress, train_tps);
+    const Params params = train_needles(s, model, variants[m].name, Task::passkey, nd.train(), progress, train_tps);
     progress.clear();
     acc.emplace_back(lengths.size(), std::nan(""));
     tps.emplace_back(lengths.size(), std::nan(""));
