@@ -3,8 +3,10 @@
 // \file bench_gemm_backends.hpp
 // \brief Other GEMM libraries as yardsticks beside Eigen, each optional: OpenBLAS through its
 // CBLAS interface (cblas_sgemm / cblas_dgemm) when TITANS_BENCH_HAVE_OPENBLAS is defined, BLIS
-// through its native typed API (bli_sgemm / bli_dgemm) when TITANS_BENCH_HAVE_BLIS is defined.
-// benchmarks/CMakeLists.txt finds the libraries and defines the macros.
+// through its native typed API (bli_sgemm / bli_dgemm) when TITANS_BENCH_HAVE_BLIS is defined,
+// libxsmm (libxsmm_sgemm / libxsmm_dgemm: its own run-time generated kernels for the small
+// products, OpenBLAS's sgemm_ for the others) when TITANS_BENCH_HAVE_LIBXSMM is defined, which
+// needs OpenBLAS as well. benchmarks/CMakeLists.txt finds the libraries and defines the macros.
 //
 // Both in one program. Debian's libblis (0.9) exports the whole BLAS and CBLAS interface too
 // (sgemm_, cblas_sgemm, xerbla_, ...: 306 names in common with libopenblas), without symbol
@@ -30,6 +32,10 @@
 #include <cblas.h>
 #endif
 
+#ifdef TITANS_BENCH_HAVE_LIBXSMM
+#include <libxsmm.h>
+#endif
+
 #ifdef TITANS_BENCH_HAVE_BLIS
 #ifndef BLIS_DISABLE_BLAS_DEFS
 #define BLIS_DISABLE_BLAS_DEFS
@@ -41,6 +47,8 @@
 #include <dlfcn.h>
 #define TITANS_BENCH_HAVE_DLADDR 1
 #endif
+
+#include <benchmark/benchmark.h>
 
 #include <initializer_list>
 #include <string>
@@ -78,6 +86,7 @@ struct OpenBlasGemm {
     }
     return {};
   }
+  void report(benchmark::State&) const {}
   void operator()(bool ta, bool tb, Index m, Index n, Index k, float alpha, const float* a, Index lda, const float* b,
                   Index ldb, float beta, float* c, Index ldc) const {
     cblas_sgemm(CblasColMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, blasint(m), blasint(n),
@@ -99,6 +108,7 @@ struct BlisGemm {
   static const char* name() { return "BLIS"; }
   static void use_one_thread() { bli_thread_set_num_threads(1); }
   static std::string check_binding() { return {}; }  // bli_ names exist only in BLIS
+  void report(benchmark::State&) const {}
   void operator()(bool ta, bool tb, Index m, Index n, Index k, float alpha, const float* a, Index lda, const float* b,
                   Index ldb, float beta, float* c, Index ldc) const {
     bli_sgemm(ta ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE, tb ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE, dim_t(m), dim_t(n),
@@ -114,6 +124,60 @@ struct BlisGemm {
 };
 #endif
 
+#ifdef TITANS_BENCH_HAVE_LIBXSMM
+/// C = α·op(A)·op(B) + β·C through libxsmm_?gemm, column-major: libxsmm runs a product in a
+/// kernel it generates for this CPU when the product is small enough (LIBXSMM_SMM, m·n·k ≤ 64³
+/// by default) and such a kernel exists for its transposes, else it calls the BLAS sgemm_ /
+/// dgemm_ (here OpenBLAS's). The functor asks libxsmm the same two questions for every product
+/// it issues and reports `own_kernels_pct`: the share of the flops that ran in libxsmm's kernels.
+struct LibxsmmGemm {
+  static const char* name() { return "libxsmm"; }
+  static void use_one_thread() { openblas_set_num_threads(1); }  // its fallback's threads
+  /// Empty if libxsmm's fallback sgemm_ / dgemm_ are OpenBLAS's, otherwise why not.
+  static std::string check_binding() {
+    for (const char* sym : {"sgemm_", "dgemm_"}) {
+      const std::string lib = provider_of(sym);
+      if (lib != "unknown" && lib.find("openblas") == std::string::npos)
+        return std::string(sym) + " resolves to " + lib + ", not OpenBLAS (libxsmm's fallback)";
+    }
+    return {};
+  }
+  void report(benchmark::State& state) const {
+    if (flops_ > 0) state.counters["own_kernels_pct"] = 100.0 * own_flops_ / flops_;
+  }
+  void operator()(bool ta, bool tb, Index m, Index n, Index k, float alpha, const float* a, Index lda, const float* b,
+                  Index ldb, float beta, float* c, Index ldc) const {
+    run<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  void operator()(bool ta, bool tb, Index m, Index n, Index k, double alpha, const double* a, Index lda, const double* b,
+                  Index ldb, double beta, double* c, Index ldc) const {
+    run<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+ private:
+  template <class S>
+  void run(bool ta, bool tb, Index m, Index n, Index k, S alpha, const S* a, Index lda, const S* b, Index ldb, S beta,
+           S* c, Index ldc) const {
+    const char tra = ta ? 't' : 'n', trb = tb ? 't' : 'n';
+    const libxsmm_blasint lm = libxsmm_blasint(m), ln = libxsmm_blasint(n), lk = libxsmm_blasint(k),
+                          la = libxsmm_blasint(lda), lb = libxsmm_blasint(ldb), lc = libxsmm_blasint(ldc);
+    const double flops = 2.0 * double(m) * double(n) * double(k);
+    flops_ += flops;
+    const int flags = LIBXSMM_GEMM_PFLAGS(&tra, &trb, LIBXSMM_FLAGS);  // as libxsmm_?gemm computes them
+    bool own = LIBXSMM_SMM(lm, ln, lk, 2, sizeof(S));
+    if constexpr (std::is_same_v<S, float>) {
+      own = own && libxsmm_smmdispatch(lm, ln, lk, &la, &lb, &lc, &alpha, &beta, &flags, nullptr) != nullptr;
+      libxsmm_sgemm(&tra, &trb, &lm, &ln, &lk, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    } else {
+      own = own && libxsmm_dmmdispatch(lm, ln, lk, &la, &lb, &lc, &alpha, &beta, &flags, nullptr) != nullptr;
+      libxsmm_dgemm(&tra, &trb, &lm, &ln, &lk, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    }
+    if (own) own_flops_ += flops;
+  }
+  mutable double flops_ = 0, own_flops_ = 0;
+};
+#endif
+
 /// "Eigen, OpenBLAS (cblas_?gemm), BLIS (bli_?gemm)": the GEMM backends compiled in.
 inline std::string gemm_backends() {
   std::string s = "Eigen";
@@ -122,6 +186,9 @@ inline std::string gemm_backends() {
 #endif
 #ifdef TITANS_BENCH_HAVE_BLIS
   s += ", BLIS (native bli_?gemm)";
+#endif
+#ifdef TITANS_BENCH_HAVE_LIBXSMM
+  s += ", libxsmm (libxsmm_?gemm, OpenBLAS for the larger products)";
 #endif
   return s;
 }

@@ -1,15 +1,20 @@
 # GEMM backends of titans (include/titans/detail/gemm.hpp; README, "GEMM backends").
 #
 #   titans_gemm_backend(<backend> <found_var>)
-#     <backend> is openblas or blis. Looks for the library and its CBLAS header and, when both
-#     are found, defines the INTERFACE target titans::<backend>: titans::titans with
-#     TITANS_GEMM_CBLAS (the library's large products call cblas_sgemm / cblas_dgemm) and the
-#     library linked. Only those products change: no other Eigen product of the program does,
-#     unlike EIGEN_USE_BLAS. Sets <found_var> to TRUE or FALSE; the message names the Debian
-#     package when the library is missing.
+#     <backend> is openblas, blis or libxsmm. Looks for the library and its header and, when
+#     both are found, defines the INTERFACE target titans::<backend>: titans::titans with the
+#     library linked and
+#       - openblas, blis: TITANS_GEMM_CBLAS (the library's large products call cblas_sgemm /
+#         cblas_dgemm);
+#       - libxsmm: TITANS_GEMM_LIBXSMM (they call libxsmm_sgemm / libxsmm_dgemm, which run the
+#         small ones in libxsmm's JIT-generated kernels and hand the others to the BLAS sgemm_ /
+#         dgemm_ linked with it: OpenBLAS, which is therefore required too).
+#     Only those products change: no other Eigen product of the program does, unlike
+#     EIGEN_USE_BLAS. Sets <found_var> to TRUE or FALSE; the message names the Debian package
+#     when a library is missing.
 #
 # Used by the project (the option TITANS_GEMM) and by the installed package (the components
-# `openblas` and `blis` of find_package(titans)). Every translation unit of a program must see
+# `openblas`, `blis` and `libxsmm` of find_package(titans)). Every translation unit of a program must see
 # the same backend: link titans::<backend> (and build titans::compiled with it) everywhere.
 include_guard(GLOBAL)
 
@@ -34,8 +39,27 @@ function(titans_gemm_backend backend found_var)
     find_library(TITANS_BLIS_LIBRARY NAMES blis)
     set(include_dir "${TITANS_BLIS_INCLUDE_DIR}")
     set(library "${TITANS_BLIS_LIBRARY}")
+  elseif(backend STREQUAL "libxsmm")
+    # Debian ships libxsmm as static, position-independent archives; its sgemm_ fallback for
+    # the products too large for its kernels binds to OpenBLAS, linked after it.
+    find_path(TITANS_LIBXSMM_INCLUDE_DIR NAMES libxsmm.h)
+    find_library(TITANS_LIBXSMM_LIBRARY NAMES xsmm)
+    find_library(TITANS_OPENBLAS_LIBRARY NAMES openblas)
+    if(NOT TITANS_LIBXSMM_INCLUDE_DIR OR NOT TITANS_LIBXSMM_LIBRARY OR NOT TITANS_OPENBLAS_LIBRARY)
+      message(STATUS "titans: the libxsmm GEMM backend needs libxsmm and OpenBLAS "
+                     "(on Debian/Ubuntu: apt-get install libxsmm-dev libopenblas-dev)")
+      return()
+    endif()
+    find_package(Threads REQUIRED)
+    add_library(titans::libxsmm INTERFACE IMPORTED GLOBAL)
+    target_include_directories(titans::libxsmm SYSTEM INTERFACE "${TITANS_LIBXSMM_INCLUDE_DIR}")
+    target_compile_definitions(titans::libxsmm INTERFACE TITANS_GEMM_LIBXSMM)
+    target_link_libraries(titans::libxsmm INTERFACE titans::titans "${TITANS_LIBXSMM_LIBRARY}"
+                          "${TITANS_OPENBLAS_LIBRARY}" Threads::Threads ${CMAKE_DL_LIBS} m)
+    set(${found_var} TRUE PARENT_SCOPE)
+    return()
   else()
-    message(FATAL_ERROR "titans_gemm_backend: backend '${backend}', expected openblas or blis")
+    message(FATAL_ERROR "titans_gemm_backend: backend '${backend}', expected openblas, blis or libxsmm")
   endif()
   if(NOT include_dir OR NOT library OR NOT EXISTS "${include_dir}/cblas.h")
     message(STATUS "titans: the ${backend} GEMM backend needs ${backend} and its cblas.h "
