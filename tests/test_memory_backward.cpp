@@ -47,7 +47,9 @@ Mat<S> forward_settled(const MemoryConfig& cfg, Index b, const titans::KernelInp
 // A state `prefix` tokens into a stream (non-zero momentum; chunk_start set when inside a chunk).
 MemoryState<double> make_state(const MemoryConfig& cfg, Index b, Index prefix, std::uint64_t seed) {
   auto st = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, seed));
-  const Problem pre = make_problem(cfg.dim, prefix, seed + 1000);
+  Problem pre = make_problem(cfg.dim, prefix, seed + 1000);
+  titans_test::scale_steps_for_bias(cfg, pre);
+  titans_test::calibrate_threshold(cfg, st.weights, pre);
   forward_settled<double>(cfg, b, pre, st);
   return st;
 }
@@ -127,25 +129,30 @@ double grads_rel(const titans::MemoryKernelGradients<double>& a, const titans::M
 // Start/end placement of the call relative to chunk boundaries.
 enum Placement { kBoundaryToBoundary, kBoundaryToInside, kInsideToInside, kInsideToBoundary };
 
-using AdCase = std::tuple<Index /*L*/, Activation, int /*form*/, Index /*b*/, int /*gates*/, int /*placement*/>;
+using titans::AttentionalBias;
+using AdCase = std::tuple<Index /*L*/, Activation, int /*form*/, Index /*b*/, int /*gates*/, int /*placement*/,
+                          AttentionalBias>;
 
 std::string ad_case_name(const AdCase& c) {
   static const char* placements[] = {"boundary_boundary", "boundary_inside", "inside_inside", "inside_boundary"};
+  const AttentionalBias bias = std::get<6>(c);
   return "L" + std::to_string(std::get<0>(c)) + "_" + titans::to_string(std::get<1>(c)) + "_" +
          titans_test::form_name(std::get<2>(c)) + "_b" + std::to_string(std::get<3>(c)) +
-         (std::get<4>(c) ? "_extreme_" : "_") + placements[std::get<5>(c)];
+         (std::get<4>(c) ? "_extreme_" : "_") + placements[std::get<5>(c)] +
+         (bias == AttentionalBias::l2 ? "" : std::string("_") + titans::to_string(bias));
 }
 
 class BackwardVsForwardMode : public ::testing::TestWithParam<AdCase> {};
 
 TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
-  const auto [L, act, form, b, gates, placement] = GetParam();
+  const auto [L, act, form, b, gates, placement, bias] = GetParam();
   MemoryConfig cfg;
   cfg.dim = 4;
   cfg.depth = L;
   cfg.expansion = 2;
   cfg.activation = act;
   titans_test::apply_form(cfg, form);
+  titans_test::apply_bias(cfg, bias);
   const bool start_inside = placement == kInsideToInside || placement == kInsideToBoundary;
   const bool want_end_inside = placement == kBoundaryToInside || placement == kInsideToInside;
   const Index prefix = start_inside ? (placement == kInsideToInside ? 2 * b - 1 : b + 1) : b;
@@ -155,8 +162,10 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
   const bool ends_inside = (prefix + T) % b != 0;
   const std::uint64_t seed = static_cast<std::uint64_t>(L * 1000 + b * 100 + gates * 10 + placement) +
                              static_cast<std::uint64_t>(form) * 7 + static_cast<std::uint64_t>(act) * 50000;
-  const Problem p = make_problem(cfg.dim, T, seed, gates);
+  Problem p = make_problem(cfg.dim, T, seed, gates);
+  titans_test::scale_steps_for_bias(cfg, p);
   const MemoryState<double> st0 = make_state(cfg, b, prefix, seed + 1);
+  titans_test::calibrate_threshold(cfg, st0.weights, p);
   titans_test::calibrate_clamp(cfg, st0.weights, p);
   ASSERT_EQ(st0.chunk_start.empty(), prefix % b == 0);
   const Probe pr = make_probe(cfg, T, ends_inside, seed + 2);
@@ -167,9 +176,10 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
 
   // Directions: one over every input at once, then one per input tensor.
   titans::detail::Rng rng(seed + 3);
-  for (int which = -1; which < 10; ++which) {
+  for (int which = -1; which < 11; ++which) {
     if (which == 8 && st0.chunk_start.empty()) continue;
     if (which == 9 && !cfg.output_norm) continue;
+    if (which == 10 && cfg.bias != AttentionalBias::huber) continue;
     auto on = [&](int id) { return which < 0 || which == id; };
     auto dir_mat = [&](Index r, Index c, int id) {
       Mat<double> m = Mat<double>::Zero(r, c);
@@ -189,6 +199,7 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
     const Mat<double> dk = dir_mat(cfg.dim, T, 0), dv = dir_mat(cfg.dim, T, 1), dq = dir_mat(cfg.dim, T, 2);
     const Mat<double> da = dir_mat(T, 1, 3), de = dir_mat(T, 1, 4), dt = dir_mat(T, 1, 5);
     const Mat<double> dg = dir_mat(cfg.dim, 1, 9);
+    const Mat<double> dthr = dir_mat(p.threshold.size(), 1, 10);
     add(dk, g.inputs.k);
     add(dv, g.inputs.v);
     add(dq, g.inputs.q);
@@ -196,6 +207,7 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
     add(de, g.inputs.eta);
     add(dt, g.inputs.theta);
     if (cfg.output_norm) add(dg, g.inputs.gain);
+    if (cfg.bias == AttentionalBias::huber) add(dthr, g.inputs.threshold);
     std::vector<titans_test::Mat<Dual>> w, s, c;
     for (Index l = 0; l < L; ++l) {
       const Mat<double> dw = dir_mat(cfg.layer_out(l), cfg.layer_in(l), 6);
@@ -211,7 +223,8 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
       }
     }
     const titans_test::RefInputs<Dual> in{dual(p.k, dk),     dual(p.v, dv),   dual(p.q, dq),    dual(p.alpha, da),
-                                          dual(p.eta, de), dual(p.theta, dt), dual(p.gain, dg)};
+                                          dual(p.eta, de), dual(p.theta, dt), dual(p.gain, dg),
+                                          dual(p.threshold, dthr)};
     const auto ref = titans_test::ref_chunk_loop<Dual>(cfg, b, st0.position, in, w, s, c);
     ASSERT_EQ(ref.c.empty(), !ends_inside);
     Dual j = 0;
@@ -226,7 +239,9 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
     ASSERT_TRUE(std::isfinite(j.d) && std::isfinite(predicted)) << j.v << " " << j.d << " " << predicted;
     // The loop's value is the kernel's (the reference itself is right, mid-chunk starts included).
     EXPECT_NEAR(j.v, j_lib, 1e-10 * std::max(1.0, std::abs(j_lib)));
-    EXPECT_LE(std::abs(j.d - predicted), 1e-10 * std::max(scale, 1e-12))
+    // The huber threshold's gradient (direction 10) vanishes where the clamp acts on every
+    // ‖r‖ > δ token (the clamped step θc·u/‖u‖ does not depend on u's scale): then both are rounding.
+    EXPECT_LE(std::abs(j.d - predicted), 1e-10 * std::max(scale, which == 10 ? 1e-4 : 1e-12))
         << "direction " << which << ": forward mode " << j.d << ", backward " << predicted << " (T " << T
         << ", start " << st0.position << ")";
     // The direction must actually move J (otherwise the comparison proves nothing).
@@ -243,7 +258,20 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Range(0, titans_test::kMemoryFormCount), ::testing::Values<Index>(1, 3, 4),
                        ::testing::Values(0, 1),
                        ::testing::Values(int{kBoundaryToBoundary}, int{kBoundaryToInside}, int{kInsideToInside},
-                                         int{kInsideToBoundary})),
+                                         int{kInsideToBoundary}),
+                       ::testing::Values(AttentionalBias::l2)),
+    [](const ::testing::TestParamInfo<AdCase>& info) { return ad_case_name(info.param); });
+
+// The other attentional biases (docs/MATH.md §11): their Hessians in the second-order backward,
+// and the huber threshold's gradient (direction 10), in every form, linear and deep.
+INSTANTIATE_TEST_SUITE_P(
+    Bias, BackwardVsForwardMode,
+    ::testing::Combine(::testing::Values<Index>(1, 2, 3), ::testing::Values(Activation::silu),
+                       ::testing::Range(0, titans_test::kMemoryFormCount), ::testing::Values<Index>(1, 3, 4),
+                       ::testing::Values(0, 1),
+                       ::testing::Values(int{kBoundaryToBoundary}, int{kBoundaryToInside}, int{kInsideToInside},
+                                         int{kInsideToBoundary}),
+                       ::testing::Values(AttentionalBias::huber, AttentionalBias::lp)),
     [](const ::testing::TestParamInfo<AdCase>& info) { return ad_case_name(info.param); });
 
 TEST(MemoryBackward, SecondDerivativeOfActivations) {
@@ -270,20 +298,26 @@ struct FdCase {
   Activation act;
   int form;  // into titans_test::kMemoryForms
   Index r;
+  AttentionalBias bias;
 };
 
 TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
   const FdCase cases[] = {
-      {2, 4, 6, 13, Activation::silu, 0, 1},      // starts and ends inside a chunk
-      {3, 3, 4, 11, Activation::gelu, 1, 2},      // starts inside, ends at a boundary
-      {1, 1, 0, 9, Activation::identity, 0, 1},   // token by token
-      {2, 5, 5, 12, Activation::gelu, 0, 3},      // starts at a boundary, ends inside
-      {2, 16, 3, 7, Activation::silu, 1, 1},      // one sub-chunk inside one chunk
-      {2, 4, 6, 13, Activation::silu, 3, 1},      // the normalised residual memory
-      {3, 3, 4, 11, Activation::gelu, 2, 2},      // the norm without the residual, checkpointed
-      {2, 4, 6, 13, Activation::silu, 5, 1},      // normalised residual memory with the clamp
-      {1, 1, 0, 9, Activation::identity, 4, 1},   // the clamp alone, token by token
-      {3, 5, 5, 12, Activation::gelu, 5, 3},      // everything, deeper, checkpointed
+      {2, 4, 6, 13, Activation::silu, 0, 1, AttentionalBias::l2},      // starts and ends inside a chunk
+      {3, 3, 4, 11, Activation::gelu, 1, 2, AttentionalBias::l2},      // starts inside, ends at a boundary
+      {1, 1, 0, 9, Activation::identity, 0, 1, AttentionalBias::l2},   // token by token
+      {2, 5, 5, 12, Activation::gelu, 0, 3, AttentionalBias::l2},      // starts at a boundary, ends inside
+      {2, 16, 3, 7, Activation::silu, 1, 1, AttentionalBias::l2},      // one sub-chunk inside one chunk
+      {2, 4, 6, 13, Activation::silu, 3, 1, AttentionalBias::l2},      // the normalised residual memory
+      {3, 3, 4, 11, Activation::gelu, 2, 2, AttentionalBias::l2},      // the norm without the residual, checkpointed
+      {2, 4, 6, 13, Activation::silu, 5, 1, AttentionalBias::l2},      // normalised residual memory with the clamp
+      {1, 1, 0, 9, Activation::identity, 4, 1, AttentionalBias::l2},   // the clamp alone, token by token
+      {3, 5, 5, 12, Activation::gelu, 5, 3, AttentionalBias::l2},      // everything, deeper, checkpointed
+      {2, 4, 6, 13, Activation::silu, 0, 1, AttentionalBias::huber},   // huber, with its thresholds
+      {1, 1, 0, 9, Activation::identity, 1, 1, AttentionalBias::huber},  // huber, linear, token by token
+      {3, 5, 5, 12, Activation::gelu, 5, 3, AttentionalBias::huber},   // huber with everything
+      {2, 4, 6, 13, Activation::silu, 3, 1, AttentionalBias::lp},      // lp, normalised residual memory
+      {1, 3, 4, 11, Activation::identity, 0, 2, AttentionalBias::lp},  // lp, linear, checkpointed
   };
   double worst = 0;
   for (const FdCase& fc : cases) {
@@ -293,9 +327,12 @@ TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
     cfg.expansion = 2;
     cfg.activation = fc.act;
     titans_test::apply_form(cfg, fc.form);
+    titans_test::apply_bias(cfg, fc.bias);
     const std::uint64_t seed = static_cast<std::uint64_t>(fc.L * 31 + fc.b * 7 + fc.prefix);
     Problem p = make_problem(cfg.dim, fc.T, seed);
+    titans_test::scale_steps_for_bias(cfg, p);
     MemoryState<double> st0 = make_state(cfg, fc.b, fc.prefix, seed + 1);
+    titans_test::calibrate_threshold(cfg, st0.weights, p);
     titans_test::calibrate_clamp(cfg, st0.weights, p);
     const Probe pr = make_probe(cfg, fc.T, (fc.prefix + fc.T) % fc.b != 0, seed + 2);
     const auto g = backward_of(cfg, fc.b, p, st0, pr, fc.r);
@@ -328,6 +365,7 @@ TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
     check("eta", p.eta, g.inputs.eta);
     check("theta", p.theta, g.inputs.theta);
     if (cfg.output_norm) check("gain", p.gain, g.inputs.gain);
+    if (cfg.bias == AttentionalBias::huber) check("threshold", p.threshold, g.inputs.threshold);
     for (Index l = 0; l < fc.L; ++l) {
       check("weights" + std::to_string(l), st0.weights[l], g.state.weights[l]);
       check("momentum" + std::to_string(l), st0.momentum[l], g.state.momentum[l]);

@@ -40,26 +40,29 @@ Problem make_problem(Index d, Index T, std::uint64_t seed, int gate_mode = 0) {
   return titans_test::make_memory_problem(d, T, seed, gate_mode, 0.0);
 }
 
-using Case = std::tuple<Index /*L*/, Index /*b*/, Activation, int /*form*/, int /*gates*/>;
+using titans::AttentionalBias;
+using Case = std::tuple<Index /*L*/, Index /*b*/, Activation, int /*form*/, int /*gates*/, AttentionalBias>;
 
 std::string case_name(const Case& c) {
+  const AttentionalBias bias = std::get<5>(c);
   return "L" + std::to_string(std::get<0>(c)) + "_b" + std::to_string(std::get<1>(c)) + "_" +
          titans::to_string(std::get<2>(c)) + "_" + titans_test::form_name(std::get<3>(c)) +
-         (std::get<4>(c) ? "_extreme" : "");
+         (std::get<4>(c) ? "_extreme" : "") + (bias == AttentionalBias::l2 ? "" : std::string("_") + titans::to_string(bias));
 }
 
 class DualForm : public ::testing::TestWithParam<Case> {};
 
 TEST_P(DualForm, EqualsChunkLoopAndStreams) {
-  const auto [L, b, act, form, gates] = GetParam();
+  const auto [L, b, act, form, gates, bias] = GetParam();
   MemoryConfig cfg;
   cfg.dim = 6;
   cfg.depth = L;
   cfg.expansion = 2;
   cfg.activation = act;
   titans_test::apply_form(cfg, form);
+  titans_test::apply_bias(cfg, bias);
   const Index T = 37;  // not a multiple of any b tested
-  const Problem p = make_problem(cfg.dim, T, 11 + static_cast<std::uint64_t>(L * 100 + b), gates);
+  Problem p = make_problem(cfg.dim, T, 11 + static_cast<std::uint64_t>(L * 100 + b), gates);
   const auto init = titans::init_memory_weights<double>(cfg, 5);
 
   // Start from a state with non-zero momentum: write a prefix first (through the reference).
@@ -71,13 +74,17 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
   state.momentum = r0.s;
   state.position = b;  // a chunk boundary
 
+  titans_test::scale_steps_for_bias(cfg, p);
+  titans_test::calibrate_threshold(cfg, r0.w, p);
   titans_test::calibrate_clamp(cfg, r0.w, p);
   const auto ref = titans_test::ref_chunk_loop(cfg, b, p, r0.w, r0.s);
   if (cfg.surprise_clamp > 0) {  // the clamp must act on some tokens and not on others
     int clamped = 0;
     for (Index t = 0; t < T; ++t) {
       double n2 = 0;
-      for (const auto& u : titans_test::ref_grad<double>(cfg, r0.w, p.k.col(t), p.v.col(t), p.gain)) n2 += u.squaredNorm();
+      for (const auto& u : titans_test::ref_grad<double>(cfg, r0.w, p.k.col(t), p.v.col(t), p.gain,
+                                                         p.threshold.size() ? p.threshold(t) : 1.0))
+        n2 += u.squaredNorm();
       clamped += std::sqrt(n2) > cfg.surprise_clamp;
     }
     EXPECT_GT(clamped, 0) << "at the start state";
@@ -87,6 +94,12 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
   const Mat<double> y = titans::memory_forward<double>(cfg, b, p, one);
   ASSERT_TRUE(ref.y.allFinite() && ref.w.back().allFinite()) << "test problem diverged";
   EXPECT_LT(rel_err(y, ref.y), 1e-10);
+  if (bias != AttentionalBias::l2 && gates == 0) {  // the bias must change the result (else the test proves nothing)
+    MemoryConfig l2 = cfg;
+    l2.bias = AttentionalBias::l2;
+    auto st = state;
+    EXPECT_GT(rel_err<double>(titans::memory_forward<double>(l2, b, p, st), y), 1e-4);
+  }
   // The call ends T % b tokens into a chunk: those are pending (W and S not yet written).
   EXPECT_EQ(one.pending_tokens(), T % b);
   const auto one_settled = settled(cfg, b, one);
@@ -134,7 +147,9 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
   // Streaming on from either form of the same state gives the same outputs: from the pending
   // form, from the settled one, and through the training forward (which settles first).
   {
-    const Problem more = make_problem(cfg.dim, 2 * b + 3, 77, gates);
+    Problem more = make_problem(cfg.dim, 2 * b + 3, 77, gates);
+    titans_test::scale_steps_for_bias(cfg, more);
+    titans_test::calibrate_threshold(cfg, one_settled.weights, more);
     auto from_pending = one, from_settled = one_settled, from_train = one;
     const Mat<double> a = titans::memory_forward<double>(cfg, b, more, from_pending);
     const Mat<double> c = titans::memory_forward<double>(cfg, b, more, from_settled);
@@ -158,7 +173,17 @@ INSTANTIATE_TEST_SUITE_P(
     Memory, DualForm,
     ::testing::Combine(::testing::Values<Index>(1, 2, 3), ::testing::Values<Index>(1, 4, 8, 16),
                        ::testing::Values(Activation::silu, Activation::gelu, Activation::identity),
-                       ::testing::Range(0, titans_test::kMemoryFormCount), ::testing::Values(0, 1)),
+                       ::testing::Range(0, titans_test::kMemoryFormCount), ::testing::Values(0, 1),
+                       ::testing::Values(AttentionalBias::l2)),
+    [](const ::testing::TestParamInfo<Case>& info) { return case_name(info.param); });
+
+// The other attentional biases (docs/MATH.md §11) in every form, linear and deep, with one
+// activation: the bias only changes δ_L, so the chunk algebra is the one tested above.
+INSTANTIATE_TEST_SUITE_P(
+    Bias, DualForm,
+    ::testing::Combine(::testing::Values<Index>(1, 2, 3), ::testing::Values<Index>(1, 4, 8),
+                       ::testing::Values(Activation::silu), ::testing::Range(0, titans_test::kMemoryFormCount),
+                       ::testing::Values(0, 1), ::testing::Values(AttentionalBias::huber, AttentionalBias::lp)),
     [](const ::testing::TestParamInfo<Case>& info) { return case_name(info.param); });
 
 TEST(DualForm, TokenLoopIsChunkSizeOne) {
@@ -204,15 +229,19 @@ TEST(DualForm, TokenLoopIsChunkSizeOne) {
 // nor re-allocated (the tokens are pending), at its end they are written once; the outputs and
 // the state equal one call's.
 TEST(MemoryKernel, DecodeWritesTheStateOncePerChunk) {
+  // Every bias (docs/MATH.md §11): the pending tokens keep δ_l, so the huber thresholds are read once.
+  for (AttentionalBias bias : {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp})
   for (Index L = 1; L <= 3; ++L) {
     MemoryConfig cfg;
     cfg.dim = 6;
     cfg.depth = L;
     cfg.expansion = 2;
     cfg.residual = cfg.output_norm = true;
+    titans_test::apply_bias(cfg, bias);
     const Index b = 4, T = 23;
-    const Problem p = make_problem(cfg.dim, T, 11);
+    Problem p = make_problem(cfg.dim, T, 11);
     const auto init = titans::init_memory_weights<double>(cfg, 5);
+    titans_test::calibrate_threshold(cfg, init.w, p);
     titans_test::calibrate_clamp(cfg, init.w, p);
     auto one = titans::make_memory_state(cfg, init);
     const Mat<double> y1 = titans::memory_forward<double>(cfg, b, p, one);
@@ -233,7 +262,7 @@ TEST(MemoryKernel, DecodeWritesTheStateOncePerChunk) {
         w_at_boundary = st.weights[0];
       }
     }
-    EXPECT_LT(rel_err(y, y1), 1e-12) << "L " << L;
+    EXPECT_LT(rel_err(y, y1), 1e-12) << "L " << L << ", " << titans::to_string(bias);
     const auto a = settled(cfg, b, st), c = settled(cfg, b, one);
     for (Index l = 0; l < L; ++l) {
       EXPECT_LT(rel_err(a.weights[l], c.weights[l]), 1e-12);
@@ -409,37 +438,40 @@ TEST(MemoryKernel, LinearMemoryIsExactOnOrthogonalKeys) {
   const Vec<double> zero = Vec<double>::Zero(cfg.dim), half = Vec<double>::Constant(cfg.dim, 0.5);
   for (Index b : {1, 8}) {
     auto state = titans::make_memory_state(cfg, titans::zero_memory_weights<double>(cfg));
-    titans::memory_forward<double>(cfg, b, {keys, v, keys, zero, zero, half, {}}, state);
+    titans::memory_forward<double>(cfg, b, {keys, v, keys, zero, zero, half, {}, {}}, state);
     const Mat<double> recall = titans::memory_retrieve<double>(cfg, state, keys, {});
     EXPECT_LT((recall - v).cwiseAbs().maxCoeff(), 1e-12) << "b = " << b;
   }
 }
 
 TEST(MemoryModel, InnerGradientMatchesFiniteDifferences) {
+  for (AttentionalBias bias : {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp})
   for (Activation act : {Activation::silu, Activation::gelu, Activation::identity}) {
     for (int form = 0; form < titans_test::kMemoryFormCount; ++form) {
       if (titans_test::kMemoryForms[form].clamp > 0) continue;  // the clamp scales steps, not ℓ
       MemoryConfig cfg;
+      titans_test::apply_bias(cfg, bias);
       cfg.dim = 3;
       cfg.depth = 3;
       cfg.expansion = 2;
       cfg.activation = act;
       titans_test::apply_form(cfg, form);
-      const Problem p = make_problem(cfg.dim, 4, 8);
+      Problem p = make_problem(cfg.dim, 4, 8);
       auto w = titans::init_memory_weights<double>(cfg, 4).w;
+      titans_test::calibrate_threshold(cfg, w, p);
       auto grad = titans::zero_memory_weights<double>(cfg).w;
       for (auto& g : grad) g.setConstant(0.25);  // junk: the gradient must be added
-      titans::inner_loss_gradient<double>(cfg, w, p.k, p.v, p.gain, grad);
+      titans::inner_loss_gradient<double>(cfg, w, p.k, p.v, p.gain, p.threshold, grad);
       for (std::size_t l = 0; l < w.size(); ++l) {
         for (Index i = 0; i < w[l].size(); ++i) {
           const double h = 1e-6, x = w[l](i);
           w[l](i) = x + h;
-          const double up = titans::inner_loss<double>(cfg, w, p.k, p.v, p.gain);
+          const double up = titans::inner_loss<double>(cfg, w, p.k, p.v, p.gain, p.threshold);
           w[l](i) = x - h;
-          const double dn = titans::inner_loss<double>(cfg, w, p.k, p.v, p.gain);
+          const double dn = titans::inner_loss<double>(cfg, w, p.k, p.v, p.gain, p.threshold);
           w[l](i) = x;
           EXPECT_NEAR(grad[l](i) - 0.25, (up - dn) / (2 * h), 1e-6)
-              << titans_test::form_name(form) << " layer " << l << " index " << i;
+              << titans::to_string(bias) << " " << titans_test::form_name(form) << " layer " << l << " index " << i;
         }
       }
     }
@@ -506,6 +538,34 @@ TEST(MemoryKernel, BadInputThrowsNamingTheArgument) {
   bad = cfg;
   bad.norm_eps = 0;
   expect_throw([&] { run(p, 2, bad); }, "norm_eps is 0", titans::InvalidArgument(""));
+  // The attentional bias's options (docs/MATH.md §11), named with the function and the value.
+  bad = cfg;
+  bad.bias_p = 0.5;
+  expect_throw([&] { run(p, 2, bad); }, "titans::memory_forward: bias_p is 0.5, expected a finite value >= 1",
+               titans::InvalidArgument(""));
+  bad.bias_p = std::numeric_limits<double>::infinity();
+  expect_throw([&] { run(p, 2, bad); }, "bias_p is inf", titans::InvalidArgument(""));
+  bad = cfg;
+  bad.bias_eps = 0;
+  expect_throw([&] { run(p, 2, bad); }, "titans::memory_forward: bias_eps is 0, expected a finite value > 0",
+               titans::InvalidArgument(""));
+  bad.bias_eps = std::numeric_limits<double>::quiet_NaN();
+  expect_throw([&] { run(p, 2, bad); }, "bias_eps is nan", titans::InvalidArgument(""));
+  bad = cfg;
+  bad.bias = static_cast<titans::AttentionalBias>(7);
+  expect_throw([&] { run(p, 2, bad); }, "bias has an unknown value (7)", titans::InvalidArgument(""));
+  // The huber bias's thresholds: one per token, finite, > 0; the other biases accept none.
+  MemoryConfig huber = cfg;
+  huber.bias = titans::AttentionalBias::huber;
+  expect_throw([&] { run(p, 2, huber); }, "in.threshold has shape (0, 1), expected (6, 1)", titans::ShapeError(""));
+  q = p;
+  q.threshold.setConstant(6, 0.5);
+  q.threshold(2) = 0;
+  expect_throw([&] { run(q, 2, huber); }, "in.threshold has value 0 at token 2", titans::InvalidArgument(""));
+  q.threshold(2) = std::numeric_limits<double>::quiet_NaN();
+  expect_throw([&] { run(q, 2, huber); }, "in.threshold has a non-finite", titans::NumericError(""));
+  q.threshold.resize(4);
+  expect_throw([&] { run(q, 2, cfg); }, "in.threshold has shape (4, 1)", titans::ShapeError(""));
   // A state left inside a chunk by chunk size 4 is not valid at chunk size 3.
   auto st = state;
   titans::memory_forward<double>(cfg, 4, p.columns(0, 2), st);

@@ -84,7 +84,7 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
     Vec<double> gain;
     if (c.output_norm) gain = p.memory_gain.col(0).segment(h * d, d);
     const titans_test::RefInputs<double> in{k.middleRows(h * d, d), v.middleRows(h * d, d), q.middleRows(h * d, d), a, e, th,
-                                            gain};
+                                            gain, {}};
     const auto r = titans_test::ref_chunk_loop<double>(mem, c.chunk_size, 0, in, w0, s0, {});
     y.middleRows(h * d, d) = r.y;
   }
@@ -317,7 +317,7 @@ TEST(NeuralMemory, DeepMemoryStoresMorePairsThanLinear) {
   auto recall_error = [&](titans::MemoryConfig cfg, double theta) {
     auto st = titans::make_memory_state(cfg, titans::init_memory_weights<double>(cfg, 3, 0.5));
     const Vec<double> zero = Vec<double>::Zero(N), th = Vec<double>::Constant(N, theta);
-    for (Index e = 0; e < passes; ++e) titans::memory_forward<double>(cfg, 1, {k, v, k, zero, zero, th, {}}, st);
+    for (Index e = 0; e < passes; ++e) titans::memory_forward<double>(cfg, 1, {k, v, k, zero, zero, th, {}, {}}, st);
     return (titans::memory_retrieve<double>(cfg, st, k, {}) - v).squaredNorm() / v.squaredNorm();
   };
   titans::MemoryConfig lin;
@@ -454,7 +454,7 @@ TEST(NeuralMemory, GateMaxZeroGivesExactlyZeroGates) {
     const titans_test::RefInputs<double> ri{in0.k.middleRows(h * d, d), in0.v.middleRows(h * d, d),
                                             in0.q.middleRows(h * d, d), Vec<double>::Zero(x.cols()),
                                             in0.eta.row(h).transpose(), in0.theta.row(h).transpose(),
-                                            Vec<double>::Ones(d)};  // γ = 1 at init (output_norm)
+                                            Vec<double>::Ones(d), {}};  // γ = 1 at init (output_norm)
     std::vector<Mat<double>> w0 = s_start.heads[h].weights, m0;
     for (const auto& w : w0) m0.push_back(Mat<double>::Zero(w.rows(), w.cols()));
     const auto ref = titans_test::ref_chunk_loop<double>(mem, c.chunk_size, 0, ri, w0, m0, {});

@@ -20,7 +20,8 @@
 // Θ⁰ = W if o = 0 else C, and per layer l (docs/MATH.md §3):
 //
 //   key path    A_0 = K, Z_l = Θ⁰_l A_{l−1}, A_l = φ(Z_l),
-//               Δ_L = ∂‖M(K) − V‖²/∂Z_L (= 2(Z_L [+ K] − V) without output_norm),
+//               Δ_L = ∂ℓ(M(K) − V)/∂Z_L (= 2(Z_L [+ K] − V) for l2 without output_norm;
+//               the bias ℓ and its Hessian: docs/MATH.md §11),
 //               T_l = Θ⁰_lᵀ Δ_l,  Δ_{l−1} = T_l ⊙ φ'(Z_{l−1})
 //   clamp       θ'_i = θ_i min(1, c/‖u_i‖), ‖u_i‖² = Σ_l ‖Δ_{l,i}‖² ‖A_{l−1,i}‖² (θ' = θ when off)
 //   query path  Z̄_l = W_l Ā_{l−1} diag(β) + S_l Ā_{l−1} diag(c) − Δ_l (G_l ⊙ Ãᵀ),
@@ -114,12 +115,13 @@ template <class Scalar>
 struct MemoryKernelGradients {
   static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be a floating-point type");
   using scalar_type = Scalar;
-  KernelInputs<Scalar> inputs;  ///< dL/d(inputs): k, v, q (d, T), alpha, eta, theta (T), gain (d) with output_norm
+  KernelInputs<Scalar> inputs;  ///< dL/d(inputs): k, v, q (d, T), alpha, eta, theta (T), gain (d) with output_norm,
+                                ///< threshold (T) with the huber bias
   /// dL/d(initial state): weights and momentum (shapes of Θ) and chunk_start (shapes of Θ when
   /// the call started inside a chunk, else empty). `position` is unused.
   MemoryState<Scalar> state;
 
-  /// Visits every tensor: the inputs' ("k", "v", "q", "alpha", "eta", "theta", "gain"), then the state's.
+  /// Visits every tensor: the inputs' ("k", "v", "q", "alpha", "eta", "theta", "gain", "threshold"), then the state's.
   TITANS_DEFINE_FOR_EACH()
 
  private:
@@ -147,6 +149,7 @@ MemoryKernelGradients<Scalar> make_kernel_gradients(const MemoryConfig& cfg, Ind
   g.inputs.eta.setZero(tokens);
   g.inputs.theta.setZero(tokens);
   if (cfg.output_norm) g.inputs.gain.setZero(cfg.dim);
+  if (cfg.bias == AttentionalBias::huber) g.inputs.threshold.setZero(tokens);
   for (Index l = 0; l < cfg.depth; ++l) {
     g.state.weights.push_back(Matrix<Scalar>::Zero(cfg.layer_out(l), cfg.layer_in(l)));
     g.state.momentum.push_back(Matrix<Scalar>::Zero(cfg.layer_out(l), cfg.layer_in(l)));
@@ -239,7 +242,8 @@ void load_intermediates(const MemoryConfig& cfg, const SubchunkTape<Scalar>& tap
     activation_apply(cfg.activation, tape.zk[l], ws.ak[l + 1]);
     activation_derivative(cfg.activation, tape.zk[l], ws.dphik[l]);
   }
-  inner_signal(cfg, tape.zk[L - 1], in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.gain, ws.tmp, ws.delta[L - 1]);
+  inner_signal(cfg, tape.zk[L - 1], in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.thresholds(t0, n), in.gain,
+               ws.tmp, ws.delta[L - 1]);
   for (Index l = L - 1; l > 0; --l) ws.delta[l - 1] = tape.tk[l].cwiseProduct(ws.dphik[l - 1]);
 
   clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, n), ws.surprise, ws.theta);
@@ -264,10 +268,12 @@ void load_intermediates(const MemoryConfig& cfg, const SubchunkTape<Scalar>& tap
 }
 
 /// Backward of inner_signal: given D = dL/dδ_L (d, n), adds dL/dz_L into dz and the inputs'
-/// gradients into grads (columns [t0, t0 + n)). Plain and residual read-outs: δ_L = 2(z [+ k] − v).
-/// With output_norm (docs/MATH.md §8.3), per column, ẑ = LN(z), r = 1/σ, e = 2([k +] γ⊙ẑ − v),
-/// g = γ⊙e, h = mean(g⊙ẑ), δ = r (g − mean(g) − ẑ h); then dL/dg = J D (J = r (I − 11ᵀ/d − ẑẑᵀ/d),
-/// symmetric), dL/dẑ = −r (h D + g (D·ẑ)/d) + 2 γ ⊙ γ ⊙ dL/dg, dL/dσ = −r (D·δ), and
+/// gradients into grads (columns [t0, t0 + n)). With r = M(k) − v and e = ∇_r ℓ(r) (docs/MATH.md
+/// §11), dL/dr = H(r) dL/de with H the bias's Hessian (bias_hessian_apply; 2I for l2), and the
+/// huber threshold's dL/dδ_t = dL/deᵀ ∂e/∂δ_t. Plain and residual read-outs: δ_L = e, r = z [+ k] − v.
+/// With output_norm (docs/MATH.md §8.3), per column, ẑ = LN(z), s = 1/σ, r = [k +] γ⊙ẑ − v,
+/// g = γ⊙e, h = mean(g⊙ẑ), δ = s (g − mean(g) − ẑ h); then dL/dg = J D (J = s (I − 11ᵀ/d − ẑẑᵀ/d),
+/// symmetric), dL/de = γ ⊙ dL/dg, dL/dẑ = −s (h D + g (D·ẑ)/d) + γ ⊙ dL/dr, dL/dσ = −s (D·δ), and
 /// dL/dz = J dL/dẑ + dL/dσ · ẑ/d.
 template <class Scalar>
 void inner_signal_backward(const MemoryConfig& cfg, const Matrix<Scalar>& z, const KernelInputs<Scalar>& in,
@@ -275,39 +281,54 @@ void inner_signal_backward(const MemoryConfig& cfg, const Matrix<Scalar>& z, con
                            MemoryKernelGradients<Scalar>& grads) {
   auto dk = grads.inputs.k.middleCols(t0, n);
   auto dv = grads.inputs.v.middleCols(t0, n);
+  const auto k = in.k.middleCols(t0, n);
+  const auto v = in.v.middleCols(t0, n);
+  const auto thr = in.thresholds(t0, n);
+  Scalar* dthr = cfg.bias == AttentionalBias::huber ? grads.inputs.threshold.data() + t0 : nullptr;
   if (!cfg.output_norm) {
-    dz += Scalar(2) * D;
-    dv -= Scalar(2) * D;
-    if (cfg.residual) dk += Scalar(2) * D;
+    if (cfg.bias == AttentionalBias::l2) {
+      dz += Scalar(2) * D;
+      dv -= Scalar(2) * D;
+      if (cfg.residual) dk += Scalar(2) * D;
+      return;
+    }
+    Matrix<Scalar> r = z - v, dr;
+    if (cfg.residual) r += k;
+    bias_hessian_apply(cfg, r, thr, D, dr, dthr);
+    dz += dr;
+    dv -= dr;
+    if (cfg.residual) dk += dr;
     return;
   }
   const Vector<Scalar>& gamma = in.gain;
-  const auto k = in.k.middleCols(t0, n);
-  const auto v = in.v.middleCols(t0, n);
   Matrix<Scalar> zhat;
   Vector<Scalar> rsigma;
   layer_norm<Scalar>(z, cfg.norm_eps, zhat, rsigma);
   const Index d = z.rows();
   const Scalar dinv = Scalar(1) / static_cast<Scalar>(d);
-  // J x = r (x − mean(x) − ẑ mean(x ⊙ ẑ)) for one column
+  // J x = s (x − mean(x) − ẑ mean(x ⊙ ẑ)) for one column
   auto apply_j = [&](const Vector<Scalar>& x, Index j) -> Vector<Scalar> {
     return ((x.array() - x.sum() * dinv - zhat.col(j).array() * (x.dot(zhat.col(j)) * dinv)) * rsigma(j)).matrix();
   };
+  Matrix<Scalar> r(d, 1), e(d, 1), dr;
   for (Index j = 0; j < n; ++j) {
     const Vector<Scalar> zh = zhat.col(j);
-    Vector<Scalar> e = gamma.cwiseProduct(zh) - v.col(j);
-    if (cfg.residual) e += k.col(j);
-    e *= Scalar(2);
-    const Vector<Scalar> g = gamma.cwiseProduct(e);
+    r = gamma.cwiseProduct(zh) - v.col(j);
+    if (cfg.residual) r += k.col(j);
+    e = r;
+    bias_gradient(cfg, thr.segment(thr.size() > 0 ? j : 0, thr.size() > 0 ? 1 : 0), e);
+    const Vector<Scalar> g = gamma.cwiseProduct(e.col(0));
     const Scalar h = g.dot(zh) * dinv;
     const Vector<Scalar> delta = apply_j(g, j);
     const Vector<Scalar> Dj = D.col(j);
     const Vector<Scalar> dg = apply_j(Dj, j);
     const Vector<Scalar> de = gamma.cwiseProduct(dg);
-    grads.inputs.gain += e.cwiseProduct(dg) + Scalar(2) * zh.cwiseProduct(de);
-    dv.col(j) -= Scalar(2) * de;
-    if (cfg.residual) dk.col(j) += Scalar(2) * de;
-    const Vector<Scalar> dzh = -rsigma(j) * (h * Dj + g * (Dj.dot(zh) * dinv)) + Scalar(2) * gamma.cwiseProduct(de);
+    bias_hessian_apply(cfg, r, thr.segment(thr.size() > 0 ? j : 0, thr.size() > 0 ? 1 : 0), de, dr,
+                       dthr ? dthr + j : nullptr);
+    grads.inputs.gain += e.col(0).cwiseProduct(dg) + zh.cwiseProduct(dr.col(0));
+    dv.col(j) -= dr.col(0);
+    if (cfg.residual) dk.col(j) += dr.col(0);
+    const Vector<Scalar> dzh = -rsigma(j) * (h * Dj + g * (Dj.dot(zh) * dinv)) + gamma.cwiseProduct(dr.col(0));
     const Scalar dsigma = -rsigma(j) * Dj.dot(delta);
     dz.col(j) += apply_j(dzh, j) + (dsigma * dinv) * zh;
   }
@@ -592,7 +613,8 @@ Matrix<Scalar> memory_forward_train(const MemoryConfig& cfg, Index chunk_size, c
 
 /// \brief Backward of memory_forward_train through the test-time updates (second order).
 ///
-/// Adds (+=) into `grads`: dL/d(inputs) — k, v, q (d, T), α, η, θ (T), γ (d) with output_norm —
+/// Adds (+=) into `grads`: dL/d(inputs) — k, v, q (d, T), α, η, θ (T), γ (d) with output_norm,
+/// δ_t (T) with the huber bias —
 /// and dL/d(initial state) — weights, momentum, and chunk_start when the call started inside a chunk. Size them
 /// first (make_kernel_gradients); zeroing is the caller's (set_zero).
 ///
@@ -628,6 +650,8 @@ void memory_backward(const MemoryForwardCache<Scalar>& cache, const ConstMatrixR
   detail::check_shape(where, "grads.inputs.eta", grads.inputs.eta, T, 1);
   detail::check_shape(where, "grads.inputs.theta", grads.inputs.theta, T, 1);
   if (cfg.output_norm) detail::check_shape(where, "grads.inputs.gain", grads.inputs.gain, cfg.dim, 1);
+  if (cfg.bias == AttentionalBias::huber)
+    detail::check_shape(where, "grads.inputs.threshold", grads.inputs.threshold, T, 1);
   check_memory_weights(where, "grads.state.weights", cfg, grads.state.weights);
   check_memory_weights(where, "grads.state.momentum", cfg, grads.state.momentum);
   if (starts_inside) {

@@ -107,8 +107,8 @@ MemoryState<Scalar> make_memory_state(const MemoryConfig& cfg, const MemoryWeigh
 }
 
 /// \brief What the kernel reads for T tokens of one memory: keys, values and queries, the three
-/// gates per token and, with cfg.output_norm, the gain γ of the read-out's LayerNorm (docs/MATH.md
-/// §2, §8.3). One type serves as the forward's argument, the training cache's copy of the inputs
+/// gates per token, with cfg.output_norm the gain γ of the read-out's LayerNorm and with the huber
+/// bias the threshold δ_t per token (docs/MATH.md §2, §8.3, §11). One type serves as the forward's argument, the training cache's copy of the inputs
 /// and the gradients' part for them.
 template <class Scalar>
 struct KernelInputs {
@@ -117,8 +117,14 @@ struct KernelInputs {
   Matrix<Scalar> k, v, q;            ///< keys, values, queries: (d, T) each
   Vector<Scalar> alpha, eta, theta;  ///< forget in [0, 1], momentum in [0, 1], step >= 0: (T) each
   Vector<Scalar> gain;               ///< γ (d) with cfg.output_norm; empty (unused) without
+  Vector<Scalar> threshold;          ///< δ_t > 0 (T) with AttentionalBias::huber; empty (unused) with the others
 
   Index tokens() const { return k.cols(); }
+
+  /// δ_t of tokens [t0, t0 + n), or an empty block when there are no thresholds.
+  auto thresholds(Index t0, Index n) const {
+    return threshold.size() > 0 ? threshold.segment(t0, n) : threshold.segment(0, 0);
+  }
 
   /// \brief Tokens [t0, t0 + n) (a copy; the gain is the same).
   KernelInputs columns(Index t0, Index n) const {
@@ -130,6 +136,7 @@ struct KernelInputs {
     out.eta = eta.segment(t0, n);
     out.theta = theta.segment(t0, n);
     out.gain = gain;
+    if (threshold.size() > 0) out.threshold = threshold.segment(t0, n);
     return out;
   }
 
@@ -144,10 +151,11 @@ struct KernelInputs {
     out.eta = eta.template cast<To>();
     out.theta = theta.template cast<To>();
     out.gain = gain.template cast<To>();
+    out.threshold = threshold.template cast<To>();
     return out;
   }
 
-  /// Visits "k", "v", "q", "alpha", "eta", "theta" and, when it is sized, "gain".
+  /// Visits "k", "v", "q", "alpha", "eta", "theta" and, when they are sized, "gain" and "threshold".
   TITANS_DEFINE_FOR_EACH()
 
  private:
@@ -160,6 +168,7 @@ struct KernelInputs {
     f(std::string("eta"), self.eta);
     f(std::string("theta"), self.theta);
     if (self.gain.size() > 0) f(std::string("gain"), self.gain);
+    if (self.threshold.size() > 0) f(std::string("threshold"), self.threshold);
   }
 };
 
@@ -396,7 +405,7 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar
     tape->zq.resize(static_cast<std::size_t>(L));
     tape->gram.resize(static_cast<std::size_t>(L));
   }
-  key_path(cfg, w0, in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.gain, ws.ak, ws.zk, ws.delta,
+  key_path(cfg, w0, in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.thresholds(t0, n), in.gain, ws.ak, ws.zk, ws.delta,
            tape ? &tape->tk : nullptr, ws.tmp, ws.dphi);
   if (tape) tape->zk = ws.zk;
   clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, n), ws.surprise, ws.theta);
@@ -529,6 +538,7 @@ void check_kernel_call(const char* where, const MemoryConfig& cfg, Index chunk_s
   detail::check_finite(where, "in.v", in.v);
   detail::check_finite(where, "in.q", in.q);
   if (cfg.output_norm) detail::check_finite(where, "in.gain", in.gain);
+  check_bias_threshold(where, "in.threshold", cfg, in.threshold, T);
   detail::check_range(where, "in.alpha", in.alpha, 0.0, 1.0);
   detail::check_range(where, "in.eta", in.eta, 0.0, 1.0);
   detail::check_range(where, "in.theta", in.theta, 0.0, std::numeric_limits<double>::max());
@@ -542,11 +552,13 @@ void check_kernel_call(const char* where, const MemoryConfig& cfg, Index chunk_s
 /// chunk-start weights, S_t = η_t S_{t−1} − θ_t u_t, Θ_t = (1 − α_t) Θ_{t−1} + S_t, and the output
 /// is y_t = M_{Θ_t}(q_t) — the weights *after* the token's own write (causal). b = 1 is the exact
 /// token-by-token rule. With cfg.surprise_clamp = c > 0, θ_t is first scaled by min(1, c/‖u_t‖).
+/// ℓ is cfg.bias (docs/MATH.md §11), ||M(k) − v||² by default.
 /// `state` is advanced past the T tokens.
 ///
 /// \param cfg        the memory MLP's shape and read-out
 /// \param chunk_size b >= 1
-/// \param in         keys, values, queries (d, T), gates (T) and, with cfg.output_norm, γ (d)
+/// \param in         keys, values, queries (d, T), gates (T), with cfg.output_norm γ (d), with
+///                   the huber bias δ_t (T)
 /// \param state      per-sequence state, advanced in place
 /// \param y          outputs (d, T), written
 template <class Scalar>

@@ -44,6 +44,35 @@ inline std::string parse_metadata(const std::string& s, Activation& out) {
   return "silu, gelu or identity";
 }
 
+/// \brief The attentional bias: the inner loss ℓ(r) of a token's residual r = M(k) − v
+/// (docs/MATH.md §11). Each is a function of r alone, so only δ_L changes and the dual form of
+/// §3 stays exact.
+enum class AttentionalBias {
+  l2,     ///< ‖r‖² (Eq 12, no ½)
+  huber,  ///< MIRAS "Yaad": ‖r‖² for ‖r‖ ≤ δ_t, else 2δ_t‖r‖ − δ_t², δ_t > 0 a per-token kernel input
+  lp,     ///< MIRAS "Moneta": Σ_j |r_j|_ε^p with the smooth |x|_ε = sqrt(x² + ε), p ≥ 1
+};
+
+inline const char* to_string(AttentionalBias b) {
+  switch (b) {
+    case AttentionalBias::l2: return "l2";
+    case AttentionalBias::huber: return "huber";
+    case AttentionalBias::lp: return "lp";
+  }
+  return "unknown";
+}
+
+/// Metadata text of an AttentionalBias and back (detail/metadata.hpp); returns "" or what was expected.
+inline std::string metadata_string(AttentionalBias b) { return to_string(b); }
+inline std::string parse_metadata(const std::string& s, AttentionalBias& out) {
+  for (AttentionalBias b : {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp})
+    if (s == to_string(b)) {
+      out = b;
+      return "";
+    }
+  return "l2, huber or lp";
+}
+
 /// \brief Shape of one memory MLP: depth L, width d, hidden expansion E, φ, optional residual.
 struct MemoryConfig {
   Index dim = 64;        ///< d: key, value and query width (n_0 = n_L = d)
@@ -62,6 +91,11 @@ struct MemoryConfig {
   /// c > 0: token i's step θ_i is scaled by min(1, c / ‖u_i‖), the norm of its inner gradient at
   /// the chunk-start weights, so no token moves Θ by more than θ_i·c (docs/MATH.md §8.2); 0 = off.
   double surprise_clamp = 0;
+  /// The inner loss ℓ(M(k) − v) (docs/MATH.md §11). With huber the kernel reads a threshold
+  /// δ_t > 0 per token (KernelInputs::threshold).
+  AttentionalBias bias = AttentionalBias::l2;
+  double bias_p = 3;       ///< p >= 1 of the lp bias (read with lp only)
+  double bias_eps = 1e-6;  ///< ε > 0 of the lp bias's smooth |x|_ε = sqrt(x² + ε) (read with lp only)
 
   /// Throws InvalidArgument naming the field if the config is unusable.
   void validate(const char* where = "titans::MemoryConfig") const {
@@ -75,6 +109,13 @@ struct MemoryConfig {
     if (!(surprise_clamp >= 0) || !std::isfinite(surprise_clamp))
       detail::raise<InvalidArgument>(where, "surprise_clamp is ", surprise_clamp,
                                      ", expected a finite value >= 0 (0 = off)");
+    if (bias != AttentionalBias::l2 && bias != AttentionalBias::huber && bias != AttentionalBias::lp)
+      detail::raise<InvalidArgument>(where, "bias has an unknown value (", static_cast<int>(bias),
+                                     "), expected l2, huber or lp");
+    if (!(bias_p >= 1) || !std::isfinite(bias_p))
+      detail::raise<InvalidArgument>(where, "bias_p is ", bias_p, ", expected a finite value >= 1");
+    if (!(bias_eps > 0) || !std::isfinite(bias_eps))
+      detail::raise<InvalidArgument>(where, "bias_eps is ", bias_eps, ", expected a finite value > 0");
   }
   /// n_l, the output width of layer l (0-based l = 0..L-1).
   Index layer_out(Index l) const { return l == depth - 1 ? dim : expansion * dim; }
@@ -298,52 +339,161 @@ Matrix<Scalar> memory_apply(const MemoryConfig& cfg, const std::vector<Matrix<Sc
   return y;
 }
 
-/// \brief Inner loss Σ_t ||M(k_t) − v_t||² (Eq 12, no ½) over the columns of k and v.
+namespace detail {
+
+/// Throws unless `threshold` fits `cfg` for T tokens: (T) finite values > 0 with the huber bias,
+/// empty or (T) (unused) with the others.
+template <class Scalar>
+void check_bias_threshold(const char* where, const char* what, const MemoryConfig& cfg, const Vector<Scalar>& threshold,
+                          Index tokens) {
+  if (cfg.bias != AttentionalBias::huber) {
+    if (threshold.size() != 0) check_shape(where, what, threshold, tokens, 1);  // unused, but never out of range
+    return;
+  }
+  check_shape(where, what, threshold, tokens, 1);
+  check_finite(where, what, threshold);
+  for (Index t = 0; t < tokens; ++t)
+    if (!(threshold(t) > 0))
+      raise<InvalidArgument>(where, what, " has value ", static_cast<double>(threshold(t)), " at token ", t,
+                             ", expected a value > 0 (the huber bias's threshold)");
+}
+
+/// ℓ(r) summed over the columns of the residuals r (d, n) (docs/MATH.md §11); `thr` holds δ_t (n)
+/// with the huber bias and is not read otherwise.
+template <class Scalar, class DR, class DT>
+Scalar bias_loss(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r, const Eigen::MatrixBase<DT>& thr) {
+  switch (cfg.bias) {
+    case AttentionalBias::l2: break;
+    case AttentionalBias::huber: {
+      Scalar sum = 0;
+      for (Index j = 0; j < r.cols(); ++j) {
+        const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
+        sum += n <= d ? n * n : Scalar(2) * d * n - d * d;
+      }
+      return sum;
+    }
+    case AttentionalBias::lp: {
+      const auto p = static_cast<Scalar>(cfg.bias_p), eps = static_cast<Scalar>(cfg.bias_eps);
+      return (r.array().square() + eps).pow(p / Scalar(2)).sum();
+    }
+  }
+  return r.squaredNorm();
+}
+
+/// The bias's gradient e = ∇_r ℓ(r) column by column, in place: `r` holds the residuals (d, n) on
+/// entry and e on exit (docs/MATH.md §11): 2r (l2); 2r, or 2δ_t r/‖r‖ when ‖r‖ > δ_t (huber);
+/// p |r_j|_ε^{p−2} r_j (lp). `thr` holds δ_t (n) with huber and is not read otherwise.
+template <class Scalar, class DT>
+void bias_gradient(const MemoryConfig& cfg, const Eigen::MatrixBase<DT>& thr, Matrix<Scalar>& r) {
+  switch (cfg.bias) {
+    case AttentionalBias::l2:
+      r *= Scalar(2);
+      return;
+    case AttentionalBias::huber:
+      for (Index j = 0; j < r.cols(); ++j) {
+        const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
+        if (n > d) r.col(j) *= Scalar(2) * d / n;
+        else r.col(j) *= Scalar(2);
+      }
+      return;
+    case AttentionalBias::lp: {
+      const auto p = static_cast<Scalar>(cfg.bias_p), eps = static_cast<Scalar>(cfg.bias_eps);
+      r = (p * (r.array().square() + eps).pow((p - Scalar(2)) / Scalar(2)) * r.array()).matrix();
+      return;
+    }
+  }
+}
+
+/// The Jacobian of bias_gradient applied to x (both (d, n)), column by column: out = H(r_j) x_j,
+/// H = ∂e/∂r = ∇²ℓ(r) (symmetric; docs/MATH.md §11): 2I (l2); 2I, or (2δ/‖r‖)(I − r̂r̂ᵀ) with
+/// r̂ = r/‖r‖ when ‖r‖ > δ (huber); diag(p (r_j² + ε)^{(p−4)/2} (ε + (p − 1) r_j²)) (lp). With the
+/// huber bias `dthr` (n), when given, accumulates x_jᵀ ∂e_j/∂δ_j = 2 r̂_jᵀx_j where ‖r_j‖ > δ_j.
+template <class Scalar, class DR, class DT, class DX>
+void bias_hessian_apply(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r, const Eigen::MatrixBase<DT>& thr,
+                        const Eigen::MatrixBase<DX>& x, Matrix<Scalar>& out, Scalar* dthr) {
+  switch (cfg.bias) {
+    case AttentionalBias::l2:
+      out = Scalar(2) * x;
+      return;
+    case AttentionalBias::huber:
+      out.resize(x.rows(), x.cols());
+      for (Index j = 0; j < r.cols(); ++j) {
+        const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
+        if (n > d) {
+          const Scalar rx = r.col(j).dot(x.col(j)) / n;  // r̂ᵀx
+          out.col(j) = (Scalar(2) * d / n) * (x.col(j) - (rx / n) * r.col(j));
+          if (dthr) dthr[j] += Scalar(2) * rx;
+        } else {
+          out.col(j) = Scalar(2) * x.col(j);
+        }
+      }
+      return;
+    case AttentionalBias::lp: {
+      const auto p = static_cast<Scalar>(cfg.bias_p), eps = static_cast<Scalar>(cfg.bias_eps);
+      const auto r2 = r.array().square();
+      out = (p * (r2 + eps).pow((p - Scalar(4)) / Scalar(2)) * (eps + (p - Scalar(1)) * r2) * x.array()).matrix();
+      return;
+    }
+  }
+}
+
+}  // namespace detail
+
+/// \brief Inner loss Σ_t ℓ(M(k_t) − v_t) over the columns of k and v: Σ_t ||M(k_t) − v_t||² (Eq 12,
+/// no ½) with the default l2 bias, else the bias of cfg (docs/MATH.md §11). `threshold` is δ_t (T)
+/// with the huber bias; without it, it is not read and may be empty.
 template <class Scalar>
 Scalar inner_loss(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
                   const ConstMatrixRef<Scalar>& k /* (d, T) */,
-                  const ConstMatrixRef<Scalar>& v /* (d, T) */, const Vector<Scalar>& gain /* (d) or empty */) {
-  detail::check_shape("titans::inner_loss", "v", v, cfg.dim, k.cols());
-  return (memory_apply(cfg, w, k, gain) - v).squaredNorm();
+                  const ConstMatrixRef<Scalar>& v /* (d, T) */, const Vector<Scalar>& gain /* (d) or empty */,
+                  const Vector<Scalar>& threshold /* (T) or empty */) {
+  constexpr const char* where = "titans::inner_loss";
+  detail::check_shape(where, "v", v, cfg.dim, k.cols());
+  detail::check_bias_threshold(where, "threshold", cfg, threshold, k.cols());
+  const Matrix<Scalar> r = memory_apply(cfg, w, k, gain) - v;
+  return detail::bias_loss<Scalar>(cfg, r, threshold);
 }
 
 namespace detail {
 
-/// The inner-gradient signal at the last layer, δ_L = ∂‖M(k) − v‖²/∂z_L through the read-out,
-/// from z_L (d, n); `m` is scratch (it ends holding 2(M(k) − v)).
-template <class Scalar, class DZ, class DK, class DV>
+/// The inner-gradient signal at the last layer, δ_L = ∂ℓ(M(k) − v)/∂z_L through the read-out,
+/// from z_L (d, n); `thr` is δ_t (n) with the huber bias (else not read); `m` is scratch (it ends
+/// holding ∇_r ℓ at r = M(k) − v, 2(M(k) − v) for l2).
+template <class Scalar, class DZ, class DK, class DV, class DT>
 void inner_signal(const MemoryConfig& cfg, const Eigen::MatrixBase<DZ>& z, const Eigen::MatrixBase<DK>& k,
-                  const Eigen::MatrixBase<DV>& v, const Vector<Scalar>& gain, Matrix<Scalar>& m, Matrix<Scalar>& delta) {
+                  const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DT>& thr, const Vector<Scalar>& gain,
+                  Matrix<Scalar>& m, Matrix<Scalar>& delta) {
   memory_readout(cfg, z, k, gain, m);
   m -= v;
-  m *= Scalar(2);
+  bias_gradient(cfg, thr, m);
   memory_readout_backward(cfg, z, gain, m, delta);
 }
 
 /// The key path at weights w (docs/MATH.md §1): the forward a, z and the inner-gradient signals
-/// δ_l of ℓ = ‖M(k) − v‖², δ_L = ∂ℓ/∂z_L through the read-out. The inner gradient of token i is
+/// δ_l of ℓ(M(k) − v), δ_L = ∂ℓ/∂z_L through the read-out (`thr`: δ_t with the huber bias). The inner gradient of token i is
 /// u_i^{W_l} = δ_{l,i} a_{l−1,i}ᵀ. The kernel's forward and backward and inner_loss_gradient all
 /// run this one function; t (optional) receives w[l]ᵀ δ_l for l ≥ 1.
-template <class Scalar, class DK, class DV>
+template <class Scalar, class DK, class DV, class DT>
 void key_path(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w, const Eigen::MatrixBase<DK>& k,
-              const Eigen::MatrixBase<DV>& v, const Vector<Scalar>& gain, std::vector<Matrix<Scalar>>& a,
-              std::vector<Matrix<Scalar>>& z, std::vector<Matrix<Scalar>>& delta,
+              const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DT>& thr, const Vector<Scalar>& gain,
+              std::vector<Matrix<Scalar>>& a, std::vector<Matrix<Scalar>>& z, std::vector<Matrix<Scalar>>& delta,
               no_deduce<std::vector<Matrix<Scalar>>*> t, Matrix<Scalar>& tmp, Matrix<Scalar>& dphi) {
   mlp_forward(cfg, w, k, a, z);
   delta.resize(a.size());
-  inner_signal(cfg, z.back(), k, v, gain, tmp, delta.back());
+  inner_signal(cfg, z.back(), k, v, thr, gain, tmp, delta.back());
   mlp_backprop(cfg, w, z, delta, t, tmp, dphi);
 }
 
 }  // namespace detail
 
-/// \brief Adds ∂/∂Θ Σ_t ||M(k_t) − v_t||² into `grad` (same shapes as the weights), by backprop:
-/// δ_L = ∂ℓ/∂z_L, u^{W_l} = δ_l a_{l−1}ᵀ, δ_{l−1} = (W_lᵀ δ_l) ⊙ φ'(z_{l−1}).
+/// \brief Adds ∂/∂Θ Σ_t ℓ(M(k_t) − v_t) into `grad` (same shapes as the weights), by backprop:
+/// δ_L = ∂ℓ/∂z_L, u^{W_l} = δ_l a_{l−1}ᵀ, δ_{l−1} = (W_lᵀ δ_l) ⊙ φ'(z_{l−1}). `threshold` as inner_loss.
 template <class Scalar>
 void inner_loss_gradient(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& w,
                          const ConstMatrixRef<Scalar>& k /* (d, T) */,
                          const ConstMatrixRef<Scalar>& v /* (d, T) */,
                          const Vector<Scalar>& gain /* (d) or empty */,
+                         const Vector<Scalar>& threshold /* (T) or empty */,
                          std::vector<Matrix<Scalar>>& grad /* shapes of w, accumulated */) {
   constexpr const char* where = "titans::inner_loss_gradient";
   cfg.validate(where);
@@ -352,9 +502,10 @@ void inner_loss_gradient(const MemoryConfig& cfg, const std::vector<Matrix<Scala
   detail::check_shape(where, "k", k, cfg.dim, -1);
   detail::check_shape(where, "v", v, cfg.dim, k.cols());
   detail::check_memory_gain(where, cfg, gain);
+  detail::check_bias_threshold(where, "threshold", cfg, threshold, k.cols());
   std::vector<Matrix<Scalar>> a, z, delta;
   Matrix<Scalar> tmp, dphi;
-  detail::key_path(cfg, w, k, v, gain, a, z, delta, nullptr, tmp, dphi);
+  detail::key_path(cfg, w, k, v, threshold, gain, a, z, delta, nullptr, tmp, dphi);
   for (Index l = 0; l < cfg.depth; ++l) detail::product_add<detail::Trans::no, detail::Trans::yes>(Scalar(1), delta[l], a[l], grad[l]);
 }
 
@@ -399,11 +550,11 @@ void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Sca
                                             const ConstMatrixRef<S>&, const Vector<S>&);              \
   PREFIX template S inner_loss<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                            \
                                   const ConstMatrixRef<S>&, const ConstMatrixRef<S>&,       \
-                                  const Vector<S>&);                                                            \
+                                  const Vector<S>&, const Vector<S>&);                                                            \
   PREFIX template void inner_loss_gradient<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,                \
                                               const ConstMatrixRef<S>&,                              \
                                               const ConstMatrixRef<S>&, const Vector<S>&,            \
-                                              std::vector<Matrix<S>>&);                                        \
+                                              const Vector<S>&, std::vector<Matrix<S>>&);                                        \
   PREFIX template void memory_apply_backward<S>(const MemoryConfig&, const std::vector<Matrix<S>>&,              \
                                                 const ConstMatrixRef<S>&, const Vector<S>&,          \
                                                 const ConstMatrixRef<S>&, std::vector<Matrix<S>>&,   \

@@ -48,6 +48,10 @@ inline Dual sqrt(const Dual& a) {
   return {s, a.d / (2 * s)};
 }
 inline Dual abs(const Dual& a) { return a.v < 0 ? -a : a; }
+inline Dual pow(const Dual& a, double p) {
+  const double x = std::pow(a.v, p);
+  return {x, p * std::pow(a.v, p - 1) * a.d};
+}
 
 }  // namespace titans_test
 

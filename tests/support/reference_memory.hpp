@@ -4,7 +4,8 @@
 // of the library's kernel: per-token weights are materialised, the inner gradient is taken token by
 // token by a hand-written backprop (the read-out LayerNorm through its explicit d×d Jacobian), the
 // surprise clamp uses the Frobenius norm of the materialised gradient, and the chunked rule is the
-// literal recurrence with gradients at the chunk-start weights. Chunks are aligned to
+// literal recurrence with gradients at the chunk-start weights. The attentional biases (docs/MATH.md
+// §11) are written out from their definitions: the loss's gradient in r, entry by entry. Chunks are aligned to
 // `start_position`; a call starting inside a chunk continues from the given chunk-start weights.
 //
 // Everything is templated on the scalar S with unqualified math calls, so the same loop runs in
@@ -61,10 +62,37 @@ struct RefInputs {
   Mat<S> k, v, q;            // (d, T)
   Vec<S> alpha, eta, theta;  // (T)
   Vec<S> gain;               // (d), read with output_norm
+  Vec<S> threshold;          // (T), read with the huber bias
 };
 
 inline RefInputs<double> ref_inputs(const titans::KernelInputs<double>& in) {
-  return {in.k, in.v, in.q, in.alpha, in.eta, in.theta, in.gain};
+  return {in.k, in.v, in.q, in.alpha, in.eta, in.theta, in.gain, in.threshold};
+}
+
+/// ∂ℓ(r)/∂r of the attentional bias for one residual r = M(k) − v: 2r (l2); Huber with threshold
+/// δ: 2r for ‖r‖ ≤ δ, else 2δ r/‖r‖; ℓp: p (r_i² + ε)^{p/2 − 1} r_i.
+template <class S>
+Vec<S> ref_bias_grad(const titans::MemoryConfig& cfg, const Vec<S>& r, const S& delta) {
+  using std::pow;
+  using std::sqrt;
+  Vec<S> g = r;
+  switch (cfg.bias) {
+    case titans::AttentionalBias::l2:
+      for (Index i = 0; i < r.size(); ++i) g(i) = S(2) * r(i);
+      break;
+    case titans::AttentionalBias::huber: {
+      S n2 = S(0);
+      for (Index i = 0; i < r.size(); ++i) n2 += r(i) * r(i);
+      const S n = sqrt(n2);
+      for (Index i = 0; i < r.size(); ++i) g(i) = n <= delta ? S(2) * r(i) : S(2) * delta * r(i) / n;
+      break;
+    }
+    case titans::AttentionalBias::lp:
+      for (Index i = 0; i < r.size(); ++i)
+        g(i) = S(cfg.bias_p) * pow(r(i) * r(i) + S(cfg.bias_eps), cfg.bias_p / 2 - 1) * r(i);
+      break;
+  }
+  return g;
 }
 
 /// LayerNorm of one column and its Jacobian d LN(z) / dz, built entry by entry.
@@ -116,10 +144,10 @@ Vec<S> ref_apply(const titans::MemoryConfig& cfg, const std::vector<Mat<S>>& w, 
   return ref_readout<S>(cfg, a, x, gain);
 }
 
-/// ∇_W ||M_W(k) − v||² for one token, by per-token backprop.
+/// ∇_W ℓ(M_W(k) − v) for one token, by per-token backprop (`delta`: the huber threshold δ_t).
 template <class S>
 std::vector<Mat<S>> ref_grad(const titans::MemoryConfig& cfg, const std::vector<Mat<S>>& w, const Vec<S>& k,
-                             const Vec<S>& v, const Vec<S>& gain) {
+                             const Vec<S>& v, const Vec<S>& gain, const S& threshold = S(1)) {
   const std::size_t L = w.size();
   std::vector<Vec<S>> in(L), pre(L);
   Vec<S> a = k;
@@ -130,7 +158,7 @@ std::vector<Mat<S>> ref_grad(const titans::MemoryConfig& cfg, const std::vector<
     if (l + 1 < L)
       for (Index i = 0; i < a.size(); ++i) a(i) = ref_phi(cfg.activation, pre[l](i));
   }
-  const Vec<S> err = S(2) * (ref_readout<S>(cfg, a, k, gain) - v);  // dℓ/dM
+  const Vec<S> err = ref_bias_grad<S>(cfg, ref_readout<S>(cfg, a, k, gain) - v, threshold);  // dℓ/dM
   Vec<S> delta = err;
   if (cfg.output_norm) {  // dℓ/dz_L = J_LNᵀ (γ ⊙ dℓ/dM)
     Vec<S> zhat;
@@ -172,7 +200,8 @@ RefResult<S> ref_chunk_loop(const titans::MemoryConfig& cfg, Index b, Index star
   std::vector<Mat<S>> w0 = start_position % b == 0 ? w : c;
   for (Index t = 0; t < T; ++t) {
     if ((start_position + t) % b == 0) w0 = w;
-    const auto u = ref_grad<S>(cfg, w0, in.k.col(t), in.v.col(t), in.gain);
+    const auto u = ref_grad<S>(cfg, w0, in.k.col(t), in.v.col(t), in.gain,
+                               in.threshold.size() > 0 ? S(in.threshold(t)) : S(1));
     S theta = in.theta(t);
     if (cfg.surprise_clamp > 0) {
       S norm2 = S(0);
