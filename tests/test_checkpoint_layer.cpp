@@ -108,6 +108,62 @@ TEST(CheckpointLayer, FileWithoutAlphaMaxLoadsUnbounded) {
   }
 }
 
+// The attentional bias (docs/MATH.md §11) and its parameters are recorded; a huber layer's
+// threshold projection is saved and loaded with the rest. A file written before the biases has no
+// bias keys and loads as l2; an unknown bias is named.
+TEST(CheckpointLayer, BiasRoundTripsAndOldFilesLoadAsL2) {
+  titans::NeuralMemoryConfig cfg = small_config();
+  cfg.bias = titans::AttentionalBias::huber;
+  cfg.threshold_max = 2.5;
+  cfg.bias_p = 1.5;  // recorded even though only lp reads it
+  cfg.bias_eps = 1e-4;
+  titans::NeuralMemory<double> layer(cfg);
+  const auto p = layer.init(4);
+  ASSERT_EQ(p.w_delta.rows(), cfg.heads);
+  auto meta = titans::to_metadata(cfg);
+  EXPECT_EQ(meta.at("neural_memory.bias"), "huber");
+  EXPECT_EQ(meta.at("neural_memory.threshold_max"), "2.5");
+  const auto bytes = titans::save_checkpoint_to_memory(p, meta);
+  const auto back =
+      titans::neural_memory_config_from_metadata(titans::read_checkpoint_metadata_from_memory(bytes.data(), bytes.size()));
+  EXPECT_EQ(back.bias, titans::AttentionalBias::huber);
+  EXPECT_EQ(back.threshold_max, 2.5);
+  EXPECT_EQ(back.bias_p, 1.5);
+  EXPECT_EQ(back.bias_eps, 1e-4);
+  titans::NeuralMemory<double> layer2(back);
+  auto p2 = layer2.init(1);
+  titans::load_checkpoint_from_memory(bytes, p2);
+  EXPECT_EQ(p2.w_delta, p.w_delta);
+  EXPECT_EQ(p2.b_delta, p.b_delta);
+
+  cfg.bias = titans::AttentionalBias::lp;
+  cfg.bias_p = 3;
+  meta = titans::to_metadata(cfg);
+  EXPECT_EQ(meta.at("neural_memory.bias"), "lp");
+  EXPECT_EQ(titans::neural_memory_config_from_metadata(meta).bias, titans::AttentionalBias::lp);
+  for (const char* key : {"neural_memory.bias", "neural_memory.bias_p", "neural_memory.bias_eps",
+                          "neural_memory.threshold_max"})
+    ASSERT_EQ(meta.erase(key), 1u) << key;
+  const auto old = titans::neural_memory_config_from_metadata(meta);
+  EXPECT_EQ(old.bias, titans::AttentionalBias::l2);
+  meta["neural_memory.bias"] = "l1";
+  try {
+    titans::neural_memory_config_from_metadata(meta);
+    ADD_FAILURE() << "no exception";
+  } catch (const titans::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("neural_memory.bias"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("l2, huber or lp"), std::string::npos) << e.what();
+  }
+  meta["neural_memory.bias"] = "lp";
+  meta["neural_memory.bias_p"] = "0.5";
+  try {
+    titans::neural_memory_config_from_metadata(meta);
+    ADD_FAILURE() << "no exception";
+  } catch (const titans::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("bias_p is 0.5"), std::string::npos) << e.what();
+  }
+}
+
 TEST(CheckpointLayer, BadMetadataIsNamed) {
   auto meta = titans::to_metadata(titans::NeuralMemoryConfig{});
   meta.erase("neural_memory.depth");

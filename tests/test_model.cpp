@@ -996,7 +996,9 @@ TEST(ModelMetadata, MissingKeysNamedAtOnceAndDefaultsApplied) {
                                              "neural_memory.activation",
                                              "neural_memory.output_norm", "neural_memory.surprise_clamp",
                                              "neural_memory.eta_max",     "neural_memory.alpha_max",
-                                             "neural_memory.per_chunk_gates", "neural_memory.norm_eps"};
+                                             "neural_memory.per_chunk_gates", "neural_memory.norm_eps",
+                                             "neural_memory.bias",        "neural_memory.bias_p",
+                                             "neural_memory.bias_eps",    "neural_memory.threshold_max"};
   m = titans::to_metadata(c);
   for (const auto& key : optional) ASSERT_EQ(m.erase(key), 1u) << key;
   const ModelConfig back = titans::model_config_from_metadata(m);
@@ -1014,6 +1016,7 @@ TEST(ModelMetadata, MissingKeysNamedAtOnceAndDefaultsApplied) {
   EXPECT_EQ(back.block.memory.eta_max, 1.0);
   EXPECT_EQ(back.block.memory.alpha_max, 1.0);
   EXPECT_FALSE(back.block.memory.per_chunk_gates);
+  EXPECT_EQ(back.block.memory.bias, titans::AttentionalBias::l2);  // a file from before the biases
   // Every key to_metadata writes is either required or in the optional list above.
   std::size_t required = 0;
   for (const auto& [key, value] : titans::to_metadata(c)) {

@@ -81,10 +81,14 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
       w0.push_back(p.memory_init[l].middleRows(h * mem.layer_out(l), mem.layer_out(l)));
       s0.push_back(Mat<double>::Zero(w0.back().rows(), w0.back().cols()));
     }
-    Vec<double> gain;
+    Vec<double> gain, delta;
     if (c.output_norm) gain = p.memory_gain.col(0).segment(h * d, d);
+    if (c.bias == titans::AttentionalBias::huber) {  // δ_t = δ_max σ(w_δᵀx_t + b_δ), per token (docs/MATH.md §11.5)
+      delta.resize(T);
+      for (Index t = 0; t < T; ++t) delta(t) = c.threshold_max * sigm(p.w_delta.row(h).dot(x.col(t)) + p.b_delta(h, 0));
+    }
     const titans_test::RefInputs<double> in{k.middleRows(h * d, d), v.middleRows(h * d, d), q.middleRows(h * d, d), a, e, th,
-                                            gain, {}};
+                                            gain, delta};
     const auto r = titans_test::ref_chunk_loop<double>(mem, c.chunk_size, 0, in, w0, s0, {});
     y.middleRows(h * d, d) = r.y;
   }
@@ -102,10 +106,14 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
 }
 
 TEST(NeuralMemory, MatchesIndependentFormulation) {
+  using titans::AttentionalBias;
+  for (AttentionalBias bias : {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp})
   for (bool per_chunk : {false, true})
     for (int form = 0; form < 3; ++form)  // plain, residual, bounded (normalised residual + clamp + η_max, α_max)
       for (Index depth : {1, 2, 3}) {
         auto c = small_config();
+        c.bias = bias;
+        c.threshold_max = 1.0;
         c.per_chunk_gates = per_chunk;
         c.residual = form > 0;
         c.output_norm = form == 2;
@@ -117,11 +125,25 @@ TEST(NeuralMemory, MatchesIndependentFormulation) {
         NeuralMemory<double> layer(c);
         auto p = layer.init(7);
         if (c.output_norm) p.memory_gain = random_matrix<double>(c.dim, 1, 9).array() + 1.0;
+        if (bias == AttentionalBias::huber) {  // thresholds spread over the residuals' range
+          p.w_delta = random_matrix<double>(c.heads, c.dim, 12);
+          p.b_delta = random_matrix<double>(c.heads, 1, 13);
+        }
         const Mat<double> x = random_matrix<double>(c.dim, 19, 3);
         auto state = layer.initial_state(p);
         const Mat<double> y = layer.forward(p, x, state);
-        EXPECT_LT(max_rel(y, reference_layer(c, p, x)), 1e-10)
-            << "per_chunk " << per_chunk << " residual " << residual << " form " << form << " depth " << depth;
+        EXPECT_LT(max_rel(y, reference_layer(c, p, x)), 1e-10) << titans::to_string(bias)
+            << " per_chunk " << per_chunk << " residual " << residual << " form " << form << " depth " << depth;
+        if (bias != AttentionalBias::l2) {  // the bias is in effect: l2 with the same parameters differs
+          auto cl = c;
+          cl.bias = AttentionalBias::l2;
+          NeuralMemory<double> l2(cl);
+          auto pl = p;
+          pl.w_delta.resize(0, 0);
+          pl.b_delta.resize(0, 0);
+          auto sl = l2.initial_state(pl);
+          EXPECT_GT(max_rel(l2.forward(pl, x, sl), y), 1e-6) << titans::to_string(bias) << " form " << form;
+        }
         EXPECT_EQ(state.position, 19);
       }
 }
@@ -134,9 +156,12 @@ TYPED_TEST_SUITE(NeuralMemoryTyped, Scalars);
 TYPED_TEST(NeuralMemoryTyped, StreamingSplitsAndDecodeEqualPrefill) {
   using S = TypeParam;
   const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-12;
+  for (titans::AttentionalBias bias :
+       {titans::AttentionalBias::l2, titans::AttentionalBias::huber, titans::AttentionalBias::lp})
   for (bool per_chunk : {false, true}) {
     auto c = small_config();
     c.per_chunk_gates = per_chunk;
+    c.bias = bias;
     NeuralMemory<S> layer(c);
     const auto p = layer.init(11);
     const Index T = 23;
@@ -158,7 +183,7 @@ TYPED_TEST(NeuralMemoryTyped, StreamingSplitsAndDecodeEqualPrefill) {
     auto s3 = layer.initial_state(p);
     Mat<S> y3(c.dim, T);
     for (Index t = 0; t < T; ++t) y3.col(t) = layer.step(p, x.col(t), s3);
-    EXPECT_LT(max_rel(y3, y), tol) << "decode vs prefill, per_chunk " << per_chunk;
+    EXPECT_LT(max_rel(y3, y), tol) << "decode vs prefill, per_chunk " << per_chunk << ", " << titans::to_string(bias);
   }
 }
 
@@ -498,6 +523,39 @@ TEST(NeuralMemory, BadConfigAndInputThrow) {
   c = small_config();
   c.theta_max = -1;
   expect_throw_naming([&] { NeuralMemory<double>{c}; }, "theta_max");
+  // The attentional bias (docs/MATH.md §11): the function, the field and the value are named.
+  c = small_config();
+  c.bias_p = 0.5;
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "titans::NeuralMemory: bias_p is 0.5, expected a finite value >= 1");
+  c = small_config();
+  c.bias_eps = -1;
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "titans::NeuralMemory: bias_eps is -1, expected a finite value > 0");
+  c = small_config();
+  c.bias_eps = std::numeric_limits<double>::infinity();
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "bias_eps is inf");
+  c = small_config();
+  c.bias = static_cast<titans::AttentionalBias>(9);
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "bias has an unknown value (9)");
+  c = small_config();
+  c.threshold_max = 0;
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "threshold_max is 0, expected a finite value > 0");
+  c = small_config();
+  c.threshold_max = std::numeric_limits<double>::quiet_NaN();
+  expect_throw_naming([&] { NeuralMemory<double>{c}; }, "threshold_max is nan");
+  {  // huber's threshold projection is part of the parameters, and only with huber
+    c = small_config();
+    c.bias = titans::AttentionalBias::huber;
+    NeuralMemory<double> huber(c);
+    auto p = huber.init(1);
+    EXPECT_EQ(p.w_delta.rows(), c.heads);
+    Index count = 0;
+    p.for_each([&](const std::string&, const auto& t) { count += t.size(); });
+    EXPECT_EQ(count, huber.parameter_count());
+    p.b_delta.resize(0, 0);
+    expect_throw_naming([&] { huber.initial_state(p); }, "params.b_delta");
+    NeuralMemory<double> l2(small_config());
+    expect_throw_naming([&] { l2.initial_state(huber.init(1)); }, "params.w_delta");
+  }
   for (double bad : {-0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
     c = small_config();
     c.alpha_max = bad;

@@ -68,6 +68,7 @@ struct Case {
   // The gate bounds: α = α_max σ(·), η = η_max σ(·). At 0 the gate is exactly 0 (the paper's
   // no-forgetting and no-momentum ablations), and its projection and bias get no gradient.
   double alpha_max = 1.0, eta_max = 0.95;
+  titans::AttentionalBias bias = titans::AttentionalBias::l2;  // docs/MATH.md §11
 };
 
 class LayerGradCheck : public ::testing::TestWithParam<Case> {};
@@ -77,8 +78,14 @@ TEST_P(LayerGradCheck, MatchesFiniteDifferences) {
   NeuralMemoryConfig cfg = tiny(cs.depth, cs.b, cs.per_chunk, cs.residual);
   cfg.alpha_max = cs.alpha_max;
   cfg.eta_max = cs.eta_max;
+  cfg.bias = cs.bias;
+  cfg.threshold_max = 3;  // with w_delta below, δ_t spreads over the residuals' range (both branches)
   NeuralMemory<double> layer(cfg);
   Params p = lively_params(layer, 3);
+  if (cs.bias == titans::AttentionalBias::huber) {
+    titans::detail::Rng rng(17);
+    rng.fill_normal(p.w_delta, 0.5);
+  }
   if (cs.extreme) {  // head 0: α ≈ 0, η ≈ 1, θ ≈ 0; head 1: α ≈ 1, η ≈ 0, θ ≈ θ_max
     p.b_alpha << -7, 7;
     p.b_eta << 7, -7;
@@ -143,7 +150,13 @@ INSTANTIATE_TEST_SUITE_P(Layer, LayerGradCheck,
                                            Case{2, 3, false, false, 7, 2, false, 1e-6, 0.5},
                                            Case{2, 3, true, true, 7, 2, false, 1e-6, 0.0, 0.0},
                                            Case{1, 2, false, false, 5, 0, false, 1e-6, 0.0, 0.95},
-                                           Case{2, 3, false, false, 6, 1, false, 1e-6, 1.0, 0.0}));
+                                           Case{2, 3, false, false, 6, 1, false, 1e-6, 1.0, 0.0},
+                                           // the other attentional biases, huber's threshold projection
+                                           Case{2, 3, false, false, 7, 2, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::huber},
+                                           Case{1, 2, true, true, 5, 1, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::huber},
+                                           Case{3, 2, false, true, 5, 1, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::huber},
+                                           Case{2, 3, false, false, 7, 2, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::lp},
+                                           Case{1, 1, true, true, 5, 0, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::lp}));
 
 TEST(LayerBackward, TwoCallsEqualOneCall) {
   for (bool per_chunk : {false, true}) {

@@ -66,6 +66,14 @@ struct NeuralMemoryConfig {
   /// chunk's gates are therefore computed from the pre-activation of its *first* token.
   bool per_chunk_gates = false;
   double norm_eps = 1e-6;  ///< ε of the ℓ2 normalisation and of the output RMSNorm
+  /// The memory's inner loss ℓ(M(k) − v) (docs/MATH.md §11); l2 is the paper's ‖M(k) − v‖².
+  AttentionalBias bias = AttentionalBias::l2;
+  double bias_p = 3;          ///< p >= 1 of the lp bias
+  double bias_eps = 1e-6;     ///< ε > 0 of the lp bias's |x|_ε = sqrt(x² + ε)
+  /// δ_max > 0 of the huber bias: each token's threshold is δ_t = δ_max σ(w_δᵀx_t + b_δ) per head
+  /// (params.w_delta, b_delta; docs/MATH.md §11.5). [choice] The default 4 puts δ ≈ 2 at
+  /// initialisation, inside the range of the initial residual norms.
+  double threshold_max = 4;
 
   Index head_dim() const { return heads > 0 ? dim / heads : 0; }
 
@@ -80,6 +88,9 @@ struct NeuralMemoryConfig {
     m.output_norm = output_norm;
     m.norm_eps = norm_eps;
     m.surprise_clamp = surprise_clamp;
+    m.bias = bias;
+    m.bias_p = bias_p;
+    m.bias_eps = bias_eps;
     return m;
   }
 
@@ -104,6 +115,10 @@ struct NeuralMemoryConfig {
     v("neural_memory.theta_max", c.theta_max);
     v("neural_memory.per_chunk_gates", c.per_chunk_gates, dflt.per_chunk_gates);
     v("neural_memory.norm_eps", c.norm_eps, dflt.norm_eps);
+    v("neural_memory.bias", c.bias, AttentionalBias::l2);  // absent: a file from before the biases
+    v("neural_memory.bias_p", c.bias_p, dflt.bias_p);
+    v("neural_memory.bias_eps", c.bias_eps, dflt.bias_eps);
+    v("neural_memory.threshold_max", c.threshold_max, dflt.threshold_max);
   }
 
   /// Throws InvalidArgument naming the field.
@@ -122,6 +137,8 @@ struct NeuralMemoryConfig {
       detail::raise<InvalidArgument>(where, "eta_max is ", eta_max, ", expected a value in [0, 1]");
     if (!(alpha_max >= 0 && alpha_max <= 1))
       detail::raise<InvalidArgument>(where, "alpha_max is ", alpha_max, ", expected a value in [0, 1]");
+    if (!(threshold_max > 0) || !std::isfinite(threshold_max))
+      detail::raise<InvalidArgument>(where, "threshold_max is ", threshold_max, ", expected a finite value > 0");
     memory().validate(where);
   }
 };
@@ -138,8 +155,8 @@ inline std::map<std::string, std::string> to_metadata(const NeuralMemoryConfig& 
 /// \brief Rebuilds a config from to_metadata's pairs; throws FormatError naming a malformed key,
 /// or every missing required key at once, and InvalidArgument if the values form an invalid
 /// config. Keys with a default (metadata_fields) may be missing: the bounds added later
-/// (output_norm, surprise_clamp, eta_max, alpha_max) then read as off, so files written before
-/// them load with the behaviour they had.
+/// (output_norm, surprise_clamp, eta_max, alpha_max) then read as off and the bias as l2, so
+/// files written before them load with the behaviour they had.
 inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std::string, std::string>& m) {
   constexpr const char* where = "titans::neural_memory_config_from_metadata";
   detail::MetadataFieldReader r(where, m);
@@ -152,7 +169,8 @@ inline NeuralMemoryConfig neural_memory_config_from_metadata(const std::map<std:
 
 /// \brief The learned outer parameters of a NeuralMemory layer (a parameter set).
 /// Heads are stacked by rows: head h owns rows [h·d, (h+1)·d) of w_k, w_v, w_q and the conv
-/// kernels, row h of the gate projections, and rows [h·n_l, (h+1)·n_l) of memory_init[l].
+/// kernels, row h of the gate (and huber threshold) projections, and rows [h·n_l, (h+1)·n_l) of
+/// memory_init[l].
 template <class Scalar>
 struct NeuralMemoryParams {
   static_assert(std::is_floating_point_v<Scalar>, "titans: Scalar must be a floating-point type");
@@ -161,6 +179,9 @@ struct NeuralMemoryParams {
   Matrix<Scalar> conv_k, conv_v, conv_q;     ///< (D, K) depthwise kernels; column K−1 is the current token
   Matrix<Scalar> w_alpha, w_eta, w_theta;    ///< (H, D) gate projections
   Matrix<Scalar> b_alpha, b_eta, b_theta;    ///< (H, 1) gate biases
+  /// (H, D) and (H, 1): the huber bias's threshold projection, δ_t = δ_max σ(w_delta x_t + b_delta)
+  /// (docs/MATH.md §11.5); empty with the other biases.
+  Matrix<Scalar> w_delta, b_delta;
   std::vector<Matrix<Scalar>> memory_init;   ///< Θ_init, layer l: (H·n_l, n_{l−1})
   Matrix<Scalar> memory_gain;                ///< (D, 1) γ of each head's read-out norm (output_norm only; else empty)
   Matrix<Scalar> w_gate;                     ///< (D, D) output gate projection W_G
@@ -184,6 +205,8 @@ struct NeuralMemoryParams {
     f("b_eta", p.b_eta);
     f("w_theta", p.w_theta);
     f("b_theta", p.b_theta);
+    if (p.w_delta.size() > 0) f("w_delta", p.w_delta);
+    if (p.b_delta.size() > 0) f("b_delta", p.b_delta);
     for (std::size_t l = 0; l < p.memory_init.size(); ++l) f("memory_init.w" + std::to_string(l + 1), p.memory_init[l]);
     if (p.memory_gain.size() > 0) f("memory_gain", p.memory_gain);
     f("w_gate", p.w_gate);
@@ -220,6 +243,7 @@ template <class Scalar>
 struct MemoryInputs {
   Matrix<Scalar> k, v, q;              ///< (D, T): head h in rows [h·d, (h+1)·d)
   Matrix<Scalar> alpha, eta, theta;    ///< (H, T)
+  Matrix<Scalar> threshold;            ///< (H, T) δ_t with the huber bias; empty with the others
 };
 
 /// \brief What NeuralMemory::backward needs from a NeuralMemory::forward_train call: the input,
@@ -237,6 +261,7 @@ struct NeuralMemoryCache {
   /// (H, T) σ of the gates' pre-activations, α, η, θ in that order (α = α_max σ, η = η_max σ,
   /// θ = θ_max σ).
   Matrix<Scalar> sig_gate[3];
+  Matrix<Scalar> sig_threshold;          ///< (H, T) σ of the huber threshold's pre-activation (δ = δ_max σ); else empty
   std::vector<Index> gate_source;        ///< per token: column whose gate pre-activation it used; −1: the state's
   Index final_gate_source = -1;          ///< same, for the final state's chunk_gates
   std::vector<MemoryForwardCache<Scalar>> heads;
@@ -255,8 +280,8 @@ struct NeuralMemoryCache {
       add(ext[i]);
       add(conv[i]);
     }
-    for (const auto* m : {&silu_k, &silu_q, &in.k, &in.v, &in.q, &in.alpha, &in.eta, &in.theta, &sig_gate[0], &sig_gate[1],
-                          &sig_gate[2], &y, &rinv, &n, &g})
+    for (const auto* m : {&silu_k, &silu_q, &in.k, &in.v, &in.q, &in.alpha, &in.eta, &in.theta, &in.threshold, &sig_gate[0], &sig_gate[1],
+                          &sig_gate[2], &sig_threshold, &y, &rinv, &n, &g})
       add(*m);
     for (const auto& h : heads) total += h.bytes();
     return total + gate_source.size() * sizeof(Index);
@@ -290,9 +315,9 @@ class NeuralMemory {
   Index parameter_count() const {
     const Index D = cfg_.dim, H = cfg_.heads;
     // w_k, w_v, w_q, w_gate, w_out; the convolutions; the gate projections and biases; Θ_init
-    // of every head; the read-out gain; the output norm's gain.
+    // of every head; the read-out gain; the output norm's gain; the huber threshold projection.
     return 5 * D * D + 3 * D * cfg_.conv_kernel + 3 * H * D + 3 * H + H * mem_.weight_count() +
-           (cfg_.output_norm ? D : 0) + D;
+           (cfg_.output_norm ? D : 0) + D + (cfg_.bias == AttentionalBias::huber ? H * D + H : 0);
   }
 
   Params init(std::uint64_t seed) const;
@@ -437,6 +462,10 @@ auto NeuralMemory<Scalar>::init(std::uint64_t seed) const -> Params {
   p.w_gate = normal(D, D, proj);
   p.norm_gain = Mat::Ones(D, 1);
   p.w_out = normal(D, D, proj);
+  if (cfg_.bias == AttentionalBias::huber) {  // drawn last: the other tensors are those of any bias
+    p.w_delta = normal(H, D, 0.02);
+    p.b_delta = Mat::Zero(H, 1);  // δ ≈ δ_max / 2
+  }
   return p;
 }
 
@@ -455,6 +484,9 @@ void NeuralMemory<Scalar>::check_params(const Params& p, const char* where) cons
   detail::check_shape(where, "params.b_alpha", p.b_alpha, H, 1);
   detail::check_shape(where, "params.b_eta", p.b_eta, H, 1);
   detail::check_shape(where, "params.b_theta", p.b_theta, H, 1);
+  const bool huber = cfg_.bias == AttentionalBias::huber;
+  detail::check_shape(where, "params.w_delta", p.w_delta, huber ? H : 0, huber ? D : 0);
+  detail::check_shape(where, "params.b_delta", p.b_delta, huber ? H : 0, huber ? 1 : 0);
   if (static_cast<Index>(p.memory_init.size()) != mem_.depth)
     detail::raise<ShapeError>(where, "params.memory_init has ", p.memory_init.size(), " layers, expected depth ",
                               mem_.depth);
@@ -603,6 +635,8 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
 
   // The memories, per head, through the test-time updates.
   Mat dk(D, T), dv(D, T), dq(D, T), dgate[3] = {Mat(H, T), Mat(H, T), Mat(H, T)};
+  const bool huber = cfg_.bias == AttentionalBias::huber;
+  Mat dthreshold(huber ? H : 0, huber ? T : 0);
   const MemoryState<Scalar> no_state;
   detail::for_each_head(H, [&](Index h) {
     const auto& hc = cache.heads[static_cast<std::size_t>(h)];
@@ -614,6 +648,7 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
     dgate[0].row(h) = kg.inputs.alpha.transpose();
     dgate[1].row(h) = kg.inputs.eta.transpose();
     dgate[2].row(h) = kg.inputs.theta.transpose();
+    if (huber) dthreshold.row(h) = kg.inputs.threshold.transpose();
     if (cfg_.output_norm) grads.memory_gain.middleRows(h * d, d) += kg.inputs.gain;
     if (dinitial) add_state_gradient(dinitial->heads[static_cast<std::size_t>(h)], kg.state);
   });
@@ -653,6 +688,13 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
     detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dgate[gi], cache.x, *gw[gi]);
     gb[gi]->col(0) += dgate[gi].rowwise().sum();
     detail::product_add<detail::Trans::yes, detail::Trans::no>(one, *pw[gi], dgate[gi], dx);
+  }
+  if (huber) {  // δ = δ_max σ(w_delta x + b_delta), per token (docs/MATH.md §11.5)
+    const auto sig = cache.sig_threshold.array();
+    dthreshold = (dthreshold.array() * static_cast<Scalar>(cfg_.threshold_max) * sig * (one - sig)).matrix();
+    detail::product_add<detail::Trans::no, detail::Trans::yes>(one, dthreshold, cache.x, grads.w_delta);
+    grads.b_delta.col(0) += dthreshold.rowwise().sum();
+    detail::product_add<detail::Trans::yes, detail::Trans::no>(one, p.w_delta, dthreshold, dx);
   }
 
   // ℓ2 normalisation of k and q.
@@ -875,6 +917,16 @@ auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<co
     if (cache) cache->sig_gate[gi] = *gate[gi];
     *gate[gi] *= gate_max(gi);  // a max of 0 gives exactly 0 (σ is finite)
   }
+  // [choice] The huber threshold is always per token (docs/MATH.md §11.5): it changes only its
+  // own token's gradient, so it needs no per-chunk routing to stay causal.
+  if (cfg_.bias == AttentionalBias::huber) {
+    Mat pre_delta;
+    detail::product<detail::Trans::no, detail::Trans::no>(p.w_delta, x, pre_delta);
+    pre_delta.colwise() += p.b_delta.col(0);
+    in.threshold = detail::sigmoid<Scalar>(pre_delta);
+    if (cache) cache->sig_threshold = in.threshold;
+    in.threshold *= static_cast<Scalar>(cfg_.threshold_max);
+  }
   return in;
 }
 
@@ -889,6 +941,7 @@ auto NeuralMemory<Scalar>::head_inputs(const Params& p, const MemoryInputs<Scala
   k.alpha = in.alpha.row(h).transpose();
   k.eta = in.eta.row(h).transpose();
   k.theta = in.theta.row(h).transpose();
+  if (in.threshold.size() > 0) k.threshold = in.threshold.row(h).transpose();
   k.gain = gain(p, h);
   return k;
 }
