@@ -218,7 +218,10 @@ def neural_memory_metadata(c: NeuralMemoryConfig) -> Dict[str, str]:
             p + "eta_max": format_real(c.eta_max), p + "alpha_max": format_real(c.alpha_max),
             p + "chunk_size": str(c.chunk_size),
             p + "conv_kernel": str(c.conv_kernel), p + "theta_max": format_real(c.theta_max),
-            p + "per_chunk_gates": _b(c.per_chunk_gates), p + "norm_eps": format_real(c.norm_eps)}
+            p + "per_chunk_gates": _b(c.per_chunk_gates), p + "norm_eps": format_real(c.norm_eps),
+            # the twin's memories are l2 (docs/MATH.md §11); the lp and huber options at the C++ defaults
+            p + "bias": "l2", p + "bias_p": format_real(3.0), p + "bias_eps": format_real(1e-6),
+            p + "threshold_max": format_real(4.0)}
 
 
 def model_metadata(c: ModelConfig) -> Dict[str, str]:
@@ -300,6 +303,14 @@ def _memory_fields(r: _Reader):
     act = r.text("neural_memory.activation", "silu")
     if act not in ACTIVATIONS:
         raise FormatError(f"{r.where}: 'neural_memory.activation' is '{act}', not silu, gelu or identity")
+    # The attentional bias (docs/MATH.md §11): absent in files from before it, which are l2. The
+    # twin implements l2 only and refuses the others rather than computing something else.
+    bias = r.text("neural_memory.bias", "l2")
+    if bias not in ("l2", "huber", "lp"):
+        raise FormatError(f"{r.where}: 'neural_memory.bias' is '{bias}', not l2, huber or lp")
+    if bias != "l2":
+        raise FormatError(f"{r.where}: 'neural_memory.bias' is '{bias}': titans_torch implements only the l2 "
+                          f"attentional bias (the C++ library implements huber and lp, docs/MATH.md §11)")
     return dict(
         dim=r.integer("neural_memory.dim"), heads=r.integer("neural_memory.heads"),
         depth=r.integer("neural_memory.depth"), expansion=r.integer("neural_memory.expansion"), activation=act,

@@ -274,6 +274,24 @@ class IoTest(unittest.TestCase):
         self.assertEqual((c.block.memory.output_norm, c.block.memory.surprise_clamp, c.block.memory.eta_max,
                           c.block.memory.alpha_max, c.block.checkpoint_every), (False, 0.0, 1.0, 1.0, 1))
 
+    def test_attentional_bias_other_than_l2_is_refused(self):
+        # The twin implements the l2 bias only (docs/MATH.md §11): a C++ file with huber or lp is
+        # refused by name; one without the key (from before the biases) is l2.
+        meta = tt.model_metadata(self.small_model().cfg)
+        self.assertEqual(meta["neural_memory.bias"], "l2")
+        for bias in ("huber", "lp"):
+            meta["neural_memory.bias"] = bias
+            with self.assertRaisesRegex(tt.FormatError, f"'neural_memory.bias' is '{bias}': titans_torch implements "
+                                                        "only the l2"):
+                tt.model_config_from_metadata(meta)
+        meta["neural_memory.bias"] = "l1"
+        with self.assertRaisesRegex(tt.FormatError, "'neural_memory.bias' is 'l1', not l2, huber or lp"):
+            tt.model_config_from_metadata(meta)
+        for key in ("neural_memory.bias", "neural_memory.bias_p", "neural_memory.bias_eps",
+                    "neural_memory.threshold_max"):
+            del meta[key]
+        tt.model_config_from_metadata(meta)
+
     def rewrite(self, edit_tensors=None, edit_meta=None):
         m = self.small_model()
         tensors = {n: p.detach() for n, p in m.named_parameters()}
