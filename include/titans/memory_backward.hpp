@@ -315,16 +315,16 @@ void inner_signal_backward(const MemoryConfig& cfg, const Matrix<Scalar>& z, con
     const Vector<Scalar> zh = zhat.col(j);
     r = gamma.cwiseProduct(zh) - v.col(j);
     if (cfg.residual) r += k.col(j);
+    const auto thr_j = thr.segment(thr.size() > 0 ? j : 0, thr.size() > 0 ? 1 : 0);  // δ_j, or empty
     e = r;
-    bias_gradient(cfg, thr.segment(thr.size() > 0 ? j : 0, thr.size() > 0 ? 1 : 0), e);
+    bias_gradient(cfg, thr_j, e);
     const Vector<Scalar> g = gamma.cwiseProduct(e.col(0));
     const Scalar h = g.dot(zh) * dinv;
     const Vector<Scalar> delta = apply_j(g, j);
     const Vector<Scalar> Dj = D.col(j);
     const Vector<Scalar> dg = apply_j(Dj, j);
     const Vector<Scalar> de = gamma.cwiseProduct(dg);
-    bias_hessian_apply(cfg, r, thr.segment(thr.size() > 0 ? j : 0, thr.size() > 0 ? 1 : 0), de, dr,
-                       dthr ? dthr + j : nullptr);
+    bias_hessian_apply(cfg, r, thr_j, de, dr, dthr ? dthr + j : nullptr);
     grads.inputs.gain += e.col(0).cwiseProduct(dg) + zh.cwiseProduct(dr.col(0));
     dv.col(j) -= dr.col(0);
     if (cfg.residual) dk.col(j) += dr.col(0);

@@ -49,7 +49,7 @@ inline std::string parse_metadata(const std::string& s, Activation& out) {
 /// §3 stays exact.
 enum class AttentionalBias {
   l2,     ///< ‖r‖² (Eq 12, no ½)
-  huber,  ///< MIRAS "Yaad": ‖r‖² for ‖r‖ ≤ δ_t, else 2δ_t‖r‖ − δ_t², δ_t > 0 a per-token kernel input
+  huber,  ///< MIRAS "Yaad": ‖r‖² for ‖r‖ ≤ δ_t, else the ℓ1 loss 2δ_t Σ_j |r_j|_ε − δ_t² (δ_t > 0 per token)
   lp,     ///< MIRAS "Moneta": Σ_j |r_j|_ε^p with the smooth |x|_ε = sqrt(x² + ε), p ≥ 1
 };
 
@@ -95,7 +95,7 @@ struct MemoryConfig {
   /// δ_t > 0 per token (KernelInputs::threshold).
   AttentionalBias bias = AttentionalBias::l2;
   double bias_p = 3;       ///< p >= 1 of the lp bias (read with lp only)
-  double bias_eps = 1e-6;  ///< ε > 0 of the lp bias's smooth |x|_ε = sqrt(x² + ε) (read with lp only)
+  double bias_eps = 1e-6;  ///< ε > 0 of the smooth |x|_ε = sqrt(x² + ε) of the lp bias and huber's ℓ1 branch
 
   /// Throws InvalidArgument naming the field if the config is unusable.
   void validate(const char* where = "titans::MemoryConfig") const {
@@ -366,9 +366,10 @@ Scalar bias_loss(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r, const 
     case AttentionalBias::l2: break;
     case AttentionalBias::huber: {
       Scalar sum = 0;
+      const auto eps = static_cast<Scalar>(cfg.bias_eps);
       for (Index j = 0; j < r.cols(); ++j) {
         const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
-        sum += n <= d ? n * n : Scalar(2) * d * n - d * d;
+        sum += n <= d ? n * n : Scalar(2) * d * (r.col(j).array().square() + eps).sqrt().sum() - d * d;
       }
       return sum;
     }
@@ -381,21 +382,25 @@ Scalar bias_loss(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r, const 
 }
 
 /// The bias's gradient e = ∇_r ℓ(r) column by column, in place: `r` holds the residuals (d, n) on
-/// entry and e on exit (docs/MATH.md §11): 2r (l2); 2r, or 2δ_t r/‖r‖ when ‖r‖ > δ_t (huber);
-/// p |r_j|_ε^{p−2} r_j (lp). `thr` holds δ_t (n) with huber and is not read otherwise.
+/// entry and e on exit (docs/MATH.md §11): 2r (l2); 2r, or the smooth sign 2δ_t r_j/|r_j|_ε when
+/// ‖r‖ > δ_t (huber); p |r_j|_ε^{p−2} r_j (lp). `thr` holds δ_t (n) with huber and is not read otherwise.
 template <class Scalar, class DT>
 void bias_gradient(const MemoryConfig& cfg, const Eigen::MatrixBase<DT>& thr, Matrix<Scalar>& r) {
   switch (cfg.bias) {
     case AttentionalBias::l2:
       r *= Scalar(2);
       return;
-    case AttentionalBias::huber:
+    case AttentionalBias::huber: {
+      const auto eps = static_cast<Scalar>(cfg.bias_eps);
       for (Index j = 0; j < r.cols(); ++j) {
         const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
-        if (n > d) r.col(j) *= Scalar(2) * d / n;
-        else r.col(j) *= Scalar(2);
+        if (n > d)
+          r.col(j) = (Scalar(2) * d * r.col(j).array() / (r.col(j).array().square() + eps).sqrt()).matrix();
+        else
+          r.col(j) *= Scalar(2);
       }
       return;
+    }
     case AttentionalBias::lp: {
       const auto p = static_cast<Scalar>(cfg.bias_p), eps = static_cast<Scalar>(cfg.bias_eps);
       r = (p * (r.array().square() + eps).pow((p - Scalar(2)) / Scalar(2)) * r.array()).matrix();
@@ -405,9 +410,9 @@ void bias_gradient(const MemoryConfig& cfg, const Eigen::MatrixBase<DT>& thr, Ma
 }
 
 /// The Jacobian of bias_gradient applied to x (both (d, n)), column by column: out = H(r_j) x_j,
-/// H = ∂e/∂r = ∇²ℓ(r) (symmetric; docs/MATH.md §11): 2I (l2); 2I, or (2δ/‖r‖)(I − r̂r̂ᵀ) with
-/// r̂ = r/‖r‖ when ‖r‖ > δ (huber); diag(p (r_j² + ε)^{(p−4)/2} (ε + (p − 1) r_j²)) (lp). With the
-/// huber bias `dthr` (n), when given, accumulates x_jᵀ ∂e_j/∂δ_j = 2 r̂_jᵀx_j where ‖r_j‖ > δ_j.
+/// H = ∂e/∂r = ∇²ℓ(r) (symmetric; docs/MATH.md §11): 2I (l2); 2I, or diag(2δ ε (r_i² + ε)^{−3/2})
+/// when ‖r‖ > δ (huber); diag(p (r_i² + ε)^{(p−4)/2} (ε + (p − 1) r_i²)) (lp). With the huber bias
+/// `dthr` (n), when given, accumulates x_jᵀ ∂e_j/∂δ_j = 2 Σ_i x_ij r_ij/|r_ij|_ε where ‖r_j‖ > δ_j.
 template <class Scalar, class DR, class DT, class DX>
 void bias_hessian_apply(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r, const Eigen::MatrixBase<DT>& thr,
                         const Eigen::MatrixBase<DX>& x, Matrix<Scalar>& out, Scalar* dthr) {
@@ -415,19 +420,21 @@ void bias_hessian_apply(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r,
     case AttentionalBias::l2:
       out = Scalar(2) * x;
       return;
-    case AttentionalBias::huber:
+    case AttentionalBias::huber: {
+      const auto eps = static_cast<Scalar>(cfg.bias_eps);
       out.resize(x.rows(), x.cols());
       for (Index j = 0; j < r.cols(); ++j) {
         const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
         if (n > d) {
-          const Scalar rx = r.col(j).dot(x.col(j)) / n;  // r̂ᵀx
-          out.col(j) = (Scalar(2) * d / n) * (x.col(j) - (rx / n) * r.col(j));
-          if (dthr) dthr[j] += Scalar(2) * rx;
+          const auto s = r.col(j).array().square() + eps;  // |r_i|_ε²
+          out.col(j) = (Scalar(2) * d * eps * x.col(j).array() / (s * s.sqrt())).matrix();
+          if (dthr) dthr[j] += Scalar(2) * (x.col(j).array() * r.col(j).array() / s.sqrt()).sum();
         } else {
           out.col(j) = Scalar(2) * x.col(j);
         }
       }
       return;
+    }
     case AttentionalBias::lp: {
       const auto p = static_cast<Scalar>(cfg.bias_p), eps = static_cast<Scalar>(cfg.bias_eps);
       const auto r2 = r.array().square();

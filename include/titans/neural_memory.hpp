@@ -69,7 +69,7 @@ struct NeuralMemoryConfig {
   /// The memory's inner loss ℓ(M(k) − v) (docs/MATH.md §11); l2 is the paper's ‖M(k) − v‖².
   AttentionalBias bias = AttentionalBias::l2;
   double bias_p = 3;          ///< p >= 1 of the lp bias
-  double bias_eps = 1e-6;     ///< ε > 0 of the lp bias's |x|_ε = sqrt(x² + ε)
+  double bias_eps = 1e-6;     ///< ε > 0 of |x|_ε = sqrt(x² + ε) (the lp bias, huber's ℓ1 branch)
   /// δ_max > 0 of the huber bias: each token's threshold is δ_t = δ_max σ(w_δᵀx_t + b_δ) per head
   /// (params.w_delta, b_delta; docs/MATH.md §11.5). [choice] The default 4 puts δ ≈ 2 at
   /// initialisation, inside the range of the initial residual norms.

@@ -58,7 +58,7 @@ inline void calibrate_clamp(titans::MemoryConfig& cfg, const std::vector<titans:
 }
 
 /// With the huber bias, sets the problem's thresholds δ_t from its residuals r_t = M(k_t) − v_t at
-/// weights w (by the reference): alternately well below ‖r_t‖ (0.3–0.7 of it: the ℓ1-like branch)
+/// weights w (by the reference): alternately well below ‖r_t‖ (0.3–0.7 of it: the ℓ1 branch)
 /// and well above it (1.5–3×: the quadratic branch), so both branches run and no token sits on
 /// the kink ‖r‖ = δ. Empty thresholds for the other biases.
 inline void calibrate_threshold(const titans::MemoryConfig& cfg, const std::vector<titans::Matrix<double>>& w,

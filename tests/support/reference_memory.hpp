@@ -70,7 +70,7 @@ inline RefInputs<double> ref_inputs(const titans::KernelInputs<double>& in) {
 }
 
 /// ∂ℓ(r)/∂r of the attentional bias for one residual r = M(k) − v: 2r (l2); Huber with threshold
-/// δ: 2r for ‖r‖ ≤ δ, else 2δ r/‖r‖; ℓp: p (r_i² + ε)^{p/2 − 1} r_i.
+/// δ: 2r for ‖r‖ ≤ δ, else the ℓ1 step 2δ r_i / sqrt(r_i² + ε); ℓp: p (r_i² + ε)^{p/2 − 1} r_i.
 template <class S>
 Vec<S> ref_bias_grad(const titans::MemoryConfig& cfg, const Vec<S>& r, const S& delta) {
   using std::pow;
@@ -84,7 +84,8 @@ Vec<S> ref_bias_grad(const titans::MemoryConfig& cfg, const Vec<S>& r, const S& 
       S n2 = S(0);
       for (Index i = 0; i < r.size(); ++i) n2 += r(i) * r(i);
       const S n = sqrt(n2);
-      for (Index i = 0; i < r.size(); ++i) g(i) = n <= delta ? S(2) * r(i) : S(2) * delta * r(i) / n;
+      for (Index i = 0; i < r.size(); ++i)
+        g(i) = n <= delta ? S(2) * r(i) : S(2) * delta * r(i) / sqrt(r(i) * r(i) + S(cfg.bias_eps));
       break;
     }
     case titans::AttentionalBias::lp:
