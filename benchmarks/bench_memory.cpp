@@ -5,6 +5,7 @@
 // measures, how to run them and the numbers measured so far.
 //
 //   BM_MemoryForward<float>/d/L/b/cores     prefill: T = 4096 tokens per call, one core
+//   BM_MemoryForwardBias<float>/d/L/b/bias  the same with the attentional biases l2, huber, lp
 //   BM_GemmYardstick<float>/d/L/b/cores     the kernel's dense products alone (bench_gemm_yardstick.hpp)
 //   BM_MemoryForwardThreads, BM_GemmYardstickThreads
 //                                           d = 256, L = 2, b = 64 on 1 and 2 cores (wall time)
@@ -14,9 +15,9 @@
 //   BM_GemmLeadingDim<float>/d/pad          the yardstick with leading dimension n + pad
 //   BM_MemoryDecode<float>/d/b              one token per call (T = 1): latency per token
 //   BM_FmaPeak<float>, BM_FmaPeak<double>   the FMA peak of one core (bench_fma_peak.hpp)
-//   BM_GemmYardstickOpenBLAS<float>/…, BM_GemmYardstickBLIS<float>/…
-//                                           the yardstick's products through OpenBLAS / BLIS
-//                                           (bench_gemm_backends.hpp), where found
+//   BM_GemmYardstickOpenBLAS<float>/…, BM_GemmYardstickBLIS<float>/…, BM_GemmYardstickLibxsmm<float>/…
+//                                           the yardstick's products through OpenBLAS / BLIS /
+//                                           libxsmm (bench_gemm_backends.hpp), where found
 //
 // Every row with a GFLOPS counter also reports `fma_peak` (the FMA peak of one core in GFLOP/s,
 // measured once per process on first use) and `pct_fma` (GFLOPS as a percentage of fma_peak ×
@@ -212,6 +213,38 @@ void BM_MemoryForwardBound(benchmark::State& state) {
   }
   if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
   set_rate_counters<Scalar>(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens, 1);
+}
+
+// The attentional biases (docs/MATH.md §11): l2 (0), huber (1, δ = √d for every token, about the
+// residuals' norm, so both branches run) and lp (2, p = 3), each with the layer's bounded forms;
+// registered alternately, twice each.
+template <class Scalar>
+void BM_MemoryForwardBias(benchmark::State& state) {
+  const Index d = state.range(0), depth = state.range(1), b = state.range(2), bias = state.range(3);
+  titans::MemoryConfig cfg = memory_config(d, depth);
+  cfg.residual = true;
+  cfg.output_norm = true;
+  cfg.surprise_clamp = 250;
+  cfg.bias = bias == 1 ? titans::AttentionalBias::huber : bias == 2 ? titans::AttentionalBias::lp
+                                                                    : titans::AttentionalBias::l2;
+  set_threads(1);
+  MemoryProblem<Scalar> p(cfg, kTokens);
+  if (bias == 1) p.in.threshold = titans::Vector<Scalar>::Constant(kTokens, std::sqrt(static_cast<Scalar>(d)));
+  titans::MemoryState<Scalar> st = p.initial;
+  for (auto _ : state) {
+    st = p.initial;
+    titans::memory_forward_into<Scalar>(p.cfg, b, p.in, st, p.y);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
+  set_rate_counters<Scalar>(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens, 1);
+}
+
+void bias_grid(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"d", "L", "b", "bias", "round"});
+  for (Index round = 0; round < 2; ++round)
+    for (Index bias : {0, 1, 2}) bm->Args({256, 2, 64, bias, round});
 }
 
 void bound_grid(benchmark::internal::Benchmark* bm) {
@@ -492,6 +525,7 @@ BENCHMARK_TEMPLATE(BM_GemmPeak, float)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_MemoryForward, float)->Apply(forward_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_MemoryForwardBound, float)->Apply(bound_grid)->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_MemoryForwardBias, float)->Apply(bias_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_GemmYardstick, float)->Apply(yardstick_grid)->Unit(benchmark::kMillisecond);
 #ifdef TITANS_BENCH_HAVE_OPENBLAS
 BENCHMARK_TEMPLATE2(BM_GemmYardstickBackend, float, titans_bench::OpenBlasGemm)

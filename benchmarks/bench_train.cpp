@@ -14,6 +14,7 @@
 #include <benchmark/benchmark.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <tuple>
@@ -33,8 +34,10 @@ struct Problem {
 };
 
 // bound = 1: the layer's bounded forms (residual, γ ⊙ LN read-out, surprise clamp 250; docs/MATH.md
-// §8); 0: the kernel's plain read-out.
-Problem make_problem(long d, long L, long T, bool bound = false) {
+// §8); 0: the kernel's plain read-out. bias: the attentional bias (docs/MATH.md §11), 0 = l2,
+// 1 = huber (threshold δ = √d for every token, about the residuals' norm, so both branches run),
+// 2 = lp (p = 3).
+Problem make_problem(long d, long L, long T, bool bound = false, long bias = 0) {
   Problem p;
   p.cfg.dim = d;
   p.cfg.depth = L;
@@ -44,6 +47,8 @@ Problem make_problem(long d, long L, long T, bool bound = false) {
     p.cfg.output_norm = true;
     p.cfg.surprise_clamp = 250;
   }
+  p.cfg.bias = bias == 1 ? titans::AttentionalBias::huber : bias == 2 ? titans::AttentionalBias::lp
+                                                                      : titans::AttentionalBias::l2;
   titans::detail::Rng rng(7);
   p.in.k.resize(d, T);
   p.in.v.resize(d, T);
@@ -59,14 +64,15 @@ Problem make_problem(long d, long L, long T, bool bound = false) {
   p.in.eta = titans::Vector<float>::Constant(T, 0.9f);
   p.in.theta = titans::Vector<float>::Constant(T, 0.01f);  // 0.05 overflows a depth-2 float memory (benchmarks/README.md)
   if (bound) p.in.gain = titans::Vector<float>::Ones(d);
+  if (bias == 1) p.in.threshold = titans::Vector<float>::Constant(T, std::sqrt(static_cast<float>(d)));
   p.state = titans::make_memory_state(p.cfg, titans::init_memory_weights<float>(p.cfg, 1));
   return p;
 }
 
 // Seconds of one inference forward of the same shapes, measured once per shape (for the ratio).
 double forward_seconds(const Problem& p, long b) {
-  static std::map<std::tuple<long, long, long, long, bool>, double> memo;
-  const auto key = std::make_tuple(p.cfg.dim, p.cfg.depth, b, p.in.tokens(), p.cfg.output_norm);
+  static std::map<std::tuple<long, long, long, long, bool, int>, double> memo;
+  const auto key = std::make_tuple(p.cfg.dim, p.cfg.depth, b, p.in.tokens(), p.cfg.output_norm, static_cast<int>(p.cfg.bias));
   if (auto it = memo.find(key); it != memo.end()) return it->second;
   double best = 1e30;
   for (int rep = 0; rep < 3; ++rep) {
@@ -83,7 +89,7 @@ void BM_TrainStep(benchmark::State& st) {
   const long d = st.range(0), L = st.range(1), b = st.range(2), T = st.range(3), r = st.range(4);
   const bool bound = st.range(5) != 0;
   Eigen::setNbThreads(1);
-  const Problem p = make_problem(d, L, T, bound);
+  const Problem p = make_problem(d, L, T, bound, st.range(6));
   titans::MemoryForwardCache<float> cache;
   titans::MemoryTrainOptions opt;
   opt.checkpoint_every = r;
@@ -97,6 +103,7 @@ void BM_TrainStep(benchmark::State& st) {
     titans::memory_backward<float>(cache, p.dy, none, grads);
     benchmark::ClobberMemory();
   }
+  if (!grads.inputs.k.allFinite()) st.SkipWithError("the gradients are not finite");
   st.SetItemsProcessed(st.iterations() * T);
   const double fwd_flops = titans::memory_forward_flops(p.cfg, b, T);
   st.counters["GFLOPS"] = benchmark::Counter(3 * fwd_flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
@@ -111,17 +118,20 @@ void BM_TrainStep(benchmark::State& st) {
 void train_grid(benchmark::internal::Benchmark* bm) {
   for (long d : {64, 128, 256})
     for (long L : {1, 2})
-      for (long b : {16, 64}) bm->Args({d, L, b, 4096, 1, 0});
+      for (long b : {16, 64}) bm->Args({d, L, b, 4096, 1, 0, 0});
   // Cache memory with and without recomputation at longer T (d = 256, L = 2, b = 64).
   for (long T : {4096, 16384})
-    for (long r : {1, 8}) bm->Args({256, 2, 64, T, r, 0});
+    for (long r : {1, 8}) bm->Args({256, 2, 64, T, r, 0, 0});
   // The cost of the bounds at d = 256, L = 2: without and with, alternately, three times.
   for (long b : {16, 64})
     for (int round = 0; round < 3; ++round)
-      for (long bound : {0, 1}) bm->Args({256, 2, b, 4096, 1, bound});
+      for (long bound : {0, 1}) bm->Args({256, 2, b, 4096, 1, bound, 0});
+  // The attentional biases (l2, huber, lp) with the layer's bounded forms, alternately, twice.
+  for (int round = 0; round < 2; ++round)
+    for (long bias : {0, 1, 2}) bm->Args({256, 2, 64, 4096, 1, 1, bias});
 }
 
-BENCHMARK(BM_TrainStep)->ArgNames({"d", "L", "b", "T", "r", "bound"})->Apply(train_grid)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_TrainStep)->ArgNames({"d", "L", "b", "T", "r", "bound", "bias"})->Apply(train_grid)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The model's batched training step (loss_and_gradient over 8 sequences of T tokens, two MAC
 // blocks, D = 128, the layer's defaults) on 1 and 2 threads, wall time: the batch is dealt into

@@ -84,7 +84,8 @@ inline titans::ModelConfig base_config(const Base& b, titans::BlockKind kind) {
 }
 
 /// Every variant the experiments know: Table 1's models (MAC-3a beside MAC: N_l = span / 2 memory
-/// tokens, as the revised paper's 256 for 512-token segments), the ablation and the depth sweep.
+/// tokens, as the revised paper's 256 for 512-token segments), the ablation, MIRAS's attentional
+/// biases and the depth sweep.
 inline std::vector<Variant> all_variants() {
   using K = titans::BlockKind;
   auto kind = [](K k) {
@@ -94,6 +95,14 @@ inline std::vector<Variant> all_variants() {
     return [change](titans::ModelConfig& c, const Base& b) {
       c = base_config(b, K::mac);
       change(c, b);
+    };
+  };
+  // The attentional bias (docs/MATH.md §11): the inner loss, the library's defaults otherwise
+  // (lp: p = 3, the MIRAS paper's).
+  auto with_bias = [](K k, titans::AttentionalBias bias) {
+    return [k, bias](titans::ModelConfig& c, const Base& b) {
+      c = base_config(b, k);
+      c.block.memory.bias = bias;
     };
   };
   auto depth = [&](Index L) {
@@ -125,6 +134,12 @@ inline std::vector<Variant> all_variants() {
        mac_with([](titans::ModelConfig& c, const Base&) { c.block.memory.conv_kernel = 1; })},
       {"MAC-no-persistent", "MAC without persistent tokens (N_p = 0)",
        mac_with([](titans::ModelConfig& c, const Base&) { c.block.persistent = 0; })},
+      {"LMM-huber", "LMM with MIRAS's Huber bias (Yaad's inner loss; threshold learned per token)",
+       with_bias(K::lmm, titans::AttentionalBias::huber)},
+      {"LMM-lp3", "LMM with MIRAS's l3 bias (Moneta's inner loss; l2 retention, not its lq)",
+       with_bias(K::lmm, titans::AttentionalBias::lp)},
+      {"MAC-huber", "MAC with MIRAS's Huber bias", with_bias(K::mac, titans::AttentionalBias::huber)},
+      {"MAC-lp3", "MAC with MIRAS's l3 bias", with_bias(K::mac, titans::AttentionalBias::lp)},
       {"MAC-L1", "MAC, memory depth 1", depth(1)},
       {"MAC-L2", "MAC, memory depth 2", depth(2)},
       {"MAC-L3", "MAC, memory depth 3", depth(3)},
