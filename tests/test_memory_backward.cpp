@@ -179,7 +179,7 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
   for (int which = -1; which < 11; ++which) {
     if (which == 8 && st0.chunk_start.empty()) continue;
     if (which == 9 && !cfg.output_norm) continue;
-    if (which == 10 && cfg.bias != AttentionalBias::huber) continue;
+    if (which == 10 && !titans::uses_threshold(cfg.bias)) continue;
     auto on = [&](int id) { return which < 0 || which == id; };
     auto dir_mat = [&](Index r, Index c, int id) {
       Mat<double> m = Mat<double>::Zero(r, c);
@@ -207,7 +207,7 @@ TEST_P(BackwardVsForwardMode, DirectionalDerivativesAgree) {
     add(de, g.inputs.eta);
     add(dt, g.inputs.theta);
     if (cfg.output_norm) add(dg, g.inputs.gain);
-    if (cfg.bias == AttentionalBias::huber) add(dthr, g.inputs.threshold);
+    if (titans::uses_threshold(cfg.bias)) add(dthr, g.inputs.threshold);
     std::vector<titans_test::Mat<Dual>> w, s, c;
     for (Index l = 0; l < L; ++l) {
       const Mat<double> dw = dir_mat(cfg.layer_out(l), cfg.layer_in(l), 6);
@@ -271,7 +271,7 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(0, 1),
                        ::testing::Values(int{kBoundaryToBoundary}, int{kBoundaryToInside}, int{kInsideToInside},
                                          int{kInsideToBoundary}),
-                       ::testing::Values(AttentionalBias::huber, AttentionalBias::lp)),
+                       ::testing::Values(AttentionalBias::huber, AttentionalBias::huber_radial, AttentionalBias::lp)),
     [](const ::testing::TestParamInfo<AdCase>& info) { return ad_case_name(info.param); });
 
 TEST(MemoryBackward, SecondDerivativeOfActivations) {
@@ -316,6 +316,8 @@ TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
       {2, 4, 6, 13, Activation::silu, 0, 1, AttentionalBias::huber},   // huber, with its thresholds
       {1, 1, 0, 9, Activation::identity, 1, 1, AttentionalBias::huber},  // huber, linear, token by token
       {3, 5, 5, 12, Activation::gelu, 5, 3, AttentionalBias::huber},   // huber with everything
+      {2, 4, 6, 13, Activation::silu, 0, 1, AttentionalBias::huber_radial},  // the radial huber
+      {3, 5, 5, 12, Activation::gelu, 5, 3, AttentionalBias::huber_radial},
       {2, 4, 6, 13, Activation::silu, 3, 1, AttentionalBias::lp},      // lp, normalised residual memory
       {1, 3, 4, 11, Activation::identity, 0, 2, AttentionalBias::lp},  // lp, linear, checkpointed
   };
@@ -365,7 +367,7 @@ TEST(MemoryBackward, MatchesCentralFiniteDifferences) {
     check("eta", p.eta, g.inputs.eta);
     check("theta", p.theta, g.inputs.theta);
     if (cfg.output_norm) check("gain", p.gain, g.inputs.gain);
-    if (cfg.bias == AttentionalBias::huber) check("threshold", p.threshold, g.inputs.threshold);
+    if (titans::uses_threshold(cfg.bias)) check("threshold", p.threshold, g.inputs.threshold);
     for (Index l = 0; l < fc.L; ++l) {
       check("weights" + std::to_string(l), st0.weights[l], g.state.weights[l]);
       check("momentum" + std::to_string(l), st0.momentum[l], g.state.momentum[l]);

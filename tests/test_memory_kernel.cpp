@@ -183,7 +183,8 @@ INSTANTIATE_TEST_SUITE_P(
     Bias, DualForm,
     ::testing::Combine(::testing::Values<Index>(1, 2, 3), ::testing::Values<Index>(1, 4, 8),
                        ::testing::Values(Activation::silu), ::testing::Range(0, titans_test::kMemoryFormCount),
-                       ::testing::Values(0, 1), ::testing::Values(AttentionalBias::huber, AttentionalBias::lp)),
+                       ::testing::Values(0, 1),
+                       ::testing::Values(AttentionalBias::huber, AttentionalBias::huber_radial, AttentionalBias::lp)),
     [](const ::testing::TestParamInfo<Case>& info) { return case_name(info.param); });
 
 TEST(DualForm, TokenLoopIsChunkSizeOne) {
@@ -230,7 +231,8 @@ TEST(DualForm, TokenLoopIsChunkSizeOne) {
 // the state equal one call's.
 TEST(MemoryKernel, DecodeWritesTheStateOncePerChunk) {
   // Every bias (docs/MATH.md §11): the pending tokens keep δ_l, so the huber thresholds are read once.
-  for (AttentionalBias bias : {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp})
+  for (AttentionalBias bias :
+       {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::huber_radial, AttentionalBias::lp})
   for (Index L = 1; L <= 3; ++L) {
     MemoryConfig cfg;
     cfg.dim = 6;
@@ -445,7 +447,8 @@ TEST(MemoryKernel, LinearMemoryIsExactOnOrthogonalKeys) {
 }
 
 TEST(MemoryModel, InnerGradientMatchesFiniteDifferences) {
-  for (AttentionalBias bias : {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp})
+  for (AttentionalBias bias :
+       {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::huber_radial, AttentionalBias::lp})
   for (Activation act : {Activation::silu, Activation::gelu, Activation::identity}) {
     for (int form = 0; form < titans_test::kMemoryFormCount; ++form) {
       if (titans_test::kMemoryForms[form].clamp > 0) continue;  // the clamp scales steps, not ℓ

@@ -84,7 +84,7 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
     }
     Vec<double> gain, delta;
     if (c.output_norm) gain = p.memory_gain.col(0).segment(h * d, d);
-    if (c.bias == titans::AttentionalBias::huber) {  // δ_t = δ_max σ(w_δᵀx_t + b_δ), per token (docs/MATH.md §11.5)
+    if (titans::uses_threshold(c.bias)) {  // δ_t = δ_max σ(w_δᵀx_t + b_δ), per token (docs/MATH.md §11.5)
       delta.resize(T);
       for (Index t = 0; t < T; ++t) delta(t) = c.threshold_max * sigm(p.w_delta.row(h).dot(x.col(t)) + p.b_delta(h, 0));
     }
@@ -108,7 +108,8 @@ Mat<double> reference_layer(const NeuralMemoryConfig& c, const titans::NeuralMem
 
 TEST(NeuralMemory, MatchesIndependentFormulation) {
   using titans::AttentionalBias;
-  for (AttentionalBias bias : {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp})
+  for (AttentionalBias bias :
+       {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::huber_radial, AttentionalBias::lp})
   for (bool per_chunk : {false, true})
     for (int form = 0; form < 3; ++form)  // plain, residual, bounded (normalised residual + clamp + η_max, α_max)
       for (Index depth : {1, 2, 3}) {
@@ -126,7 +127,7 @@ TEST(NeuralMemory, MatchesIndependentFormulation) {
         NeuralMemory<double> layer(c);
         auto p = layer.init(7);
         if (c.output_norm) p.memory_gain = random_matrix<double>(c.dim, 1, 9).array() + 1.0;
-        if (bias == AttentionalBias::huber) {  // thresholds spread over the residuals' range
+        if (titans::uses_threshold(bias)) {  // thresholds spread over the residuals' range
           p.w_delta = random_matrix<double>(c.heads, c.dim, 12);
           p.b_delta = random_matrix<double>(c.heads, 1, 13);
         }
@@ -157,7 +158,8 @@ TYPED_TEST_SUITE(NeuralMemoryTyped, Scalars);
 TYPED_TEST(NeuralMemoryTyped, StreamingSplitsAndDecodeEqualPrefill) {
   using S = TypeParam;
   for (titans::AttentionalBias bias :
-       {titans::AttentionalBias::l2, titans::AttentionalBias::huber, titans::AttentionalBias::lp})
+       {titans::AttentionalBias::l2, titans::AttentionalBias::huber, titans::AttentionalBias::huber_radial,
+        titans::AttentionalBias::lp})
   for (bool per_chunk : {false, true}) {
     auto c = small_config();
     c.per_chunk_gates = per_chunk;

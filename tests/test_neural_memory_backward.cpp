@@ -79,10 +79,14 @@ TEST_P(LayerGradCheck, MatchesFiniteDifferences) {
   cfg.alpha_max = cs.alpha_max;
   cfg.eta_max = cs.eta_max;
   cfg.bias = cs.bias;
-  cfg.threshold_max = 3;  // with w_delta below, δ_t spreads over the residuals' range (both branches)
+  // With w_delta below, δ_t spreads over the residuals' range, so both of huber's branches run:
+  // the check below proves it, since w_v is exercised only through ℓ2-branch tokens (the ℓ1
+  // step's derivative in r is 0) and w_delta only through ℓ1-branch ones. The residual form's
+  // residuals are larger (k + γ ⊙ LN(z) − v), hence its larger δ_max.
+  cfg.threshold_max = cs.residual ? 8 : 3;
   NeuralMemory<double> layer(cfg);
   Params p = lively_params(layer, 3);
-  if (cs.bias == titans::AttentionalBias::huber) {
+  if (titans::uses_threshold(cs.bias)) {
     titans::detail::Rng rng(17);
     rng.fill_normal(p.w_delta, 0.5);
   }
@@ -155,6 +159,8 @@ INSTANTIATE_TEST_SUITE_P(Layer, LayerGradCheck,
                                            Case{2, 3, false, false, 7, 2, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::huber},
                                            Case{1, 2, true, true, 5, 1, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::huber},
                                            Case{3, 2, false, true, 5, 1, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::huber},
+                                           Case{2, 3, false, false, 7, 2, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::huber_radial},
+                                           Case{1, 2, true, true, 5, 1, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::huber_radial},
                                            Case{2, 3, false, false, 7, 2, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::lp},
                                            Case{1, 1, true, true, 5, 0, false, 1e-6, 1.0, 0.95, titans::AttentionalBias::lp}));
 

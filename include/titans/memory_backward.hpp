@@ -149,7 +149,7 @@ MemoryKernelGradients<Scalar> make_kernel_gradients(const MemoryConfig& cfg, Ind
   g.inputs.eta.setZero(tokens);
   g.inputs.theta.setZero(tokens);
   if (cfg.output_norm) g.inputs.gain.setZero(cfg.dim);
-  if (cfg.bias == AttentionalBias::huber) g.inputs.threshold.setZero(tokens);
+  if (uses_threshold(cfg.bias)) g.inputs.threshold.setZero(tokens);
   for (Index l = 0; l < cfg.depth; ++l) {
     g.state.weights.push_back(Matrix<Scalar>::Zero(cfg.layer_out(l), cfg.layer_in(l)));
     g.state.momentum.push_back(Matrix<Scalar>::Zero(cfg.layer_out(l), cfg.layer_in(l)));
@@ -284,7 +284,7 @@ void inner_signal_backward(const MemoryConfig& cfg, const Matrix<Scalar>& z, con
   const auto k = in.k.middleCols(t0, n);
   const auto v = in.v.middleCols(t0, n);
   const auto thr = in.thresholds(t0, n);
-  Scalar* dthr = cfg.bias == AttentionalBias::huber ? grads.inputs.threshold.data() + t0 : nullptr;
+  Scalar* dthr = uses_threshold(cfg.bias) ? grads.inputs.threshold.data() + t0 : nullptr;
   if (!cfg.output_norm) {
     if (cfg.bias == AttentionalBias::l2) {
       dz += Scalar(2) * D;
@@ -650,7 +650,7 @@ void memory_backward(const MemoryForwardCache<Scalar>& cache, const ConstMatrixR
   detail::check_shape(where, "grads.inputs.eta", grads.inputs.eta, T, 1);
   detail::check_shape(where, "grads.inputs.theta", grads.inputs.theta, T, 1);
   if (cfg.output_norm) detail::check_shape(where, "grads.inputs.gain", grads.inputs.gain, cfg.dim, 1);
-  if (cfg.bias == AttentionalBias::huber)
+  if (uses_threshold(cfg.bias))
     detail::check_shape(where, "grads.inputs.threshold", grads.inputs.threshold, T, 1);
   check_memory_weights(where, "grads.state.weights", cfg, grads.state.weights);
   check_memory_weights(where, "grads.state.momentum", cfg, grads.state.momentum);

@@ -117,7 +117,7 @@ struct KernelInputs {
   Matrix<Scalar> k, v, q;            ///< keys, values, queries: (d, T) each
   Vector<Scalar> alpha, eta, theta;  ///< forget in [0, 1], momentum in [0, 1], step >= 0: (T) each
   Vector<Scalar> gain;               ///< γ (d) with cfg.output_norm; empty (unused) without
-  Vector<Scalar> threshold;          ///< δ_t > 0 (T) with AttentionalBias::huber; empty (unused) with the others
+  Vector<Scalar> threshold;          ///< δ_t > 0 (T) with the huber biases (uses_threshold); empty (unused) with the others
 
   Index tokens() const { return k.cols(); }
 

@@ -49,15 +49,22 @@ inline std::string parse_metadata(const std::string& s, Activation& out) {
 /// §3 stays exact.
 enum class AttentionalBias {
   l2,     ///< ‖r‖² (Eq 12, no ½)
-  huber,  ///< MIRAS "Yaad": ‖r‖² for ‖r‖ ≤ δ_t, else the ℓ1 loss 2δ_t Σ_j |r_j|_ε − δ_t² (δ_t > 0 per token)
+  huber,  ///< MIRAS "Yaad": ‖r‖² for ‖r‖ ≤ δ_t, else the ℓ1 loss 2δ_t ‖r‖₁ − δ_t² (δ_t > 0 per token)
   lp,     ///< MIRAS "Moneta": Σ_j |r_j|_ε^p with the smooth |x|_ε = sqrt(x² + ε), p ≥ 1
+  /// Huber of the Euclidean norm: ‖r‖² for ‖r‖ ≤ δ_t, else 2δ_t‖r‖ − δ_t² (a step of length 2δ_t
+  /// along r). C¹, unlike huber, and its steps are never longer than l2's (docs/MATH.md §11.2).
+  huber_radial,
 };
+
+/// Whether the bias reads a threshold δ_t per token (KernelInputs::threshold).
+inline bool uses_threshold(AttentionalBias b) { return b == AttentionalBias::huber || b == AttentionalBias::huber_radial; }
 
 inline const char* to_string(AttentionalBias b) {
   switch (b) {
     case AttentionalBias::l2: return "l2";
     case AttentionalBias::huber: return "huber";
     case AttentionalBias::lp: return "lp";
+    case AttentionalBias::huber_radial: return "huber_radial";
   }
   return "unknown";
 }
@@ -65,12 +72,13 @@ inline const char* to_string(AttentionalBias b) {
 /// Metadata text of an AttentionalBias and back (detail/metadata.hpp); returns "" or what was expected.
 inline std::string metadata_string(AttentionalBias b) { return to_string(b); }
 inline std::string parse_metadata(const std::string& s, AttentionalBias& out) {
-  for (AttentionalBias b : {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp})
+  for (AttentionalBias b :
+       {AttentionalBias::l2, AttentionalBias::huber, AttentionalBias::lp, AttentionalBias::huber_radial})
     if (s == to_string(b)) {
       out = b;
       return "";
     }
-  return "l2, huber or lp";
+  return "l2, huber, huber_radial or lp";
 }
 
 /// \brief Shape of one memory MLP: depth L, width d, hidden expansion E, φ, optional residual.
@@ -95,7 +103,7 @@ struct MemoryConfig {
   /// δ_t > 0 per token (KernelInputs::threshold).
   AttentionalBias bias = AttentionalBias::l2;
   double bias_p = 3;       ///< p >= 1 of the lp bias (read with lp only)
-  double bias_eps = 1e-6;  ///< ε > 0 of the smooth |x|_ε = sqrt(x² + ε) of the lp bias and huber's ℓ1 branch
+  double bias_eps = 1e-6;  ///< ε > 0 of the lp bias's smooth |x|_ε = sqrt(x² + ε) (read with lp only)
 
   /// Throws InvalidArgument naming the field if the config is unusable.
   void validate(const char* where = "titans::MemoryConfig") const {
@@ -109,9 +117,10 @@ struct MemoryConfig {
     if (!(surprise_clamp >= 0) || !std::isfinite(surprise_clamp))
       detail::raise<InvalidArgument>(where, "surprise_clamp is ", surprise_clamp,
                                      ", expected a finite value >= 0 (0 = off)");
-    if (bias != AttentionalBias::l2 && bias != AttentionalBias::huber && bias != AttentionalBias::lp)
+    if (bias != AttentionalBias::l2 && bias != AttentionalBias::huber && bias != AttentionalBias::lp &&
+        bias != AttentionalBias::huber_radial)
       detail::raise<InvalidArgument>(where, "bias has an unknown value (", static_cast<int>(bias),
-                                     "), expected l2, huber or lp");
+                                     "), expected l2, huber, huber_radial or lp");
     if (!(bias_p >= 1) || !std::isfinite(bias_p))
       detail::raise<InvalidArgument>(where, "bias_p is ", bias_p, ", expected a finite value >= 1");
     if (!(bias_eps > 0) || !std::isfinite(bias_eps))
@@ -341,12 +350,12 @@ Matrix<Scalar> memory_apply(const MemoryConfig& cfg, const std::vector<Matrix<Sc
 
 namespace detail {
 
-/// Throws unless `threshold` fits `cfg` for T tokens: (T) finite values > 0 with the huber bias,
+/// Throws unless `threshold` fits `cfg` for T tokens: (T) finite values > 0 with the huber biases,
 /// empty or (T) (unused) with the others.
 template <class Scalar>
 void check_bias_threshold(const char* where, const char* what, const MemoryConfig& cfg, const Vector<Scalar>& threshold,
                           Index tokens) {
-  if (cfg.bias != AttentionalBias::huber) {
+  if (!uses_threshold(cfg.bias)) {
     if (threshold.size() != 0) check_shape(where, what, threshold, tokens, 1);  // unused, but never out of range
     return;
   }
@@ -366,10 +375,17 @@ Scalar bias_loss(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r, const 
     case AttentionalBias::l2: break;
     case AttentionalBias::huber: {
       Scalar sum = 0;
-      const auto eps = static_cast<Scalar>(cfg.bias_eps);
       for (Index j = 0; j < r.cols(); ++j) {
         const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
-        sum += n <= d ? n * n : Scalar(2) * d * (r.col(j).array().square() + eps).sqrt().sum() - d * d;
+        sum += n <= d ? n * n : Scalar(2) * d * r.col(j).template lpNorm<1>() - d * d;
+      }
+      return sum;
+    }
+    case AttentionalBias::huber_radial: {
+      Scalar sum = 0;
+      for (Index j = 0; j < r.cols(); ++j) {
+        const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
+        sum += n <= d ? n * n : Scalar(2) * d * n - d * d;
       }
       return sum;
     }
@@ -382,25 +398,30 @@ Scalar bias_loss(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r, const 
 }
 
 /// The bias's gradient e = ∇_r ℓ(r) column by column, in place: `r` holds the residuals (d, n) on
-/// entry and e on exit (docs/MATH.md §11): 2r (l2); 2r, or the smooth sign 2δ_t r_j/|r_j|_ε when
-/// ‖r‖ > δ_t (huber); p |r_j|_ε^{p−2} r_j (lp). `thr` holds δ_t (n) with huber and is not read otherwise.
+/// entry and e on exit (docs/MATH.md §11): 2r (l2); 2r, or the ℓ1 step 2δ_t sign(r) when
+/// ‖r‖ > δ_t (huber); 2r, or 2δ_t r/‖r‖ when ‖r‖ > δ_t (huber_radial); p |r_j|_ε^{p−2} r_j (lp). `thr`
+/// holds δ_t (n) with the huber biases and is not read otherwise.
 template <class Scalar, class DT>
 void bias_gradient(const MemoryConfig& cfg, const Eigen::MatrixBase<DT>& thr, Matrix<Scalar>& r) {
   switch (cfg.bias) {
     case AttentionalBias::l2:
       r *= Scalar(2);
       return;
-    case AttentionalBias::huber: {
-      const auto eps = static_cast<Scalar>(cfg.bias_eps);
+    case AttentionalBias::huber:
       for (Index j = 0; j < r.cols(); ++j) {
         const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
         if (n > d)
-          r.col(j) = (Scalar(2) * d * r.col(j).array() / (r.col(j).array().square() + eps).sqrt()).matrix();
+          r.col(j) = (Scalar(2) * d * r.col(j).array().sign()).matrix();
         else
           r.col(j) *= Scalar(2);
       }
       return;
-    }
+    case AttentionalBias::huber_radial:
+      for (Index j = 0; j < r.cols(); ++j) {
+        const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
+        r.col(j) *= n > d ? Scalar(2) * d / n : Scalar(2);
+      }
+      return;
     case AttentionalBias::lp: {
       const auto p = static_cast<Scalar>(cfg.bias_p), eps = static_cast<Scalar>(cfg.bias_eps);
       r = (p * (r.array().square() + eps).pow((p - Scalar(2)) / Scalar(2)) * r.array()).matrix();
@@ -410,9 +431,11 @@ void bias_gradient(const MemoryConfig& cfg, const Eigen::MatrixBase<DT>& thr, Ma
 }
 
 /// The Jacobian of bias_gradient applied to x (both (d, n)), column by column: out = H(r_j) x_j,
-/// H = ∂e/∂r = ∇²ℓ(r) (symmetric; docs/MATH.md §11): 2I (l2); 2I, or diag(2δ ε (r_i² + ε)^{−3/2})
-/// when ‖r‖ > δ (huber); diag(p (r_i² + ε)^{(p−4)/2} (ε + (p − 1) r_i²)) (lp). With the huber bias
-/// `dthr` (n), when given, accumulates x_jᵀ ∂e_j/∂δ_j = 2 Σ_i x_ij r_ij/|r_ij|_ε where ‖r_j‖ > δ_j.
+/// H = ∂e/∂r = ∇²ℓ(r) (symmetric; docs/MATH.md §11): 2I (l2); 2I, or 0 when ‖r‖ > δ (huber: the
+/// sign is constant wherever it is differentiable); diag(p (r_i² + ε)^{(p−4)/2} (ε + (p − 1) r_i²))
+/// (lp); 2I, or (2δ/‖r‖)(I − r̂r̂ᵀ) with r̂ = r/‖r‖ when ‖r‖ > δ (huber_radial). With the huber
+/// biases `dthr` (n), when given, accumulates x_jᵀ ∂e_j/∂δ_j where ‖r_j‖ > δ_j: 2 x_jᵀ sign(r_j)
+/// (huber), 2 x_jᵀ r̂_j (huber_radial).
 template <class Scalar, class DR, class DT, class DX>
 void bias_hessian_apply(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r, const Eigen::MatrixBase<DT>& thr,
                         const Eigen::MatrixBase<DX>& x, Matrix<Scalar>& out, Scalar* dthr) {
@@ -420,21 +443,31 @@ void bias_hessian_apply(const MemoryConfig& cfg, const Eigen::MatrixBase<DR>& r,
     case AttentionalBias::l2:
       out = Scalar(2) * x;
       return;
-    case AttentionalBias::huber: {
-      const auto eps = static_cast<Scalar>(cfg.bias_eps);
+    case AttentionalBias::huber:
       out.resize(x.rows(), x.cols());
       for (Index j = 0; j < r.cols(); ++j) {
         const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
         if (n > d) {
-          const auto s = r.col(j).array().square() + eps;  // |r_i|_ε²
-          out.col(j) = (Scalar(2) * d * eps * x.col(j).array() / (s * s.sqrt())).matrix();
-          if (dthr) dthr[j] += Scalar(2) * (x.col(j).array() * r.col(j).array() / s.sqrt()).sum();
+          out.col(j).setZero();
+          if (dthr) dthr[j] += Scalar(2) * x.col(j).dot(r.col(j).array().sign().matrix());
         } else {
           out.col(j) = Scalar(2) * x.col(j);
         }
       }
       return;
-    }
+    case AttentionalBias::huber_radial:
+      out.resize(x.rows(), x.cols());
+      for (Index j = 0; j < r.cols(); ++j) {
+        const Scalar n = r.col(j).norm(), d = Scalar(thr(j));
+        if (n > d) {
+          const Scalar rx = r.col(j).dot(x.col(j)) / n;  // r̂ᵀx
+          out.col(j) = (Scalar(2) * d / n) * (x.col(j) - (rx / n) * r.col(j));
+          if (dthr) dthr[j] += Scalar(2) * rx;
+        } else {
+          out.col(j) = Scalar(2) * x.col(j);
+        }
+      }
+      return;
     case AttentionalBias::lp: {
       const auto p = static_cast<Scalar>(cfg.bias_p), eps = static_cast<Scalar>(cfg.bias_eps);
       const auto r2 = r.array().square();

@@ -69,7 +69,7 @@ struct NeuralMemoryConfig {
   /// The memory's inner loss ℓ(M(k) − v) (docs/MATH.md §11); l2 is the paper's ‖M(k) − v‖².
   AttentionalBias bias = AttentionalBias::l2;
   double bias_p = 3;          ///< p >= 1 of the lp bias
-  double bias_eps = 1e-6;     ///< ε > 0 of |x|_ε = sqrt(x² + ε) (the lp bias, huber's ℓ1 branch)
+  double bias_eps = 1e-6;     ///< ε > 0 of the lp bias's |x|_ε = sqrt(x² + ε)
   /// δ_max > 0 of the huber bias: each token's threshold is δ_t = δ_max σ(w_δᵀx_t + b_δ) per head
   /// (params.w_delta, b_delta; docs/MATH.md §11.5). [choice] The default 4 puts δ ≈ 2 at
   /// initialisation, inside the range of the initial residual norms.
@@ -317,7 +317,7 @@ class NeuralMemory {
     // w_k, w_v, w_q, w_gate, w_out; the convolutions; the gate projections and biases; Θ_init
     // of every head; the read-out gain; the output norm's gain; the huber threshold projection.
     return 5 * D * D + 3 * D * cfg_.conv_kernel + 3 * H * D + 3 * H + H * mem_.weight_count() +
-           (cfg_.output_norm ? D : 0) + D + (cfg_.bias == AttentionalBias::huber ? H * D + H : 0);
+           (cfg_.output_norm ? D : 0) + D + (uses_threshold(cfg_.bias) ? H * D + H : 0);
   }
 
   Params init(std::uint64_t seed) const;
@@ -462,7 +462,7 @@ auto NeuralMemory<Scalar>::init(std::uint64_t seed) const -> Params {
   p.w_gate = normal(D, D, proj);
   p.norm_gain = Mat::Ones(D, 1);
   p.w_out = normal(D, D, proj);
-  if (cfg_.bias == AttentionalBias::huber) {  // drawn last: the other tensors are those of any bias
+  if (uses_threshold(cfg_.bias)) {  // drawn last: the other tensors are those of any bias
     p.w_delta = normal(H, D, 0.02);
     p.b_delta = Mat::Zero(H, 1);  // δ ≈ δ_max / 2
   }
@@ -484,7 +484,7 @@ void NeuralMemory<Scalar>::check_params(const Params& p, const char* where) cons
   detail::check_shape(where, "params.b_alpha", p.b_alpha, H, 1);
   detail::check_shape(where, "params.b_eta", p.b_eta, H, 1);
   detail::check_shape(where, "params.b_theta", p.b_theta, H, 1);
-  const bool huber = cfg_.bias == AttentionalBias::huber;
+  const bool huber = uses_threshold(cfg_.bias);
   detail::check_shape(where, "params.w_delta", p.w_delta, huber ? H : 0, huber ? D : 0);
   detail::check_shape(where, "params.b_delta", p.b_delta, huber ? H : 0, huber ? 1 : 0);
   if (static_cast<Index>(p.memory_init.size()) != mem_.depth)
@@ -635,7 +635,7 @@ void NeuralMemory<Scalar>::backward(const Params& p, const NeuralMemoryCache<Sca
 
   // The memories, per head, through the test-time updates.
   Mat dk(D, T), dv(D, T), dq(D, T), dgate[3] = {Mat(H, T), Mat(H, T), Mat(H, T)};
-  const bool huber = cfg_.bias == AttentionalBias::huber;
+  const bool huber = uses_threshold(cfg_.bias);
   Mat dthreshold(huber ? H : 0, huber ? T : 0);
   const MemoryState<Scalar> no_state;
   detail::for_each_head(H, [&](Index h) {
@@ -919,7 +919,7 @@ auto NeuralMemory<Scalar>::inputs_unchecked(const Params& p, const Eigen::Ref<co
   }
   // [choice] The huber threshold is always per token (docs/MATH.md §11.5): it changes only its
   // own token's gradient, so it needs no per-chunk routing to stay causal.
-  if (cfg_.bias == AttentionalBias::huber) {
+  if (uses_threshold(cfg_.bias)) {
     Mat pre_delta;
     detail::product<detail::Trans::no, detail::Trans::no>(p.w_delta, x, pre_delta);
     pre_delta.colwise() += p.b_delta.col(0);

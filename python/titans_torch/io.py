@@ -306,11 +306,11 @@ def _memory_fields(r: _Reader):
     # The attentional bias (docs/MATH.md §11): absent in files from before it, which are l2. The
     # twin implements l2 only and refuses the others rather than computing something else.
     bias = r.text("neural_memory.bias", "l2")
-    if bias not in ("l2", "huber", "lp"):
-        raise FormatError(f"{r.where}: 'neural_memory.bias' is '{bias}', not l2, huber or lp")
+    if bias not in ("l2", "huber", "huber_radial", "lp"):
+        raise FormatError(f"{r.where}: 'neural_memory.bias' is '{bias}', not l2, huber, huber_radial or lp")
     if bias != "l2":
         raise FormatError(f"{r.where}: 'neural_memory.bias' is '{bias}': titans_torch implements only the l2 "
-                          f"attentional bias (the C++ library implements huber and lp, docs/MATH.md §11)")
+                          f"attentional bias (the C++ library implements huber, huber_radial and lp, docs/MATH.md §11)")
     return dict(
         dim=r.integer("neural_memory.dim"), heads=r.integer("neural_memory.heads"),
         depth=r.integer("neural_memory.depth"), expansion=r.integer("neural_memory.expansion"), activation=act,

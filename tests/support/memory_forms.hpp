@@ -64,7 +64,7 @@ inline void calibrate_clamp(titans::MemoryConfig& cfg, const std::vector<titans:
 inline void calibrate_threshold(const titans::MemoryConfig& cfg, const std::vector<titans::Matrix<double>>& w,
                                 MemoryProblem& p, std::uint64_t seed = 3) {
   p.threshold.resize(0);
-  if (cfg.bias != titans::AttentionalBias::huber) return;
+  if (!titans::uses_threshold(cfg.bias)) return;
   titans::detail::Rng rng(seed);
   p.threshold.resize(p.tokens());
   for (titans::Index t = 0; t < p.tokens(); ++t) {

@@ -70,7 +70,8 @@ inline RefInputs<double> ref_inputs(const titans::KernelInputs<double>& in) {
 }
 
 /// ∂ℓ(r)/∂r of the attentional bias for one residual r = M(k) − v: 2r (l2); Huber with threshold
-/// δ: 2r for ‖r‖ ≤ δ, else the ℓ1 step 2δ r_i / sqrt(r_i² + ε); ℓp: p (r_i² + ε)^{p/2 − 1} r_i.
+/// δ: 2r for ‖r‖ ≤ δ, else the ℓ1 step 2δ sign(r_i); radial Huber: 2r, else 2δ r/‖r‖; ℓp:
+/// p (r_i² + ε)^{p/2 − 1} r_i.
 template <class S>
 Vec<S> ref_bias_grad(const titans::MemoryConfig& cfg, const Vec<S>& r, const S& delta) {
   using std::pow;
@@ -85,7 +86,14 @@ Vec<S> ref_bias_grad(const titans::MemoryConfig& cfg, const Vec<S>& r, const S& 
       for (Index i = 0; i < r.size(); ++i) n2 += r(i) * r(i);
       const S n = sqrt(n2);
       for (Index i = 0; i < r.size(); ++i)
-        g(i) = n <= delta ? S(2) * r(i) : S(2) * delta * r(i) / sqrt(r(i) * r(i) + S(cfg.bias_eps));
+        g(i) = n <= delta ? S(2) * r(i) : S(2) * delta * S(r(i) > S(0) ? 1 : r(i) < S(0) ? -1 : 0);
+      break;
+    }
+    case titans::AttentionalBias::huber_radial: {
+      S n2 = S(0);
+      for (Index i = 0; i < r.size(); ++i) n2 += r(i) * r(i);
+      const S n = sqrt(n2);
+      for (Index i = 0; i < r.size(); ++i) g(i) = n <= delta ? S(2) * r(i) : S(2) * delta * r(i) / n;
       break;
     }
     case titans::AttentionalBias::lp:

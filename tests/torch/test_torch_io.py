@@ -279,13 +279,13 @@ class IoTest(unittest.TestCase):
         # refused by name; one without the key (from before the biases) is l2.
         meta = tt.model_metadata(self.small_model().cfg)
         self.assertEqual(meta["neural_memory.bias"], "l2")
-        for bias in ("huber", "lp"):
+        for bias in ("huber", "huber_radial", "lp"):
             meta["neural_memory.bias"] = bias
             with self.assertRaisesRegex(tt.FormatError, f"'neural_memory.bias' is '{bias}': titans_torch implements "
                                                         "only the l2"):
                 tt.model_config_from_metadata(meta)
         meta["neural_memory.bias"] = "l1"
-        with self.assertRaisesRegex(tt.FormatError, "'neural_memory.bias' is 'l1', not l2, huber or lp"):
+        with self.assertRaisesRegex(tt.FormatError, "'neural_memory.bias' is 'l1', not l2, huber, huber_radial or lp"):
             tt.model_config_from_metadata(meta)
         for key in ("neural_memory.bias", "neural_memory.bias_p", "neural_memory.bias_eps",
                     "neural_memory.threshold_max"):
