@@ -5,7 +5,7 @@
 // measures, how to run them and the numbers measured so far.
 //
 //   BM_MemoryForward<float>/d/L/b/cores     prefill: T = 4096 tokens per call, one core
-//   BM_MemoryForwardBias<float>/d/L/b/bias  the same with the attentional biases l2, huber, lp
+//   BM_MemoryForwardBias<float>/d/L/b/bias  the same with the attentional biases l2, huber, lp, huber_radial
 //   BM_GemmYardstick<float>/d/L/b/cores     the kernel's dense products alone (bench_gemm_yardstick.hpp)
 //   BM_MemoryForwardThreads, BM_GemmYardstickThreads
 //                                           d = 256, L = 2, b = 64 on 1 and 2 cores (wall time)
@@ -216,7 +216,8 @@ void BM_MemoryForwardBound(benchmark::State& state) {
 }
 
 // The attentional biases (docs/MATH.md §11): l2 (0), huber (1, δ = √d for every token, about the
-// residuals' norm, so both branches run) and lp (2, p = 3), each with the layer's bounded forms;
+// residuals' norm, so both branches run), lp (2, p = 3) and huber_radial (3, δ as huber), each
+// with the layer's bounded forms;
 // registered alternately, twice each.
 template <class Scalar>
 void BM_MemoryForwardBias(benchmark::State& state) {
@@ -225,11 +226,13 @@ void BM_MemoryForwardBias(benchmark::State& state) {
   cfg.residual = true;
   cfg.output_norm = true;
   cfg.surprise_clamp = 250;
-  cfg.bias = bias == 1 ? titans::AttentionalBias::huber : bias == 2 ? titans::AttentionalBias::lp
-                                                                    : titans::AttentionalBias::l2;
+  cfg.bias = bias == 1   ? titans::AttentionalBias::huber
+             : bias == 2 ? titans::AttentionalBias::lp
+             : bias == 3 ? titans::AttentionalBias::huber_radial
+                         : titans::AttentionalBias::l2;
   set_threads(1);
   MemoryProblem<Scalar> p(cfg, kTokens);
-  if (bias == 1) p.in.threshold = titans::Vector<Scalar>::Constant(kTokens, std::sqrt(static_cast<Scalar>(d)));
+  if (bias == 1 || bias == 3) p.in.threshold = titans::Vector<Scalar>::Constant(kTokens, std::sqrt(static_cast<Scalar>(d)));
   titans::MemoryState<Scalar> st = p.initial;
   for (auto _ : state) {
     st = p.initial;
@@ -244,7 +247,7 @@ void BM_MemoryForwardBias(benchmark::State& state) {
 void bias_grid(benchmark::internal::Benchmark* bm) {
   bm->ArgNames({"d", "L", "b", "bias", "round"});
   for (Index round = 0; round < 2; ++round)
-    for (Index bias : {0, 1, 2}) bm->Args({256, 2, 64, bias, round});
+    for (Index bias : {0, 1, 2, 3}) bm->Args({256, 2, 64, bias, round});
 }
 
 void bound_grid(benchmark::internal::Benchmark* bm) {

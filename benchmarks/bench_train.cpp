@@ -36,7 +36,7 @@ struct Problem {
 // bound = 1: the layer's bounded forms (residual, γ ⊙ LN read-out, surprise clamp 250; docs/MATH.md
 // §8); 0: the kernel's plain read-out. bias: the attentional bias (docs/MATH.md §11), 0 = l2,
 // 1 = huber (threshold δ = √d for every token, about the residuals' norm, so both branches run),
-// 2 = lp (p = 3).
+// 2 = lp (p = 3), 3 = huber_radial (δ as huber).
 Problem make_problem(long d, long L, long T, bool bound = false, long bias = 0) {
   Problem p;
   p.cfg.dim = d;
@@ -47,8 +47,10 @@ Problem make_problem(long d, long L, long T, bool bound = false, long bias = 0) 
     p.cfg.output_norm = true;
     p.cfg.surprise_clamp = 250;
   }
-  p.cfg.bias = bias == 1 ? titans::AttentionalBias::huber : bias == 2 ? titans::AttentionalBias::lp
-                                                                      : titans::AttentionalBias::l2;
+  p.cfg.bias = bias == 1   ? titans::AttentionalBias::huber
+               : bias == 2 ? titans::AttentionalBias::lp
+               : bias == 3 ? titans::AttentionalBias::huber_radial
+                           : titans::AttentionalBias::l2;
   titans::detail::Rng rng(7);
   p.in.k.resize(d, T);
   p.in.v.resize(d, T);
@@ -64,7 +66,7 @@ Problem make_problem(long d, long L, long T, bool bound = false, long bias = 0) 
   p.in.eta = titans::Vector<float>::Constant(T, 0.9f);
   p.in.theta = titans::Vector<float>::Constant(T, 0.01f);  // 0.05 overflows a depth-2 float memory (benchmarks/README.md)
   if (bound) p.in.gain = titans::Vector<float>::Ones(d);
-  if (bias == 1) p.in.threshold = titans::Vector<float>::Constant(T, std::sqrt(static_cast<float>(d)));
+  if (bias == 1 || bias == 3) p.in.threshold = titans::Vector<float>::Constant(T, std::sqrt(static_cast<float>(d)));
   p.state = titans::make_memory_state(p.cfg, titans::init_memory_weights<float>(p.cfg, 1));
   return p;
 }
@@ -126,9 +128,10 @@ void train_grid(benchmark::internal::Benchmark* bm) {
   for (long b : {16, 64})
     for (int round = 0; round < 3; ++round)
       for (long bound : {0, 1}) bm->Args({256, 2, b, 4096, 1, bound, 0});
-  // The attentional biases (l2, huber, lp) with the layer's bounded forms, alternately, twice.
+  // The attentional biases (l2, huber, lp, huber_radial) with the layer's bounded forms,
+  // alternately, twice.
   for (int round = 0; round < 2; ++round)
-    for (long bias : {0, 1, 2}) bm->Args({256, 2, 64, 4096, 1, 1, bias});
+    for (long bias : {0, 1, 2, 3}) bm->Args({256, 2, 64, 4096, 1, 1, bias});
 }
 
 BENCHMARK(BM_TrainStep)->ArgNames({"d", "L", "b", "T", "r", "bound", "bias"})->Apply(train_grid)->Unit(benchmark::kMillisecond)->UseRealTime();
