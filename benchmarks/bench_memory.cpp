@@ -190,6 +190,21 @@ void BM_MemoryForward(benchmark::State& state) {
   set_threads(1);
 }
 
+// The timed loop of the single-core forward rows below: restore the state, one call over the T
+// tokens with chunk size b; then the finiteness check and the rate counters.
+template <class Scalar>
+void time_forward(benchmark::State& state, MemoryProblem<Scalar>& p, Index b) {
+  titans::MemoryState<Scalar> st = p.initial;
+  for (auto _ : state) {
+    st = p.initial;
+    titans::memory_forward_into<Scalar>(p.cfg, b, p.in, st, p.y);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
+  set_rate_counters<Scalar>(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens, 1);
+}
+
 // The cost of the bounds (docs/MATH.md §8): the same forward with the kernel's plain read-out
 // (bound 0) and with the layer's defaults (bound 1: residual, γ ⊙ LN read-out, surprise clamp
 // 250). Registered alternately, three times each, so before and after share the machine's state.
@@ -204,21 +219,12 @@ void BM_MemoryForwardBound(benchmark::State& state) {
   }
   set_threads(1);
   MemoryProblem<Scalar> p(cfg, kTokens);
-  titans::MemoryState<Scalar> st = p.initial;
-  for (auto _ : state) {
-    st = p.initial;
-    titans::memory_forward_into<Scalar>(p.cfg, b, p.in, st, p.y);
-    benchmark::DoNotOptimize(p.y.data());
-    benchmark::ClobberMemory();
-  }
-  if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
-  set_rate_counters<Scalar>(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens, 1);
+  time_forward(state, p, b);
 }
 
 // The attentional biases (docs/MATH.md §11): l2 (0), huber (1, δ = √d for every token, about the
 // residuals' norm, so both branches run), lp (2, p = 3) and huber_radial (3, δ as huber), each
-// with the layer's bounded forms;
-// registered alternately, twice each.
+// with the layer's bounded forms; registered alternately, twice each.
 template <class Scalar>
 void BM_MemoryForwardBias(benchmark::State& state) {
   const Index d = state.range(0), depth = state.range(1), b = state.range(2), bias = state.range(3);
@@ -233,15 +239,7 @@ void BM_MemoryForwardBias(benchmark::State& state) {
   set_threads(1);
   MemoryProblem<Scalar> p(cfg, kTokens);
   if (bias == 1 || bias == 3) p.in.threshold = titans::Vector<Scalar>::Constant(kTokens, std::sqrt(static_cast<Scalar>(d)));
-  titans::MemoryState<Scalar> st = p.initial;
-  for (auto _ : state) {
-    st = p.initial;
-    titans::memory_forward_into<Scalar>(p.cfg, b, p.in, st, p.y);
-    benchmark::DoNotOptimize(p.y.data());
-    benchmark::ClobberMemory();
-  }
-  if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
-  set_rate_counters<Scalar>(state, titans::memory_forward_flops(p.cfg, b, kTokens), kTokens, 1);
+  time_forward(state, p, b);
 }
 
 void bias_grid(benchmark::internal::Benchmark* bm) {
