@@ -13,9 +13,13 @@
 #
 #   titans_add_compiled_library(<target> SOURCE_DIR <dir> [EXCLUDE_FROM_ALL] [SCALARS <types>...]
 #                               [PRIVATE_LINK <targets>...] [PUBLIC_LINK <targets>...])
-#     defines the static library <target> and the alias titans::compiled. Each source is compiled
-#     once per scalar type, with TITANS_SCALAR=<type> (object libraries <target>_<type>), so the
-#     instantiations build in parallel; PRIVATE_LINK targets (build settings) are linked privately
+#     defines the static library <target> and the alias titans::compiled. The sources are
+#     compiled once per scalar type, with TITANS_SCALAR=<type> (object libraries <target>_<type>),
+#     as one unity translation unit per type: the six instantiation files share most of Eigen's
+#     kernels, which separate files would each compile again, so one unit takes about half the
+#     CPU time of six (README, "Build time"). With the cache variable TITANS_COMPILED_UNITY=OFF
+#     each file is its own unit: more CPU in all, but they build in parallel (faster on a machine
+#     with many more cores than scalar types). PRIVATE_LINK targets (build settings) are linked privately
 #     into each; PUBLIC_LINK targets (a GEMM backend, titans::openblas) also reach its users.
 #     SCALARS is `float double` (the default) or one of them; without it the cache
 #     variable TITANS_COMPILED_SCALARS, when set, gives the list (so `-DTITANS_COMPILED_SCALARS=float`
@@ -65,6 +69,10 @@ function(titans_add_compiled_library target)
     target_link_libraries(${target}_${scalar} PUBLIC ${deps} PRIVATE ${arg_PRIVATE_LINK})
     target_compile_definitions(${target}_${scalar} PUBLIC ${extern_defs} PRIVATE TITANS_SCALAR=${scalar})
     set_target_properties(${target}_${scalar} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+    if(NOT DEFINED TITANS_COMPILED_UNITY OR TITANS_COMPILED_UNITY)
+      # BATCH_SIZE 0: every source of the type in one unit
+      set_target_properties(${target}_${scalar} PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 0)
+    endif()
     list(APPEND objects $<TARGET_OBJECTS:${target}_${scalar}>)
   endforeach()
   add_library(${target} STATIC ${exclude} ${objects})
