@@ -25,6 +25,7 @@
 //
 // Built with EIGEN_USE_BLAS (TITANS_USE_BLAS=ON), Eigen hands its large products to OpenBLAS;
 // the run's context then names the OpenBLAS kernels in use.
+#include "bench_bias.hpp"
 #include "bench_fma_peak.hpp"
 #include "bench_gemm_yardstick.hpp"
 #include "bench_process.hpp"
@@ -232,10 +233,7 @@ void BM_MemoryForwardBias(benchmark::State& state) {
   cfg.residual = true;
   cfg.output_norm = true;
   cfg.surprise_clamp = 250;
-  cfg.bias = bias == 1   ? titans::AttentionalBias::huber
-             : bias == 2 ? titans::AttentionalBias::lp
-             : bias == 3 ? titans::AttentionalBias::huber_radial
-                         : titans::AttentionalBias::l2;
+  cfg.bias = titans_bench::bias_from_arg(bias);
   set_threads(1);
   MemoryProblem<Scalar> p(cfg, kTokens);
   if (bias == 1 || bias == 3) p.in.threshold = titans::Vector<Scalar>::Constant(kTokens, std::sqrt(static_cast<Scalar>(d)));

@@ -11,6 +11,8 @@
 // batched training step on 1 and 2 threads.
 #include <titans/titans.hpp>
 
+#include "bench_bias.hpp"
+
 #include <benchmark/benchmark.h>
 
 #include <chrono>
@@ -47,10 +49,7 @@ Problem make_problem(long d, long L, long T, bool bound = false, long bias = 0) 
     p.cfg.output_norm = true;
     p.cfg.surprise_clamp = 250;
   }
-  p.cfg.bias = bias == 1   ? titans::AttentionalBias::huber
-               : bias == 2 ? titans::AttentionalBias::lp
-               : bias == 3 ? titans::AttentionalBias::huber_radial
-                           : titans::AttentionalBias::l2;
+  p.cfg.bias = titans_bench::bias_from_arg(bias);
   titans::detail::Rng rng(7);
   p.in.k.resize(d, T);
   p.in.v.resize(d, T);
