@@ -17,7 +17,7 @@
 #     compiled once per scalar type, with TITANS_SCALAR=<type> (object libraries <target>_<type>),
 #     as one unity translation unit per type: the six instantiation files share most of Eigen's
 #     kernels, which separate files would each compile again, so one unit takes about half the
-#     CPU time of six (README, "Build time"). With the cache variable TITANS_COMPILED_UNITY=OFF
+#     CPU time of six (README, "Faster builds: titans::compiled"). With the cache variable TITANS_COMPILED_UNITY=OFF
 #     each file is its own unit: more CPU in all, but they build in parallel (faster on a machine
 #     with many more cores than scalar types). PRIVATE_LINK targets (build settings) are linked privately
 #     into each; PUBLIC_LINK targets (a GEMM backend, titans::openblas) also reach its users.

@@ -500,7 +500,7 @@ void Attention<Scalar>::scatter_add(Mat& m, Index r0, Index n, Index np, Index m
   m.block(r0, np + m0, n, nm) += src.rightCols(nm);
 }
 
-// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// The float and double instantiations (README, "Faster builds: titans::compiled"): PREFIX is `extern` for the
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_ATTENTION(PREFIX, S) \
   PREFIX template class Attention<S>;

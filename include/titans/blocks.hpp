@@ -1214,7 +1214,7 @@ void BlockStack<Scalar>::check_state(const State& s, const char* where) const {
   }
 }
 
-// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// The float and double instantiations (README, "Faster builds: titans::compiled"): PREFIX is `extern` for the
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_BLOCKS(PREFIX, S) \
   PREFIX template class Block<S>;                                                                                \

@@ -719,7 +719,7 @@ void memory_backward(const MemoryForwardCache<Scalar>& cache, const ConstMatrixR
   }
 }
 
-// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// The float and double instantiations (README, "Faster builds: titans::compiled"): PREFIX is `extern` for the
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_MEMORY_BACKWARD(PREFIX, S) \
   PREFIX template MemoryKernelGradients<S> make_kernel_gradients<S>(const MemoryConfig&, Index,                  \

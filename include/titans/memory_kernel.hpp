@@ -645,7 +645,7 @@ inline double memory_forward_flops(const MemoryConfig& cfg, Index chunk_size, In
   return per_token * static_cast<double>(tokens);
 }
 
-// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// The float and double instantiations (README, "Faster builds: titans::compiled"): PREFIX is `extern` for the
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_MEMORY_KERNEL(PREFIX, S) \
   PREFIX template MemoryState<S> make_memory_state<S>(const MemoryConfig&, const MemoryWeights<S>&);             \

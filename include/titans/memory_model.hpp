@@ -579,7 +579,7 @@ void memory_apply_backward(const MemoryConfig& cfg, const std::vector<Matrix<Sca
   if (cfg.residual) dx += dy;
 }
 
-// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// The float and double instantiations (README, "Faster builds: titans::compiled"): PREFIX is `extern` for the
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_MEMORY_MODEL(PREFIX, S) \
   PREFIX template MemoryWeights<S> zero_memory_weights<S>(const MemoryConfig&);                                 \

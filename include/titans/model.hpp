@@ -568,7 +568,7 @@ std::vector<int> generate(const TitansModel<Scalar>& model, const ModelParams<Sc
   return out;
 }
 
-// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// The float and double instantiations (README, "Faster builds: titans::compiled"): PREFIX is `extern` for the
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_MODEL(PREFIX, S) \
   PREFIX template class TitansModel<S>;                                                                          \

@@ -97,7 +97,7 @@ LoadedModel<Scalar> load_model_from_memory(const std::uint8_t* data, std::size_t
   return detail::ckpt::load_model_bytes<Scalar>("titans::load_model_from_memory", data, size);
 }
 
-// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// The float and double instantiations (README, "Faster builds: titans::compiled"): PREFIX is `extern` for the
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_MODEL_CHECKPOINT(PREFIX, S) \
   PREFIX template void save_model<S>(const std::string&, const TitansModel<S>&, const ModelParams<S>&,           \

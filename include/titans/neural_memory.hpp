@@ -969,7 +969,7 @@ auto NeuralMemory<Scalar>::output(const Params& p, const Eigen::Ref<const Mat>& 
   return o;
 }
 
-// The float and double instantiations (README, "Build time"): PREFIX is `extern` for the
+// The float and double instantiations (README, "Faster builds: titans::compiled"): PREFIX is `extern` for the
 // declarations below and empty in src/instantiate_*.cpp, which define them.
 #define TITANS_INSTANTIATE_NEURAL_MEMORY(PREFIX, S) \
   PREFIX template class NeuralMemory<S>;
