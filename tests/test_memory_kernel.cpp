@@ -144,6 +144,21 @@ TEST_P(DualForm, EqualsChunkLoopAndStreams) {
       EXPECT_LT(rel_err(st_settled.momentum[l], one_settled.momentum[l]), 1e-11);
     }
   }
+  // Decoding, one token per call: inside a chunk each token joins the pending ones and, from a
+  // state at its chunk start, takes the kernel's one-token path (decode_token), whose surprise
+  // clamp falls back to the general path when it scales the step.
+  {
+    auto st = state;
+    Mat<double> ys(cfg.dim, T);
+    for (Index t = 0; t < T; ++t) ys.col(t) = titans::memory_forward<double>(cfg, b, p.columns(t, 1), st);
+    EXPECT_LT(rel_err(ys, y), 1e-11) << "one token per call";
+    EXPECT_EQ(st.pending_tokens(), one.pending_tokens());
+    const auto st_settled = settled(cfg, b, st);
+    for (Index l = 0; l < L; ++l) {
+      EXPECT_LT(rel_err(st_settled.weights[l], one_settled.weights[l]), 1e-11) << "W" << l + 1;
+      EXPECT_LT(rel_err(st_settled.momentum[l], one_settled.momentum[l]), 1e-11) << "S" << l + 1;
+    }
+  }
   // Streaming on from either form of the same state gives the same outputs: from the pending
   // form, from the settled one, and through the training forward (which settles first).
   {

@@ -378,6 +378,200 @@ void clamp_steps(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& a, 
     if (surprise(i) > c) theta_out(i) *= c / surprise(i);
 }
 
+/// The sub-chunk's n tokens (key activations ws.ak, signals ws.delta, gates with the clamped
+/// steps ws.theta) join the state's pending ones, and the position advances past them.
+template <class Scalar>
+void append_pending(const MemoryConfig& cfg, const KernelInputs<Scalar>& in, Index t0, Index n,
+                    const KernelWorkspace<Scalar>& ws, MemoryState<Scalar>& state) {
+  const Index m = state.pending_tokens(), total = m + n;
+  state.pending_keys.conservativeResize(stacked_inputs(cfg), total);
+  state.pending_delta.conservativeResize(stacked_outputs(cfg), total);
+  state.pending_gates.conservativeResize(3, total);
+  Index ri = 0, ro = 0;
+  for (Index l = 0; l < cfg.depth; ++l) {
+    state.pending_keys.block(ri, m, cfg.layer_in(l), n) = ws.ak[l];
+    state.pending_delta.block(ro, m, cfg.layer_out(l), n) = ws.delta[l];
+    ri += cfg.layer_in(l);
+    ro += cfg.layer_out(l);
+  }
+  state.pending_gates.block(0, m, 1, n) = in.alpha.segment(t0, n).transpose();
+  state.pending_gates.block(1, m, 1, n) = in.eta.segment(t0, n).transpose();
+  state.pending_gates.block(2, m, 1, n) = ws.theta.transpose();
+  state.position += n;
+}
+
+/// One token (n = 1) from a state settled at its chunk start, so that Θ⁰ is
+/// `state.weights`: the values of the general sub-chunk below (memory_subchunk) with five reads
+/// of W and S instead of seven (docs/MATH.md §3.3, "One-token path"): W_1 k, W_1 q and S_1 q in
+/// one pass over W_1 and S_1; for L ≥ 2, W_2ᵀ δ_2 and the query's W_2 ā_1, S_2 ā_1 in one pass
+/// over W_2 and S_2. The token's own term uses θ_t before the surprise clamp: if the clamp scales
+/// θ_t, returns false with the state untouched, and the caller runs the general path. Otherwise
+/// ws.ak, ws.zk, ws.delta, ws.theta, ws.coef and `y` hold what the general path computes (to
+/// rounding), and `tape`, when given, what it records. The training forward takes this path too,
+/// so that it stays memory_forward bit for bit.
+template <class Scalar, class DY>
+bool decode_token(const MemoryConfig& cfg, const KernelInputs<Scalar>& in, Index t0, const MemoryState<Scalar>& state,
+                  KernelWorkspace<Scalar>& ws, const Eigen::MatrixBase<DY>& y_out, SubchunkTape<Scalar>* tape) {
+  auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_out);
+  const Index L = cfg.depth;
+  const Index m = state.pending_tokens();
+  const auto k = in.k.col(t0);
+  const auto q = in.q.col(t0);
+  const Scalar theta_t = in.theta(t0);
+  ws.ak.resize(static_cast<std::size_t>(L));
+  ws.zk.resize(ws.ak.size());
+  ws.delta.resize(ws.ak.size());
+  ws.aq.resize(ws.ak.size());
+
+  // Gates of the pending tokens and this one (its θ before the clamp): β_t, c_t and column m of
+  // Ãᵀ do not depend on θ_t, its diagonal entry is θ_t.
+  ws.alpha_all.resize(m + 1);
+  ws.eta_all.resize(m + 1);
+  ws.theta_all.resize(m + 1);
+  ws.alpha_all.head(m) = state.pending_gates.row(0).transpose();
+  ws.eta_all.head(m) = state.pending_gates.row(1).transpose();
+  ws.theta_all.head(m) = state.pending_gates.row(2).transpose();
+  ws.alpha_all(m) = in.alpha(t0);
+  ws.eta_all(m) = in.eta(t0);
+  ws.theta_all(m) = theta_t;
+  chunk_coefficients(ws.alpha_all, ws.eta_all, ws.theta_all, ws.coef);
+  const auto& co = ws.coef;
+  const Scalar beta = co.beta(m), c = co.c(m);
+  const auto u_pending = co.upper.col(m).head(m);  // A_{t,i} of the pending tokens i
+
+  // The pending tokens' blocks of layer l, and Z̄_l −= Δ_l^pending ((A_{l−1}^pending)ᵀ ā ⊙ Ã).
+  std::vector<Index> rin(static_cast<std::size_t>(L) + 1, 0), rout(rin.size(), 0);
+  for (Index l = 0; l < L; ++l) {
+    rin[l + 1] = rin[l] + cfg.layer_in(l);
+    rout[l + 1] = rout[l] + cfg.layer_out(l);
+  }
+  auto subtract_pending = [&](Index l, const Vector<Scalar>& abar, Vector<Scalar>& z) {
+    if (m == 0) return;
+    const auto pa = state.pending_keys.middleRows(rin[l], cfg.layer_in(l));
+    const auto pd = state.pending_delta.middleRows(rout[l], cfg.layer_out(l));
+    const Vector<Scalar> g = (pa.transpose() * abar).cwiseProduct(u_pending);
+    z.noalias() -= pd * g;
+  };
+  // Columns per block: 32 KiB of floats, so that a block of W_l stays in the L1 cache between its
+  // two uses (measured at d = 256, E = 4 on Zen 3: 8 columns of W_1 and 32 of W_2 were the fastest;
+  // at 64 of W_2 the pass was no faster than three separate products).
+  auto block_cols = [](Index rows) { return std::max<Index>(1, Index(8192) / std::max<Index>(1, rows)); };
+
+  // Layer 1: Z_1 = W_1 k and the query's β W_1 q + c S_1 q, one pass.
+  const Matrix<Scalar>& w1 = state.weights[0];
+  const Matrix<Scalar>& s1 = state.momentum[0];
+  Vector<Scalar> zk1 = Vector<Scalar>::Zero(w1.rows());
+  Vector<Scalar> zq1 = Vector<Scalar>::Zero(w1.rows());
+  {
+    const Vector<Scalar> bq = beta * q, cq = c * q;
+    const Index nb = block_cols(w1.rows());
+    for (Index j0 = 0; j0 < w1.cols(); j0 += nb) {
+      const Index nj = std::min(nb, w1.cols() - j0);
+      zk1.noalias() += w1.middleCols(j0, nj) * k.segment(j0, nj);
+      zq1.noalias() += w1.middleCols(j0, nj) * bq.segment(j0, nj);
+      zq1.noalias() += s1.middleCols(j0, nj) * cq.segment(j0, nj);
+    }
+  }
+  ws.ak[0] = k;
+  ws.aq[0] = q;
+  ws.zk[0] = zk1;
+  {
+    const Vector<Scalar> q0 = q;
+    subtract_pending(0, q0, zq1);
+  }
+
+  // The rest of the key path at Θ⁰ and δ_L … δ_2 (δ_1 comes with the pass over W_2 below).
+  for (Index l = 1; l < L; ++l) {
+    activation_apply(cfg.activation, ws.zk[l - 1], ws.ak[l]);
+    product<Trans::no, Trans::no>(state.weights[l], ws.ak[l], ws.zk[l]);
+  }
+  inner_signal(cfg, ws.zk[L - 1], k, in.v.col(t0), in.thresholds(t0, 1), in.gain, ws.tmp, ws.delta[L - 1]);
+  if (tape) {
+    tape->zk = ws.zk;
+    tape->tk.resize(static_cast<std::size_t>(L));
+    tape->zq.resize(static_cast<std::size_t>(L));
+    tape->gram.resize(static_cast<std::size_t>(L));
+  }
+  for (Index l = L - 1; l > 1; --l) {
+    product<Trans::yes, Trans::no>(state.weights[l], ws.delta[l], ws.tmp);
+    if (tape) tape->tk[l] = ws.tmp;
+    activation_derivative(cfg.activation, ws.zk[l - 1], ws.dphi);
+    ws.delta[l - 1] = ws.tmp.cwiseProduct(ws.dphi);
+  }
+
+  const Scalar kq = k.dot(q);
+  Vector<Scalar> zq;  // Z̄_l of the layer being finished
+  if (L == 1) {
+    zq = zq1;
+  } else {
+    // Layer 2's pass: per block of hidden units J, δ_1[J] = (W_2[:,J]ᵀ δ_2) ⊙ φ'(Z_1[J]), then
+    // Z̄_1[J] −= δ_1[J] (kᵀq) θ_t, ā_1[J] = φ(Z̄_1[J]), and Z̄_2 += W_2[:,J] β ā_1[J] + S_2[:,J] c ā_1[J].
+    const Matrix<Scalar>& w2 = state.weights[1];
+    const Matrix<Scalar>& s2 = state.momentum[1];
+    const Vector<Scalar> d2 = ws.delta[1];
+    Vector<Scalar> d1(w2.cols()), abar(w2.cols()), zq2 = Vector<Scalar>::Zero(w2.rows());
+    Vector<Scalar> tb, dphi, zb, ab, tk1(tape ? w2.cols() : 0);
+    const Scalar own = kq * theta_t;
+    const Index nb = block_cols(w2.rows());
+    for (Index j0 = 0; j0 < w2.cols(); j0 += nb) {
+      const Index nj = std::min(nb, w2.cols() - j0);
+      const auto wb = w2.middleCols(j0, nj);
+      tb.noalias() = wb.transpose() * d2;
+      if (tape) tk1.segment(j0, nj) = tb;
+      activation_derivative(cfg.activation, zk1.segment(j0, nj), dphi);
+      d1.segment(j0, nj) = tb.cwiseProduct(dphi);
+      zb = zq1.segment(j0, nj) - own * d1.segment(j0, nj);
+      zq1.segment(j0, nj) = zb;
+      activation_apply(cfg.activation, zb, ab);
+      abar.segment(j0, nj) = ab;
+      zq2.noalias() += wb * (beta * ab);
+      zq2.noalias() += s2.middleCols(j0, nj) * (c * ab);
+    }
+    ws.delta[0] = d1;
+
+    // The surprise clamp of this token: if it scales θ_t, the own terms above used the wrong step.
+    clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, 1), ws.surprise, ws.theta);
+    if (ws.theta(0) != theta_t) return false;
+    ws.aq[1] = abar;
+    if (tape) {
+      tape->tk[1] = tk1;
+      tape->zq[0] = zq1;
+    }
+    zq = zq2;
+    // Finish Z̄_2 and go on up: Z̄_l −= Δ_l^pending(…) + δ_l (a_{l−1}ᵀ ā_{l−1}) θ_t.
+    for (Index l = 1; l < L; ++l) {
+      if (l > 1) {
+        activation_apply(cfg.activation, zq, ws.aq[l]);
+        const Vector<Scalar> aql = ws.aq[l];
+        zq.noalias() = state.weights[l] * (beta * aql);
+        zq.noalias() += state.momentum[l] * (c * aql);
+      }
+      const Vector<Scalar> aql = ws.aq[l];
+      subtract_pending(l, aql, zq);
+      const Scalar gram = ws.ak[l].col(0).dot(aql);
+      zq -= (gram * theta_t) * ws.delta[l].col(0);
+      if (tape) {
+        tape->gram[l] = Matrix<Scalar>::Constant(1, 1, gram);
+        if (l + 1 < L || cfg.output_norm) tape->zq[l] = zq;
+      }
+    }
+  }
+  if (L == 1) {  // δ_1 is the inner signal, known only now: the clamp's θ_t is used directly
+    clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, 1), ws.surprise, ws.theta);
+    if (ws.theta(0) != theta_t) {
+      ws.theta_all(m) = ws.theta(0);
+      chunk_coefficients(ws.alpha_all, ws.eta_all, ws.theta_all, ws.coef);
+    }
+    zq -= (kq * ws.theta(0)) * ws.delta[0].col(0);
+    if (tape && cfg.output_norm) tape->zq[0] = zq;
+  }
+  if (tape) tape->gram[0] = Matrix<Scalar>::Constant(1, 1, kq);
+  ws.zq = zq;
+  memory_readout(cfg, ws.zq, q, in.gain, ws.yout);
+  y = ws.yout;
+  return true;
+}
+
 /// One sub-chunk: tokens [t0, t0 + n) of `in`, starting `state.position % b` tokens into their
 /// chunk and not crossing a chunk boundary. Outputs go to `y` (d, n). With a `tape`, the
 /// intermediates the backward pass needs are also recorded there (the results do not change).
@@ -399,23 +593,30 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar
   const std::vector<Matrix<Scalar>>& w0 = offset == 0 ? state.weights : state.chunk_start;
   const auto q = in.q.middleCols(t0, n);
 
-  // Key path at the chunk-start weights Θ⁰ and the inner-gradient signals δ_l (docs/MATH.md §1).
-  if (tape) {
-    tape->tk.resize(static_cast<std::size_t>(L));
-    tape->zq.resize(static_cast<std::size_t>(L));
-    tape->gram.resize(static_cast<std::size_t>(L));
-  }
-  key_path(cfg, w0, in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.thresholds(t0, n), in.gain, ws.ak, ws.zk, ws.delta,
-           tape ? &tape->tk : nullptr, ws.tmp, ws.dphi);
-  if (tape) tape->zk = ws.zk;
-  clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, n), ws.surprise, ws.theta);
+  // A decoded token from a state at its chunk start takes fewer passes over W and S.
+  const bool fused = n == 1 && offset == 0 && decode_token(cfg, in, t0, state, ws, y, tape);
 
-  // The tokens from the settled state: the pending ones (if any), then these n.
+  if (!fused) {
+    // Key path at the chunk-start weights Θ⁰ and the inner-gradient signals δ_l (docs/MATH.md §1).
+    if (tape) {
+      tape->tk.resize(static_cast<std::size_t>(L));
+      tape->zq.resize(static_cast<std::size_t>(L));
+      tape->gram.resize(static_cast<std::size_t>(L));
+    }
+    key_path(cfg, w0, in.k.middleCols(t0, n), in.v.middleCols(t0, n), in.thresholds(t0, n), in.gain, ws.ak, ws.zk,
+             ws.delta, tape ? &tape->tk : nullptr, ws.tmp, ws.dphi);
+    if (tape) tape->zk = ws.zk;
+    clamp_steps(cfg, ws.ak, ws.delta, in.theta.segment(t0, n), ws.surprise, ws.theta);
+  }
+
+  // The tokens from the settled state: the pending ones (if any), then these n. decode_token has
+  // computed the coefficients; it needs the gathered tokens only to apply them at the chunk's end.
   const std::vector<Matrix<Scalar>>* a = &ws.ak;
   const std::vector<Matrix<Scalar>>* delta = &ws.delta;
-  if (m == 0) {
+  const bool stays_pending = defer && ends_inside;
+  if (m == 0 && !fused) {
     chunk_coefficients(in.alpha.segment(t0, n), in.eta.segment(t0, n), ws.theta, ws.coef);
-  } else {
+  } else if (m > 0 && !(fused && stays_pending)) {
     unstack_pending(cfg, state, ws.ak_all, ws.delta_all, ws.alpha_all, ws.eta_all, ws.theta_all, n);
     for (Index l = 0; l < L; ++l) {
       ws.ak_all[l].rightCols(n) = ws.ak[l];
@@ -430,40 +631,28 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar
   }
   const auto& co = ws.coef;
 
-  // Query path, dual form, for the new tokens (columns m.. of the coefficients):
-  //   Z̄_l = W_l Ā diag(β) + S_l Ā diag(c) − Δ_l ((A_{l−1}ᵀ Ā_{l−1}) ⊙ Ãᵀ).
-  ws.aq[0] = q;
-  for (Index l = 0; l < L; ++l) {
-    ws.scaled = ws.aq[l] * co.beta.tail(n).asDiagonal();
-    product<Trans::no, Trans::no>(state.weights[l], ws.scaled, ws.zq);
-    ws.scaled = ws.aq[l] * co.c.tail(n).asDiagonal();
-    product_add<Trans::no, Trans::no>(Scalar(1), state.momentum[l], ws.scaled, ws.zq);
-    product<Trans::yes, Trans::no>((*a)[l], ws.aq[l], ws.gram);
-    if (tape) tape->gram[l] = ws.gram;
-    ws.gram = ws.gram.cwiseProduct(co.upper.rightCols(n));
-    product_add<Trans::no, Trans::no>(Scalar(-1), (*delta)[l], ws.gram, ws.zq);
-    if (tape && (l + 1 < L || cfg.output_norm)) tape->zq[l] = ws.zq;
-    if (l + 1 < L) activation_apply(cfg.activation, ws.zq, ws.aq[l + 1]);
-  }
-  memory_readout(cfg, ws.zq, q, in.gain, ws.yout);
-  y = ws.yout;
-
-  if (defer && ends_inside) {  // the new tokens join the pending ones; W and S stay as they are
-    const Index total = m + n;
-    state.pending_keys.conservativeResize(stacked_inputs(cfg), total);
-    state.pending_delta.conservativeResize(stacked_outputs(cfg), total);
-    state.pending_gates.conservativeResize(3, total);
-    Index ri = 0, ro = 0;
+  if (!fused) {
+    // Query path, dual form, for the new tokens (columns m.. of the coefficients):
+    //   Z̄_l = W_l Ā diag(β) + S_l Ā diag(c) − Δ_l ((A_{l−1}ᵀ Ā_{l−1}) ⊙ Ãᵀ).
+    ws.aq[0] = q;
     for (Index l = 0; l < L; ++l) {
-      state.pending_keys.block(ri, m, cfg.layer_in(l), n) = ws.ak[l];
-      state.pending_delta.block(ro, m, cfg.layer_out(l), n) = ws.delta[l];
-      ri += cfg.layer_in(l);
-      ro += cfg.layer_out(l);
+      ws.scaled = ws.aq[l] * co.beta.tail(n).asDiagonal();
+      product<Trans::no, Trans::no>(state.weights[l], ws.scaled, ws.zq);
+      ws.scaled = ws.aq[l] * co.c.tail(n).asDiagonal();
+      product_add<Trans::no, Trans::no>(Scalar(1), state.momentum[l], ws.scaled, ws.zq);
+      product<Trans::yes, Trans::no>((*a)[l], ws.aq[l], ws.gram);
+      if (tape) tape->gram[l] = ws.gram;
+      ws.gram = ws.gram.cwiseProduct(co.upper.rightCols(n));
+      product_add<Trans::no, Trans::no>(Scalar(-1), (*delta)[l], ws.gram, ws.zq);
+      if (tape && (l + 1 < L || cfg.output_norm)) tape->zq[l] = ws.zq;
+      if (l + 1 < L) activation_apply(cfg.activation, ws.zq, ws.aq[l + 1]);
     }
-    state.pending_gates.block(0, m, 1, n) = in.alpha.segment(t0, n).transpose();
-    state.pending_gates.block(1, m, 1, n) = in.eta.segment(t0, n).transpose();
-    state.pending_gates.block(2, m, 1, n) = ws.theta.transpose();
-    state.position += n;
+    memory_readout(cfg, ws.zq, q, in.gain, ws.yout);
+    y = ws.yout;
+  }
+
+  if (stays_pending) {  // the new tokens join the pending ones; W and S stay as they are
+    append_pending(cfg, in, t0, n, ws, state);
     return;
   }
 
