@@ -22,7 +22,7 @@ import torch
 
 from .blocks import BLOCK_KINDS, BlockConfig
 from .layer import NeuralMemory, NeuralMemoryConfig
-from .memory import ACTIVATIONS, ConfigError
+from .memory import ACTIVATIONS, BIASES, ConfigError
 from .model import ModelConfig, TitansModel
 
 MAX_HEADER_BYTES = 100_000_000
@@ -219,9 +219,8 @@ def neural_memory_metadata(c: NeuralMemoryConfig) -> Dict[str, str]:
             p + "chunk_size": str(c.chunk_size),
             p + "conv_kernel": str(c.conv_kernel), p + "theta_max": format_real(c.theta_max),
             p + "per_chunk_gates": _b(c.per_chunk_gates), p + "norm_eps": format_real(c.norm_eps),
-            # the twin's memories are l2 (docs/MATH.md §11); the lp and huber options at the C++ defaults
-            p + "bias": "l2", p + "bias_p": format_real(3.0), p + "bias_eps": format_real(1e-6),
-            p + "threshold_max": format_real(4.0)}
+            p + "bias": c.bias, p + "bias_p": format_real(c.bias_p), p + "bias_eps": format_real(c.bias_eps),
+            p + "threshold_max": format_real(c.threshold_max)}
 
 
 def model_metadata(c: ModelConfig) -> Dict[str, str]:
@@ -303,14 +302,10 @@ def _memory_fields(r: _Reader):
     act = r.text("neural_memory.activation", "silu")
     if act not in ACTIVATIONS:
         raise FormatError(f"{r.where}: 'neural_memory.activation' is '{act}', not silu, gelu or identity")
-    # The attentional bias (docs/MATH.md §11): absent in files from before it, which are l2. The
-    # twin implements l2 only and refuses the others rather than computing something else.
+    # The attentional bias (docs/MATH.md §11): absent in files from before it, which are l2.
     bias = r.text("neural_memory.bias", "l2")
-    if bias not in ("l2", "huber", "huber_radial", "lp"):
+    if bias not in BIASES:
         raise FormatError(f"{r.where}: 'neural_memory.bias' is '{bias}', not l2, huber, huber_radial or lp")
-    if bias != "l2":
-        raise FormatError(f"{r.where}: 'neural_memory.bias' is '{bias}': titans_torch implements only the l2 "
-                          f"attentional bias (the C++ library implements huber, huber_radial and lp, docs/MATH.md §11)")
     return dict(
         dim=r.integer("neural_memory.dim"), heads=r.integer("neural_memory.heads"),
         depth=r.integer("neural_memory.depth"), expansion=r.integer("neural_memory.expansion"), activation=act,
@@ -319,7 +314,9 @@ def _memory_fields(r: _Reader):
         alpha_max=r.real("neural_memory.alpha_max", 1.0),
         chunk_size=r.integer("neural_memory.chunk_size"), conv_kernel=r.integer("neural_memory.conv_kernel"),
         theta_max=r.real("neural_memory.theta_max"), per_chunk_gates=r.boolean("neural_memory.per_chunk_gates", False),
-        norm_eps=r.real("neural_memory.norm_eps", 1e-6))
+        norm_eps=r.real("neural_memory.norm_eps", 1e-6),
+        bias=bias, bias_p=r.real("neural_memory.bias_p", 3.0), bias_eps=r.real("neural_memory.bias_eps", 1e-6),
+        threshold_max=r.real("neural_memory.threshold_max", 4.0))
 
 
 def neural_memory_config_from_metadata(m: Mapping[str, str],

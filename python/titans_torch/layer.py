@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .memory import (ConfigError, MemoryConfig, MemoryState, _check_int, _check_real, make_memory_state,
-                     memory_apply, memory_forward)
+                     memory_apply, memory_forward, uses_threshold)
 
 
 @dataclass
@@ -39,6 +39,10 @@ class NeuralMemoryConfig:
     alpha_max: float = 1.0  # α = α_max σ(·), in [0, 1]; 0: no forgetting
     per_chunk_gates: bool = False
     norm_eps: float = 1e-6
+    bias: str = "l2"  # the attentional bias (docs/MATH.md §11): l2, huber, huber_radial or lp
+    bias_p: float = 3.0  # p >= 1 of the lp bias
+    bias_eps: float = 1e-6  # ε > 0 of the lp bias
+    threshold_max: float = 4.0  # δ_max of the huber biases: δ_t = δ_max σ(w_delta x_t + b_delta) per head
 
     def head_dim(self) -> int:
         return self.dim // self.heads if self.heads > 0 else 0
@@ -46,7 +50,8 @@ class NeuralMemoryConfig:
     def memory(self) -> MemoryConfig:
         return MemoryConfig(dim=self.head_dim(), depth=self.depth, expansion=self.expansion,
                             activation=self.activation, residual=self.residual, output_norm=self.output_norm,
-                            norm_eps=self.norm_eps, surprise_clamp=self.surprise_clamp)
+                            norm_eps=self.norm_eps, surprise_clamp=self.surprise_clamp, bias=self.bias,
+                            bias_p=self.bias_p, bias_eps=self.bias_eps)
 
     def validate(self, where: str = "titans_torch.NeuralMemoryConfig") -> None:
         _check_int(where, "dim", self.dim, 1, 1 << 16)
@@ -57,6 +62,7 @@ class NeuralMemoryConfig:
         _check_int(where, "conv_kernel", self.conv_kernel, 1, 1024)
         _check_real(where, "theta_max", self.theta_max)
         _check_real(where, "norm_eps", self.norm_eps, positive=True)
+        _check_real(where, "threshold_max", self.threshold_max, positive=True)
         for name in ("eta_max", "alpha_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (0 <= value <= 1):  # also rejects NaN
@@ -120,6 +126,10 @@ class NeuralMemory(nn.Module):
         self.w_alpha, self.b_alpha = z(H, D), z(H, 1)
         self.w_eta, self.b_eta = z(H, D), z(H, 1)
         self.w_theta, self.b_theta = z(H, D), z(H, 1)
+        if uses_threshold(cfg.bias):  # the huber biases' threshold projection (docs/MATH.md §11.5)
+            self.w_delta, self.b_delta = z(H, D), z(H, 1)
+        else:
+            self.w_delta = self.b_delta = None
         self.memory_init = nn.ParameterDict(
             {f"w{l + 1}": z(H * m.layer_out(l), m.layer_in(l)) for l in range(m.depth)})
         if cfg.output_norm:
@@ -153,6 +163,9 @@ class NeuralMemory(nn.Module):
         hidden = m.layer_in(m.depth - 1) if m.depth > 1 else m.dim
         s = min(0.12, 1.0 / hidden)
         self.b_theta.fill_(math.log(s / (1 - s)))
+        if self.w_delta is not None:
+            self.w_delta.copy_(_normal(gen, (H, D), 0.02, dt))
+            self.b_delta.fill_(0.0)  # δ ≈ δ_max / 2
         for l in range(m.depth):
             w = self.memory_init[f"w{l + 1}"]
             w.copy_(_normal(gen, tuple(w.shape), 1 / math.sqrt(m.layer_in(l)), dt))
@@ -230,6 +243,13 @@ class NeuralMemory(nn.Module):
         theta = cfg.theta_max * torch.sigmoid(pre[2])
         return k, v, q, alpha, eta, theta, tails, chunk_gates
 
+    def threshold(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """δ_t = δ_max σ(w_delta x_t + b_delta) (B, T, H) with the huber biases, else None: per
+        token always, also with per_chunk_gates (docs/MATH.md §11.5)."""
+        if self.w_delta is None:
+            return None
+        return self.cfg.threshold_max * torch.sigmoid(torch.matmul(x, self.w_delta.t()) + self.b_delta[:, 0])
+
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, H, T, d)
         B, T, _ = t.shape
         return t.reshape(B, T, self.cfg.heads, self.mem.dim).transpose(1, 2)
@@ -254,9 +274,10 @@ class NeuralMemory(nn.Module):
         if x.shape[1] == 0:
             return x.new_zeros(x.shape), state
         k, v, q, alpha, eta, theta, tails, chunk_gates = self._inputs(x, state)
+        thr = self.threshold(x)
         y, mstate = memory_forward(self.mem, self.cfg.chunk_size, self._heads(k), self._heads(v), self._heads(q),
                                    alpha.transpose(1, 2), eta.transpose(1, 2), theta.transpose(1, 2),
-                                   state.memory, self.head_gain())
+                                   state.memory, self.head_gain(), None if thr is None else thr.transpose(1, 2))
         new_state = NeuralMemoryState(mstate, tails, chunk_gates, state.position + x.shape[1])
         return self.output(x, self._unheads(y)), new_state
 

@@ -38,6 +38,14 @@ def _check_real(where: str, name: str, value, positive: bool = False) -> None:
         raise ConfigError(f"{where}: {name} is {value}, expected a finite value >= 0")
 
 
+BIASES = ("l2", "huber", "huber_radial", "lp")
+
+
+def uses_threshold(bias: str) -> bool:
+    """The huber biases read a threshold δ_t > 0 per token."""
+    return bias in ("huber", "huber_radial")
+
+
 @dataclass
 class MemoryConfig:
     """Shape of one memory MLP (C++ ``titans::MemoryConfig``)."""
@@ -50,6 +58,9 @@ class MemoryConfig:
     output_norm: bool = False
     norm_eps: float = 1e-5
     surprise_clamp: float = 0.0
+    bias: str = "l2"  # the attentional bias, the inner loss ℓ(M(k) − v): one of BIASES (docs/MATH.md §11)
+    bias_p: float = 3.0  # p >= 1 of the lp bias
+    bias_eps: float = 1e-6  # ε > 0 of the lp bias's |x|_ε = sqrt(x² + ε)
 
     def validate(self, where: str = "titans_torch.MemoryConfig") -> None:
         _check_int(where, "dim (d)", self.dim, 1, 1 << 16)
@@ -59,6 +70,12 @@ class MemoryConfig:
             raise ConfigError(f"{where}: activation is {self.activation!r}, expected one of {', '.join(ACTIVATIONS)}")
         _check_real(where, "norm_eps", self.norm_eps, positive=True)
         _check_real(where, "surprise_clamp", self.surprise_clamp)
+        if self.bias not in BIASES:
+            raise ConfigError(f"{where}: bias is {self.bias!r}, expected one of {', '.join(BIASES)}")
+        _check_real(where, "bias_eps", self.bias_eps, positive=True)
+        _check_real(where, "bias_p", self.bias_p)
+        if not self.bias_p >= 1:
+            raise ConfigError(f"{where}: bias_p is {self.bias_p}, expected a finite value >= 1")
 
     def layer_out(self, l: int) -> int:
         return self.dim if l == self.depth - 1 else self.expansion * self.dim
@@ -116,10 +133,46 @@ def readout(cfg: MemoryConfig, z: torch.Tensor, x: torch.Tensor, gain: Optional[
     return y
 
 
+def _over_threshold(r: torch.Tensor, thr: torch.Tensor):
+    """‖r‖² per token (..., n, 1), and where ‖r‖ > δ (the large-residual branch of the huber biases)."""
+    n2 = (r * r).sum(dim=-1, keepdim=True)
+    d = thr.unsqueeze(-1)
+    return n2, torch.sqrt(n2.detach()) > d.detach(), d
+
+
+def bias_gradient(cfg: MemoryConfig, r: torch.Tensor, thr: Optional[torch.Tensor]) -> torch.Tensor:
+    """e = ∇_r ℓ(r) for residuals r (..., n, d) (§11.2): 2r (l2); 2δ sign(r) where ‖r‖ > δ, else
+    2r (huber); 2δ r/‖r‖ where ‖r‖ > δ, else 2r (huber_radial); p (r² + ε)^{(p−2)/2} r (lp).
+    thr: δ (..., n) with the huber biases. Autograd through it gives the Hessians of §11.3."""
+    if cfg.bias == "l2":
+        return 2 * r
+    if cfg.bias == "lp":
+        p = float(cfg.bias_p)
+        return p * (r * r + float(cfg.bias_eps)) ** ((p - 2) / 2) * r
+    n2, over, d = _over_threshold(r, thr)
+    if cfg.bias == "huber":
+        return torch.where(over, 2 * d * torch.sign(r), 2 * r)
+    # huber_radial: the norm only where it is used, so that its derivative is never taken at 0
+    norm = torch.sqrt(torch.where(over, n2, torch.ones_like(n2)))
+    return torch.where(over, 2 * d * r / norm, 2 * r)
+
+
+def bias_loss(cfg: MemoryConfig, r: torch.Tensor, thr: Optional[torch.Tensor]) -> torch.Tensor:
+    """ℓ(r) summed over the tokens of r (..., n, d) and its batch dimensions (§11.2)."""
+    if cfg.bias == "l2":
+        return (r * r).sum()
+    if cfg.bias == "lp":
+        return ((r * r + float(cfg.bias_eps)) ** (float(cfg.bias_p) / 2)).sum()
+    n2, over, d = _over_threshold(r, thr)
+    big = r.abs().sum(dim=-1, keepdim=True) if cfg.bias == "huber" else torch.sqrt(torch.where(over, n2, torch.ones_like(n2)))
+    return torch.where(over, 2 * d * big - d * d, n2).sum()
+
+
 def inner_signal(cfg: MemoryConfig, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 gain: Optional[torch.Tensor]) -> torch.Tensor:
-    """δ_L = ∂‖M(k) − v‖²/∂z_L through the read-out (§1, §8.3), as a differentiable expression."""
-    e = 2 * (readout(cfg, z, k, gain) - v)
+                 gain: Optional[torch.Tensor], thr: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """δ_L = ∂ℓ(M(k) − v)/∂z_L through the read-out (§1, §8.3, §11), as a differentiable expression;
+    thr: δ_t (..., n) with the huber biases."""
+    e = bias_gradient(cfg, readout(cfg, z, k, gain) - v, thr)
     if not cfg.output_norm:
         return e
     zhat, rsigma = _layer_norm(z, cfg.norm_eps)
@@ -149,18 +202,18 @@ def memory_apply(cfg: MemoryConfig, w: List[torch.Tensor], x: torch.Tensor,
 
 
 def inner_loss(cfg: MemoryConfig, w: List[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-               gain: Optional[torch.Tensor]) -> torch.Tensor:
-    """Σ_t ‖M(k_t) − v_t‖² (Eq 12, no ½) over the rows (summed over batch dimensions too)."""
-    d = memory_apply(cfg, w, k, gain) - v
-    return (d * d).sum()
+               gain: Optional[torch.Tensor], threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_t ℓ(M(k_t) − v_t) over the rows (summed over batch dimensions too): ‖·‖² (Eq 12, no ½)
+    with the l2 bias; threshold δ_t (..., T) with the huber biases."""
+    return bias_loss(cfg, memory_apply(cfg, w, k, gain) - v, threshold)
 
 
-def key_path(cfg: MemoryConfig, w0: List[torch.Tensor], k, v, gain):
+def key_path(cfg: MemoryConfig, w0: List[torch.Tensor], k, v, gain, thr=None):
     """The key path at weights w0: activations a_{l-1} and inner-gradient signals δ_l (§1);
     token i's inner gradient for layer l is δ_{l,i} a_{l-1,i}ᵀ."""
     a, z = mlp_forward(cfg, w0, k)
     delta = [None] * cfg.depth
-    delta[-1] = inner_signal(cfg, z[-1], k, v, gain)
+    delta[-1] = inner_signal(cfg, z[-1], k, v, gain, thr)
     for l in range(cfg.depth - 1, 0, -1):
         delta[l - 1] = torch.matmul(delta[l], w0[l]) * dphi(cfg.activation, z[l - 1])
     return a, delta
@@ -232,9 +285,9 @@ def clamp_steps(cfg: MemoryConfig, a, delta, theta: torch.Tensor) -> torch.Tenso
     return torch.where(over, theta * (c / torch.sqrt(safe)), theta)
 
 
-def _subchunk(cfg: MemoryConfig, w, s, w0, k, v, q, alpha, eta, theta, gain):
+def _subchunk(cfg: MemoryConfig, w, s, w0, k, v, q, alpha, eta, theta, gain, thr):
     L = cfg.depth
-    a, delta = key_path(cfg, w0, k, v, gain)
+    a, delta = key_path(cfg, w0, k, v, gain, thr)
     theta = clamp_steps(cfg, a, delta, theta)
     beta, c, acoef, s_last, p_n0 = chunk_coefficients(alpha, eta, theta)
     n = k.shape[-2]
@@ -261,8 +314,9 @@ def _subchunk(cfg: MemoryConfig, w, s, w0, k, v, q, alpha, eta, theta, gain):
 
 def memory_forward(cfg: MemoryConfig, chunk_size: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
                    alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor, state: MemoryState,
-                   gain: Optional[torch.Tensor] = None):
+                   gain: Optional[torch.Tensor] = None, threshold: Optional[torch.Tensor] = None):
     """Writes T tokens into the memory and reads T outputs (§2-3); returns (y (..., T, d), new state).
+    With the huber biases, threshold holds δ_t > 0 (..., T) (§11).
 
     Chunks of ``chunk_size`` tokens are aligned to ``state.position``; a token reads the weights
     after its own write; a call may start or end inside a chunk (the state keeps Θ⁰)."""
@@ -279,6 +333,12 @@ def memory_forward(cfg: MemoryConfig, chunk_size: int, k: torch.Tensor, v: torch
             raise ValueError(f"{where}: {name} has shape {tuple(g.shape)}, expected {tuple(k.shape[:-1])}")
     if cfg.output_norm and gain is None:
         raise ValueError(f"{where}: the config has output_norm, so gain (..., {cfg.dim}) is required")
+    if uses_threshold(cfg.bias):
+        if threshold is None or threshold.shape != k.shape[:-1]:
+            got = "none" if threshold is None else f"shape {tuple(threshold.shape)}"
+            raise ValueError(f"{where}: the {cfg.bias} bias needs threshold {tuple(k.shape[:-1])}, got {got}")
+        if not bool((threshold > 0).all()):
+            raise ValueError(f"{where}: threshold has a value <= 0 (or NaN); the {cfg.bias} bias needs δ_t > 0")
     pos = state.position
     if (pos % b == 0) != (state.chunk_start is None):
         raise ValueError(f"{where}: state.chunk_start is {'missing' if state.chunk_start is None else 'present'} "
@@ -292,7 +352,8 @@ def memory_forward(cfg: MemoryConfig, chunk_size: int, k: torch.Tensor, v: torch
         w0 = w if off == 0 else cs
         sl = slice(t, t + n)
         y, nw, ns = _subchunk(cfg, w, s, w0, k[..., sl, :], v[..., sl, :], q[..., sl, :],
-                              alpha[..., sl], eta[..., sl], theta[..., sl], gain)
+                              alpha[..., sl], eta[..., sl], theta[..., sl], gain,
+                              threshold[..., sl] if uses_threshold(cfg.bias) else None)
         if off == 0 and off + n < b:
             cs = w
         if off + n == b:

@@ -274,23 +274,68 @@ class IoTest(unittest.TestCase):
         self.assertEqual((c.block.memory.output_norm, c.block.memory.surprise_clamp, c.block.memory.eta_max,
                           c.block.memory.alpha_max, c.block.checkpoint_every), (False, 0.0, 1.0, 1.0, 1))
 
-    def test_attentional_bias_other_than_l2_is_refused(self):
-        # The twin implements the l2 bias only (docs/MATH.md §11): a C++ file with huber or lp is
-        # refused by name; one without the key (from before the biases) is l2.
+    def test_attentional_bias_metadata(self):
+        # Every bias of docs/MATH.md §11 and its constants round-trip through the metadata; an
+        # unknown bias or a bad constant is refused by name; a file without the keys (from before
+        # the biases) is l2 with the C++ defaults.
         meta = tt.model_metadata(self.small_model().cfg)
         self.assertEqual(meta["neural_memory.bias"], "l2")
         for bias in ("huber", "huber_radial", "lp"):
-            meta["neural_memory.bias"] = bias
-            with self.assertRaisesRegex(tt.FormatError, f"'neural_memory.bias' is '{bias}': titans_torch implements "
-                                                        "only the l2"):
-                tt.model_config_from_metadata(meta)
+            meta.update({"neural_memory.bias": bias, "neural_memory.bias_p": "2.5",
+                         "neural_memory.bias_eps": "0.001", "neural_memory.threshold_max": "3"})
+            m = tt.model_config_from_metadata(meta).block.memory
+            self.assertEqual((m.bias, m.bias_p, m.bias_eps, m.threshold_max), (bias, 2.5, 0.001, 3.0))
+            self.assertEqual(tt.model_metadata(tt.model_config_from_metadata(meta)), meta)
         meta["neural_memory.bias"] = "l1"
         with self.assertRaisesRegex(tt.FormatError, "'neural_memory.bias' is 'l1', not l2, huber, huber_radial or lp"):
+            tt.model_config_from_metadata(meta)
+        meta["neural_memory.bias"] = "lp"
+        meta["neural_memory.bias_p"] = "0.5"
+        with self.assertRaisesRegex(tt.FormatError, "bias_p is 0.5, expected a finite value >= 1"):
+            tt.model_config_from_metadata(meta)
+        meta["neural_memory.bias_p"] = "3"
+        meta["neural_memory.threshold_max"] = "0"
+        with self.assertRaisesRegex(tt.FormatError, "threshold_max is 0"):
             tt.model_config_from_metadata(meta)
         for key in ("neural_memory.bias", "neural_memory.bias_p", "neural_memory.bias_eps",
                     "neural_memory.threshold_max"):
             del meta[key]
-        tt.model_config_from_metadata(meta)
+        m = tt.model_config_from_metadata(meta).block.memory
+        self.assertEqual((m.bias, m.bias_p, m.bias_eps, m.threshold_max), ("l2", 3.0, 1e-6, 4.0))
+
+    def test_huber_layer_has_the_threshold_projection(self):
+        # w_delta (H, D) and b_delta (H, 1) exist with the huber biases only, as in C++
+        for bias, present in (("l2", False), ("lp", False), ("huber", True), ("huber_radial", True)):
+            layer = tt.NeuralMemory(tt.NeuralMemoryConfig(dim=8, heads=2, depth=1, expansion=2, bias=bias),
+                                    dtype=torch.float64)
+            names = dict(layer.named_parameters())
+            self.assertEqual("w_delta" in names and "b_delta" in names, present, bias)
+            if present:
+                self.assertEqual((tuple(names["w_delta"].shape), tuple(names["b_delta"].shape)), ((2, 8), (2, 1)))
+
+    def test_bias_gradient_is_the_gradient_of_the_bias(self):
+        # bias_gradient (what the memory descends) against autograd of bias_loss, token by token,
+        # on residuals on both sides of the huber threshold
+        gen = torch.Generator().manual_seed(4)
+        r = torch.randn(7, 5, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3.0, 7, dtype=torch.float64)[:, None]
+        thr = torch.full((7,), 2.0, dtype=torch.float64)
+        norms = r.norm(dim=-1)
+        self.assertTrue(bool((norms < 2.0).any()) and bool((norms > 2.0).any()))
+        for bias in ("l2", "huber", "huber_radial", "lp"):
+            cfg = tt.MemoryConfig(dim=5, depth=1, bias=bias, bias_p=3.0)
+            x = r.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(tt.memory.bias_loss(cfg, x, thr), x)
+            self.assertTrue(torch.allclose(tt.memory.bias_gradient(cfg, r, thr), g, rtol=1e-12, atol=1e-12), bias)
+
+    def test_huber_without_a_threshold_is_refused(self):
+        cfg = tt.MemoryConfig(dim=4, depth=1, bias="huber")
+        w = [torch.zeros(4, 4, dtype=torch.float64)]
+        k = torch.zeros(3, 4, dtype=torch.float64)
+        g = torch.full((3,), 0.5, dtype=torch.float64)
+        with self.assertRaisesRegex(ValueError, "the huber bias needs threshold"):
+            tt.memory_forward(cfg, 2, k, k, k, g, g, g, tt.make_memory_state(w))
+        with self.assertRaisesRegex(ValueError, "threshold has a value <= 0"):
+            tt.memory_forward(cfg, 2, k, k, k, g, g, g, tt.make_memory_state(w), None, torch.zeros(3, dtype=torch.float64))
 
     def rewrite(self, edit_tensors=None, edit_meta=None):
         m = self.small_model()

@@ -10,7 +10,7 @@
 
 Every comparison runs over twin_support.CONFIGS (all block kinds, memory depth 1 and 2, the
 bounded-update options on and off, tied and untied heads, with and without persistent tokens, both
-forms of MAC: interleaved retrieval and Figure 3a's memory tokens).
+forms of MAC: interleaved retrieval and Figure 3a's memory tokens, every attentional bias).
 """
 import os
 import sys
@@ -49,6 +49,19 @@ def _counting_clamp(cfg, a, delta, theta):
 
 
 tt.memory.clamp_steps = _counting_clamp
+
+_huber_counts = {"over": 0, "total": 0}
+_over_threshold = tt.memory._over_threshold
+
+
+def _counting_over_threshold(r, thr):
+    out = _over_threshold(r, thr)
+    _huber_counts["over"] += int(out[1].sum())
+    _huber_counts["total"] += out[1].numel()
+    return out
+
+
+tt.memory._over_threshold = _counting_over_threshold
 
 
 def logits_torch(model, seqs):
@@ -232,6 +245,19 @@ class TwinTest(unittest.TestCase):
                 logits_torch(tt.load_model(path).model, SEQS)
                 self.assertGreater(_clamp_counts["clamped"], 0, "the surprise clamp never acted")
                 self.assertLess(_clamp_counts["clamped"], _clamp_counts["total"], "the clamp acted on every token")
+
+    def test_huber_branches_both_occur(self):
+        # the configurations with a huber bias have tokens on both sides of ‖r‖ = δ, so the
+        # comparisons above exercise both branches of each rule
+        for name, kw in ts.CONFIGS.items():
+            if kw.get("bias") not in ("huber", "huber_radial"):
+                continue
+            with self.subTest(config=name):
+                _huber_counts.update(over=0, total=0)
+                _, path = self.cpp_model(name, "f64")
+                logits_torch(tt.load_model(path).model, SEQS)
+                self.assertGreater(_huber_counts["over"], 0, "no residual was above the threshold")
+                self.assertLess(_huber_counts["over"], _huber_counts["total"], "every residual was above the threshold")
 
 
 if __name__ == "__main__":

@@ -81,4 +81,14 @@ CONFIGS = {
                                 surprise_clamp=2.0, alpha_max=0.5, attention_block=4),
     "mac_tokens_linear_ablation": dict(layers=["mac"], memory_tokens=7, depth=1, segment=4, chunk=2, persistent=0,
                                        tied=False, alpha_max=0.0, eta_max=0.0, surprise_clamp=0.0),
+    # The attentional biases (docs/MATH.md §11): the huber biases at the default δ_max = 4, which
+    # puts residuals on both sides of δ (test_huber_branches_both_occur; at δ_max = 2 nearly all
+    # are above, at 8 none), lp with the paper's p = 3 and with p < 2.
+    "mac+lmm_huber_radial": dict(layers=["mac", "lmm"], depth=2, bias="huber_radial", threshold_max=4.0,
+                                 surprise_clamp=2.0, segment=5, chunk=3, persistent=2),
+    "mag_huber_linear": dict(layers=["mag"], depth=1, bias="huber", threshold_max=4.0, surprise_clamp=0.0,
+                             chunk=4, tied=False, persistent=1),
+    "mal_lp3_deep": dict(layers=["mal"], depth=2, bias="lp", bias_p=3.0, surprise_clamp=1.5, chunk=3, persistent=2),
+    "lmm_lp1.5_linear": dict(layers=["lmm"], depth=1, bias="lp", bias_p=1.5, bias_eps=1e-3, chunk=2, tied=False,
+                             surprise_clamp=0.0),
 }
