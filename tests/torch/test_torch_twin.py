@@ -233,32 +233,28 @@ class TwinTest(unittest.TestCase):
                 # and the model learned the pattern (the generation is not a constant)
                 self.assertGreater(len(set(want)), 3)
 
-    def test_clamp_acts_on_some_tokens(self):
-        # the configurations with a surprise clamp clamp some tokens and not others, so the
-        # comparisons above exercise both branches of min(1, c/‖u‖)
+    def assert_some_not_all(self, uses, counts, hit, what):
+        """For every configuration `uses` picks: running it counts[hit] > 0 of counts["total"]
+        tokens, and not all (so the comparisons above exercise both branches)."""
         for name, kw in ts.CONFIGS.items():
-            if not kw.get("surprise_clamp", 250.0) > 0:
+            if not uses(kw):
                 continue
             with self.subTest(config=name):
-                _clamp_counts.update(clamped=0, total=0)
+                counts.update({hit: 0, "total": 0})
                 _, path = self.cpp_model(name, "f64")
                 logits_torch(tt.load_model(path).model, SEQS)
-                self.assertGreater(_clamp_counts["clamped"], 0, "the surprise clamp never acted")
-                self.assertLess(_clamp_counts["clamped"], _clamp_counts["total"], "the clamp acted on every token")
+                self.assertGreater(counts[hit], 0, f"{what}: on no token")
+                self.assertLess(counts[hit], counts["total"], f"{what}: on every token")
+
+    def test_clamp_acts_on_some_tokens(self):
+        # both branches of min(1, c/‖u‖)
+        self.assert_some_not_all(lambda kw: kw.get("surprise_clamp", 250.0) > 0, _clamp_counts, "clamped",
+                                 "the surprise clamp acted")
 
     def test_huber_branches_both_occur(self):
-        # the configurations with a huber bias have tokens on both sides of ‖r‖ = δ, so the
-        # comparisons above exercise both branches of each rule
-        for name, kw in ts.CONFIGS.items():
-            if kw.get("bias") not in ("huber", "huber_radial"):
-                continue
-            with self.subTest(config=name):
-                _huber_counts.update(over=0, total=0)
-                _, path = self.cpp_model(name, "f64")
-                logits_torch(tt.load_model(path).model, SEQS)
-                self.assertGreater(_huber_counts["over"], 0, "no residual was above the threshold")
-                self.assertLess(_huber_counts["over"], _huber_counts["total"], "every residual was above the threshold")
-
+        # both sides of ‖r‖ = δ
+        self.assert_some_not_all(lambda kw: kw.get("bias") in ("huber", "huber_radial"), _huber_counts, "over",
+                                 "the residual was above the threshold")
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
