@@ -428,9 +428,11 @@ bool decode_token(const MemoryConfig& cfg, const KernelInputs<Scalar>& in, Index
   ws.alpha_all.resize(m + 1);
   ws.eta_all.resize(m + 1);
   ws.theta_all.resize(m + 1);
-  ws.alpha_all.head(m) = state.pending_gates.row(0).transpose();
-  ws.eta_all.head(m) = state.pending_gates.row(1).transpose();
-  ws.theta_all.head(m) = state.pending_gates.row(2).transpose();
+  if (m > 0) {  // (a row of an empty matrix would offset a null pointer)
+    ws.alpha_all.head(m) = state.pending_gates.row(0).transpose();
+    ws.eta_all.head(m) = state.pending_gates.row(1).transpose();
+    ws.theta_all.head(m) = state.pending_gates.row(2).transpose();
+  }
   ws.alpha_all(m) = in.alpha(t0);
   ws.eta_all(m) = in.eta(t0);
   ws.theta_all(m) = theta_t;
