@@ -447,7 +447,7 @@ bool decode_token(const MemoryConfig& cfg, const KernelInputs<Scalar>& in, Index
     rin[l + 1] = rin[l] + cfg.layer_in(l);
     rout[l + 1] = rout[l] + cfg.layer_out(l);
   }
-  auto subtract_pending = [&](Index l, const Vector<Scalar>& abar, Vector<Scalar>& z) {
+  auto subtract_pending = [&](Index l, const auto& abar, Vector<Scalar>& z) {
     if (m == 0) return;
     const auto pa = state.pending_keys.middleRows(rin[l], cfg.layer_in(l));
     const auto pd = state.pending_delta.middleRows(rout[l], cfg.layer_out(l));
@@ -477,10 +477,7 @@ bool decode_token(const MemoryConfig& cfg, const KernelInputs<Scalar>& in, Index
   ws.ak[0] = k;
   ws.aq[0] = q;
   ws.zk[0] = zk1;
-  {
-    const Vector<Scalar> q0 = q;
-    subtract_pending(0, q0, zq1);
-  }
+  subtract_pending(0, q, zq1);
 
   // The rest of the key path at Θ⁰ and δ_L … δ_2 (δ_1 comes with the pass over W_2 below).
   for (Index l = 1; l < L; ++l) {
@@ -544,11 +541,10 @@ bool decode_token(const MemoryConfig& cfg, const KernelInputs<Scalar>& in, Index
     for (Index l = 1; l < L; ++l) {
       if (l > 1) {
         activation_apply(cfg.activation, zq, ws.aq[l]);
-        const Vector<Scalar> aql = ws.aq[l];
-        zq.noalias() = state.weights[l] * (beta * aql);
-        zq.noalias() += state.momentum[l] * (c * aql);
+        zq.noalias() = state.weights[l] * (beta * ws.aq[l].col(0));
+        zq.noalias() += state.momentum[l] * (c * ws.aq[l].col(0));
       }
-      const Vector<Scalar> aql = ws.aq[l];
+      const auto aql = ws.aq[l].col(0);
       subtract_pending(l, aql, zq);
       const Scalar gram = ws.ak[l].col(0).dot(aql);
       zq -= (gram * theta_t) * ws.delta[l].col(0);
