@@ -3,7 +3,7 @@
 // titans::titans, and a few public functions give the expected values. With
 // TITANS_CONSUMER_CHECKPOINT it also round-trips a checkpoint through titans::checkpoint; with
 // TITANS_CONSUMER_COMPILED (linked to titans::compiled, built with TITANS_COMPILED_SCALARS=double)
-// it runs a double model, whose code then comes from that library, and a float memory layer, whose
+// it runs a double model, whose code then comes from that library, and the float memory MLP, whose
 // code stays header-only.
 #include <titans/titans.hpp>
 #ifdef TITANS_CONSUMER_COMPILED
@@ -73,15 +73,13 @@ int main() {
     const titans::Matrix<double> logits = model.forward(params, {1, 2, 3, 4, 5, 6}, state);
     ok = ok && logits.rows() == 16 && logits.cols() == 6 && logits.allFinite();
 
-    titans::NeuralMemoryConfig mcfg;
+    // The float memory MLP: small (its compile is what this test costs beside the library's)
+    // and still from the headers alone, since the library holds only double.
+    titans::MemoryConfig mcfg;
     mcfg.dim = 8;
-    mcfg.heads = 2;
-    mcfg.chunk_size = 2;
-    const titans::NeuralMemory<float> layer(mcfg);
-    const auto mp = layer.init(3);
-    auto ms = layer.initial_state(mp);
-    const titans::Matrix<float> o = layer.forward(mp, titans::Matrix<float>::Ones(8, 5), ms);
-    ok = ok && o.rows() == 8 && o.cols() == 5 && o.allFinite() && ms.position == 5;
+    const auto mw = titans::init_memory_weights<float>(mcfg, 3);
+    const titans::Matrix<float> o = titans::memory_apply<float>(mcfg, mw.w, titans::Matrix<float>::Ones(8, 5), {});
+    ok = ok && o.rows() == 8 && o.cols() == 5 && o.allFinite();
   }
 #endif
   if (!ok) {
