@@ -13,7 +13,8 @@
 //   BM_GemmPeak<float>/n/cores              one n×n×n GEMM: the machine's peak GEMM rate
 //   BM_GemmSquare<float>/n                  n×n×n GEMMs around n = 256 (allocator effects)
 //   BM_GemmLeadingDim<float>/d/pad          the yardstick with leading dimension n + pad
-//   BM_MemoryDecode<float>/d/b              one token per call (T = 1): latency per token
+//   BM_MemoryDecode<float>/d/b/heads        one token per call (T = 1): latency per token, over
+//                                           `heads` states in turn (state_MiB in all)
 //   BM_FmaPeak<float>, BM_FmaPeak<double>   the FMA peak of one core (bench_fma_peak.hpp)
 //   BM_GemmYardstickOpenBLAS<float>/…, BM_GemmYardstickBLIS<float>/…, BM_GemmYardstickLibxsmm<float>/…
 //                                           the yardstick's products through OpenBLAS / BLIS /
@@ -424,18 +425,26 @@ double stream_read_seconds(std::size_t bytes) {
 // ---------------------------------------------------------------------------------------------
 template <class Scalar>
 void BM_MemoryDecode(benchmark::State& state) {
-  const Index d = state.range(0), b = state.range(1);
+  const Index d = state.range(0), b = state.range(1), heads = state.range(2);
   constexpr Index depth = 2, pool = 1024;
   set_threads(1);
   MemoryProblem<Scalar> p(memory_config(d, depth), pool);
-  titans::MemoryState<Scalar> st = p.initial;
+  // `heads` independent states, one token each in turn, as a model's heads and layers are: with
+  // enough of them the states no longer fit in the last-level cache and decode streams them
+  // from memory.
+  std::vector<titans::MemoryState<Scalar>> st(static_cast<std::size_t>(heads), p.initial);
   titans::KernelInputs<Scalar> token = p.in.columns(0, 1);  // one token's inputs, refilled in place
   Index t = 0;
+  std::size_t h = 0;
   const FaultCounter faults;
   const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
+    if (h == st.size()) {
+      h = 0;
+      ++t;
+    }
     if (t == pool) {
-      st = p.initial;
+      for (auto& s : st) s = p.initial;
       t = 0;
     }
     token.k = p.in.k.col(t);
@@ -444,20 +453,25 @@ void BM_MemoryDecode(benchmark::State& state) {
     token.alpha(0) = p.in.alpha(t);
     token.eta(0) = p.in.eta(t);
     token.theta(0) = p.in.theta(t);
-    titans::memory_forward_into<Scalar>(p.cfg, b, token, st, p.y.middleCols(t, 1));
+    titans::memory_forward_into<Scalar>(p.cfg, b, token, st[h], p.y.middleCols(t, 1));
     benchmark::DoNotOptimize(p.y.data());
     benchmark::ClobberMemory();
-    ++t;
+    ++h;
   }
   const double per_token = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
                            static_cast<double>(std::max<benchmark::IterationCount>(1, state.iterations()));
   faults.report(state);
-  std::size_t bytes = 0;
-  for (const auto& w : st.weights) bytes += 2 * static_cast<std::size_t>(w.size()) * sizeof(Scalar);  // W and S
-  const double read = stream_read_seconds<Scalar>(bytes);
+  std::size_t bytes = 0;  // W and S of one state
+  for (const auto& w : st[0].weights) bytes += 2 * static_cast<std::size_t>(w.size()) * sizeof(Scalar);
+  // The yardstick streams all the states' bytes (so it sees the same level of the memory
+  // hierarchy) and is scaled to one state's.
+  const double read = stream_read_seconds<Scalar>(bytes * st.size()) / static_cast<double>(heads);
   state.counters["read_us"] = read * 1e6;
   state.counters["x_read"] = per_token / read;
-  if (!p.y.allFinite() || !state_is_finite(st)) state.SkipWithError("memory outputs or state are not finite");
+  state.counters["state_MiB"] = static_cast<double>(bytes * st.size()) / (1024.0 * 1024.0);
+  bool finite = p.y.allFinite();
+  for (const auto& s : st) finite = finite && state_is_finite(s);
+  if (!finite) state.SkipWithError("memory outputs or state are not finite");
   // Flops per token when decoding: the chunk formula with T = 1 counts the end-of-chunk update
   // once per token, which is what happens at b = 1; at b > 1 each call still ends a sub-chunk
   // and advances Θ and S, so the same count applies.
@@ -555,11 +569,12 @@ BENCHMARK_TEMPLATE(BM_GemmPeak, float)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_GemmLeadingDim, float)->Apply(leading_dim_grid)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_MemoryDecode, float)
-    ->ArgNames({"d", "b"})
-    ->Args({64, 1})
-    ->Args({64, 16})
-    ->Args({256, 1})
-    ->Args({256, 16})
+    ->ArgNames({"d", "b", "heads"})
+    ->Args({64, 1, 1})
+    ->Args({64, 16, 1})
+    ->Args({256, 1, 1})
+    ->Args({256, 16, 1})
+    ->Args({256, 16, 32})  // 128 MiB of state: past the last-level cache of the machines so far
     ->Unit(benchmark::kMicrosecond);
 
 int main(int argc, char** argv) {

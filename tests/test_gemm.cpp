@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-// The one routine the library's large products go through (detail/gemm.hpp), against plain Eigen
-// products: every pair of transposes, β = 0 (C not read, even when it holds NaN), 1 and other
+// The one routine the library's large products go through (detail/gemm.hpp), and the chunk's
+// one-pass state update (detail/state_passes.hpp), against plain Eigen products: every pair of transposes, β = 0 (C not read, even when it holds NaN), 1 and other
 // values, blocks as operands and as the destination, empty shapes. Runs with whichever backend the
 // build selected (TITANS_GEMM), so under openblas or blis it checks the CBLAS calls, under libxsmm
 // libxsmm's (its own kernels for the small products, OpenBLAS for the others).
 #include <titans/detail/gemm.hpp>
 #include <titans/detail/random.hpp>
+#include <titans/detail/state_passes.hpp>
 
 #include <gtest/gtest.h>
 
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 namespace {
 
@@ -105,6 +107,31 @@ TYPED_TEST(Gemm, EmptyShapes) {
   titans::detail::product<Trans::no, Trans::no>(Mat(0, 4), Mat(4, 2), p);
   EXPECT_EQ(p.rows(), 0);
   EXPECT_EQ(p.cols(), 2);
+}
+
+// W ← βW + cS − T Aᵀ, S ← pS − U Aᵀ in one pass, against the same in Eigen expressions: row counts
+// around the register block (2 packets: 16 or 32 floats, 8 or 16 doubles), column counts around
+// the column group (2 or 4), and the n of one token up to a chunk of 64.
+TYPED_TEST(Gemm, StatePairUpdateMatchesEigen) {
+  using Scalar = TypeParam;
+  using Mat = titans::Matrix<Scalar>;
+  const Scalar tol = std::is_same_v<Scalar, float> ? Scalar(2e-5) : Scalar(1e-13);
+  std::uint64_t seed = 11;
+  for (Index rows : {1, 7, 16, 31, 32, 33, 65, 256})
+    for (Index cols : {1, 2, 3, 4, 5, 9})
+      for (Index n : {1, 2, 5, 16, 64}) {
+        Mat w = random<Scalar>(rows, cols, ++seed), s = random<Scalar>(rows, cols, ++seed);
+        const Mat t = random<Scalar>(rows, n, ++seed), u = random<Scalar>(rows, n, ++seed);
+        const Mat a = random<Scalar>(cols, n, ++seed);
+        const Scalar beta = Scalar(0.9), c = Scalar(-0.3), p = Scalar(0.7);
+        const Mat w_ref = beta * w + c * s - t * a.transpose();
+        const Mat s_ref = p * s - u * a.transpose();
+        const Mat at = a.transpose();
+        titans::detail::update_state_pair(w, s, beta, c, p, t, u, at);
+        const Scalar scale = Scalar(1) + Scalar(n);
+        EXPECT_LE((w - w_ref).cwiseAbs().maxCoeff(), tol * scale) << rows << "x" << cols << " n=" << n;
+        EXPECT_LE((s - s_ref).cwiseAbs().maxCoeff(), tol * scale) << rows << "x" << cols << " n=" << n;
+      }
 }
 
 TEST(Gemm, NamesItsBackend) {

@@ -16,6 +16,7 @@
 
 #include "common.hpp"
 #include "detail/gemm.hpp"
+#include "detail/state_passes.hpp"
 #include "memory_model.hpp"
 
 #include <algorithm>
@@ -278,7 +279,7 @@ struct SubchunkTape {
 template <class Scalar>
 struct KernelWorkspace {
   std::vector<Matrix<Scalar>> ak, zk, delta, aq;  // key activations, key pre-activations, δ_l, query activations
-  Matrix<Scalar> zq, scaled, gram, tmp, dphi, yout;
+  Matrix<Scalar> zq, scaled, gram, tmp, dphi, yout, at;
   Vector<Scalar> theta, surprise;  // the sub-chunk's steps after the clamp; ‖u_i‖
   ChunkCoefficients<Scalar> coef;
   // With pending tokens: the sub-chunk from the settled state, pending tokens first.
@@ -295,30 +296,23 @@ struct KernelWorkspace {
 template <class Scalar>
 void apply_tokens(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& a, const std::vector<Matrix<Scalar>>& delta,
                   const ChunkCoefficients<Scalar>& co, MemoryState<Scalar>& state, Matrix<Scalar>& tmp,
-                  Matrix<Scalar>& scaled) {
+                  Matrix<Scalar>& scaled, Matrix<Scalar>& at) {
   const Index n = co.beta.size();
   const Scalar beta_n = co.beta(n - 1), c_n = co.c(n - 1), p_n = co.p_n0;
-  // Up to this many tokens, W_l and S_l are updated in one pass, column by column: the update is
-  // then memory-bound and the GEMM form would stream both matrices 2–3 times (measured at d = 256,
-  // E = 4: 2.3× faster at n = 1, 1.6× at n = 2, break-even at n = 4).
-  constexpr Index fused_update_max_tokens = 2;
+  // Up to this many tokens, W_l and S_l are updated in one pass (update_state_pair: each read
+  // and written once, the row blocks of the two rank-n factors from cache) rather than by
+  // W ← βW + cS and two GEMMs, which stream W three times and S twice. Measured at d = 256,
+  // E = 4 (benchmarks/README.md): faster at every n up to 64, the largest chunk measured; past
+  // it the factors (n_l × n × 2) outgrow the L2 cache and the GEMM's packing pays.
+  constexpr Index fused_update_max_tokens = 64;
   for (Index l = 0; l < cfg.depth; ++l) {
     auto& w = state.weights[l];
     auto& s = state.momentum[l];
     tmp = delta[l] * co.a_last.asDiagonal();     // (n_l, n)
     scaled = delta[l] * co.s_last.asDiagonal();  // (n_l, n)
     if (n <= fused_update_max_tokens) {
-      const auto& al = a[l];  // (n_{l−1}, n)
-      for (Index j = 0; j < w.cols(); ++j) {
-        auto wj = w.col(j);
-        auto sj = s.col(j);
-        wj = beta_n * wj + c_n * sj - al(j, 0) * tmp.col(0);  // reads S_l before it is updated
-        sj = p_n * sj - al(j, 0) * scaled.col(0);
-        for (Index i = 1; i < n; ++i) {
-          wj -= al(j, i) * tmp.col(i);
-          sj -= al(j, i) * scaled.col(i);
-        }
-      }
+      at = a[l].transpose();  // (n, n_{l−1})
+      update_state_pair(w, s, beta_n, c_n, p_n, tmp, scaled, at);
     } else {
       // W_l ← β_n W_l + c_n S_l, then the two rank-n products (the second scales S_l by P_n0
       // itself). Column blocks that keep W_l and S_l in cache through all three were measured
@@ -660,7 +654,7 @@ void memory_subchunk(const MemoryConfig& cfg, Index b, const KernelInputs<Scalar
     state.chunk_start.resize(state.weights.size());
     for (std::size_t l = 0; l < state.weights.size(); ++l) state.chunk_start[l] = state.weights[l];
   }
-  apply_tokens(cfg, *a, *delta, co, state, ws.tmp, ws.scaled);
+  apply_tokens(cfg, *a, *delta, co, state, ws.tmp, ws.scaled, ws.at);
   if (m > 0) clear_pending(state);
   state.position += n;
   if (!ends_inside && !state.chunk_start.empty()) {
@@ -696,8 +690,8 @@ void settle_unchecked(const MemoryConfig& cfg, Index b, MemoryState<Scalar>& sta
   ChunkCoefficients<Scalar> co;
   chunk_coefficients(alpha, eta, theta, co);
   if ((state.position - m) % b == 0) state.chunk_start = state.weights;  // the settled state is now mid-chunk
-  Matrix<Scalar> tmp, scaled;
-  apply_tokens(cfg, a, delta, co, state, tmp, scaled);
+  Matrix<Scalar> tmp, scaled, at;
+  apply_tokens(cfg, a, delta, co, state, tmp, scaled, at);
   clear_pending(state);
 }
 
