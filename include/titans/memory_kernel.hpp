@@ -302,9 +302,10 @@ void apply_tokens(const MemoryConfig& cfg, const std::vector<Matrix<Scalar>>& a,
   // Up to this many tokens, W_l and S_l are updated in one pass (update_state_pair: each read
   // and written once, the row blocks of the two rank-n factors from cache) rather than by
   // W ← βW + cS and two GEMMs, which stream W three times and S twice. Measured at d = 256,
-  // E = 4 (benchmarks/README.md): faster at every n up to 64, the largest chunk measured; past
-  // it the factors (n_l × n × 2) outgrow the L2 cache and the GEMM's packing pays.
-  constexpr Index fused_update_max_tokens = 64;
+  // E = 4, alternated (benchmarks/README.md): at n = 16, decode from memory 7% faster and the
+  // b = 16 forward 2–4%, decode from the last-level cache 5% slower; at n = 64 the GEMMs are 5%
+  // faster (their register blocking beats the pass's once the update is compute-bound).
+  constexpr Index fused_update_max_tokens = 16;
   for (Index l = 0; l < cfg.depth; ++l) {
     auto& w = state.weights[l];
     auto& s = state.momentum[l];
