@@ -85,6 +85,23 @@ struct AttentionState {
   Matrix<Scalar> k, v;  ///< (D, n) cached keys (rotated) and values, oldest first
   Index position = 0;   ///< tokens seen since the state was made
 
+  /// After a call over `tokens` tokens whose new keys and values are nk, nv (D, n): the cache
+  /// becomes the last `keep` columns of [k, nk] and [v, nv] (all of them when keep < 0; none at
+  /// the end of a MAC segment), and the position advances by `tokens`.
+  void advance(const Matrix<Scalar>& nk, const Matrix<Scalar>& nv, Index tokens, Index keep = -1) {
+    const Index nc = k.cols(), total = nc + nk.cols();
+    keep = keep < 0 ? total : std::min(total, keep);
+    const Index from_new = std::min(keep, nk.cols()), from_old = keep - from_new;
+    Matrix<Scalar> k2(nk.rows(), keep), v2(nv.rows(), keep);
+    k2.leftCols(from_old) = k.rightCols(from_old);
+    v2.leftCols(from_old) = v.rightCols(from_old);
+    k2.rightCols(from_new) = nk.rightCols(from_new);
+    v2.rightCols(from_new) = nv.rightCols(from_new);
+    k = std::move(k2);
+    v = std::move(v2);
+    position += tokens;
+  }
+
   TITANS_DEFINE_STATE_FIELDS()
 
  private:
@@ -474,16 +491,7 @@ auto Attention<Scalar>::causal_impl(const char* where, const Params& p, const Ei
   Mat nk, nv;
   Mat out = attend(where, p, x, qpos, x, qpos, persistent, state.k, state.v, lo, hi, cache, &nk, &nv);
   // Keep what later tokens may still see: the last w − 1 keys (all of them without a window).
-  const Index total = nc + T, keep = w > 0 ? std::min(total, w - 1) : total;
-  Mat k(cfg_.dim, keep), v(cfg_.dim, keep);
-  const Index from_new = std::min(keep, T), from_old = keep - from_new;
-  k.leftCols(from_old) = state.k.rightCols(from_old);
-  v.leftCols(from_old) = state.v.rightCols(from_old);
-  k.rightCols(from_new) = nk.rightCols(from_new);
-  v.rightCols(from_new) = nv.rightCols(from_new);
-  state.k = std::move(k);
-  state.v = std::move(v);
-  state.position += T;
+  state.advance(nk, nv, T, w > 0 ? w - 1 : -1);
   return out;
 }
 

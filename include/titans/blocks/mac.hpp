@@ -148,18 +148,10 @@ auto Block<Scalar>::mac(const Params& p, const Mat& u, State& state, Cache* c) c
       sc->y = std::move(y);
       sc->z = std::move(z);
     }
-    if (in_seg + n == C) {
-      state.snapshot = weights_of(state.memory);
-      state.attention.k.resize(D, 0);
-      state.attention.v.resize(D, 0);
-    } else {
-      Mat k(D, nc + per * n), v(D, nc + per * n);
-      k << state.attention.k, nk;
-      v << state.attention.v, nv;
-      state.attention.k = std::move(k);
-      state.attention.v = std::move(v);
-    }
-    state.attention.position += n;
+    // The segment's keys stay cached until its end; the next segment starts with none.
+    const bool segment_ends = in_seg + n == C;
+    if (segment_ends) state.snapshot = weights_of(state.memory);
+    state.attention.advance(nk, nv, n, segment_ends ? 0 : -1);
     t += n;
   }
   return out;
