@@ -86,8 +86,8 @@ struct AttentionState {
   Index position = 0;   ///< tokens seen since the state was made
 
   /// After a call over `tokens` tokens whose new keys and values are nk, nv (D, n): the cache
-  /// becomes the last `keep` columns of [k, nk] and [v, nv] (all of them when keep < 0; none at
-  /// the end of a MAC segment), and the position advances by `tokens`.
+  /// becomes the last `keep` columns of [k, nk] and [v, nv] (all of them when keep < 0, none
+  /// when keep = 0), and the position advances by `tokens`.
   void advance(const Matrix<Scalar>& nk, const Matrix<Scalar>& nv, Index tokens, Index keep = -1) {
     const Index nc = k.cols(), total = nc + nk.cols();
     keep = keep < 0 ? total : std::min(total, keep);
