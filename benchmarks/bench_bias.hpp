@@ -5,7 +5,7 @@
 // program numbers them alike: 0 l2, 1 huber, 2 lp, 3 huber_radial.
 #pragma once
 
-#include <titans/memory_model.hpp>
+#include <titans/memory/model.hpp>
 
 #include <stdexcept>
 #include <string>

@@ -56,7 +56,7 @@
 #include "bench_process.hpp"
 
 #include <titans/blocks.hpp>
-#include <titans/memory_kernel.hpp>
+#include <titans/memory/kernel.hpp>
 #include <titans/parameters.hpp>
 
 #include <benchmark/benchmark.h>

@@ -26,7 +26,7 @@
 // every benchmark that uses it (openblas_set_num_threads(1), bli_thread_set_num_threads(1)).
 #pragma once
 
-#include <titans/memory_model.hpp>
+#include <titans/memory/model.hpp>
 
 #ifdef TITANS_BENCH_HAVE_OPENBLAS
 #include <cblas.h>

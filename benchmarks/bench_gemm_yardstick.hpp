@@ -30,7 +30,7 @@
 // and works on the top n rows, to test whether power-of-two leading dimensions hurt.
 #pragma once
 
-#include <titans/memory_model.hpp>
+#include <titans/memory/model.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -31,7 +31,7 @@
 #include "bench_gemm_yardstick.hpp"
 #include "bench_process.hpp"
 
-#include <titans/memory_kernel.hpp>
+#include <titans/memory/kernel.hpp>
 
 #include <benchmark/benchmark.h>
 

@@ -3,7 +3,7 @@
 // sliding window and the persistent tokens, causality, streaming with the KV cache, gradient
 // checks of forward_train/backward_causal and of the general `attend`, and bad input.
 #include <titans/attention.hpp>
-#include <titans/gradcheck.hpp>
+#include <titans/train/gradcheck.hpp>
 #include <titans/parameters.hpp>
 
 #include <gtest/gtest.h>

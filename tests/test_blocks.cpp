@@ -6,7 +6,7 @@
 // retrieval from the pre-segment memory in both forms (interleaved, and Figure 3a's memory tokens),
 // bad configurations and batch isolation.
 #include <titans/blocks.hpp>
-#include <titans/gradcheck.hpp>
+#include <titans/train/gradcheck.hpp>
 #include <titans/parameters.hpp>
 
 #include <gtest/gtest.h>

@@ -5,7 +5,7 @@
 // caller's state, gradients and outputs as they were. Each test first makes the valid call, so
 // the rejections below it are the checks and not a broken setup.
 #include <titans/blocks.hpp>
-#include <titans/memory_kernel.hpp>
+#include <titans/memory/kernel.hpp>
 #include <titans/model.hpp>
 #include <titans/neural_memory.hpp>
 
@@ -418,7 +418,7 @@ TEST(NeuralMemoryEntry, InitialStateBackward) {
 }
 
 // =============================================================================================
-// memory_retrieve (memory_kernel.hpp)
+// memory_retrieve (memory/kernel.hpp)
 // =============================================================================================
 
 TEST(MemoryRetrieveEntry, ChecksItsArguments) {

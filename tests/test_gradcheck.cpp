@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The gradient checker must pass a correct backward and catch each kind of wrong one.
-#include <titans/gradcheck.hpp>
+#include <titans/train/gradcheck.hpp>
 
 #include <gtest/gtest.h>
 

@@ -3,7 +3,7 @@
 // derivatives of the literal chunk/token loop, central finite differences of the library's own
 // forward, streaming splits with the state gradient carried between calls, checkpointing, the
 // += contract and bad input.
-#include <titans/memory_backward.hpp>
+#include <titans/memory/backward.hpp>
 #include <titans/parameters.hpp>
 
 #include <gtest/gtest.h>

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The chunked dual form (docs/MATH.md §3) against the literal chunk/token loops (tests/support), the
 // chunk coefficients against their definitions, streaming splits, causality, and bad input.
-#include <titans/memory_backward.hpp>
-#include <titans/memory_kernel.hpp>
+#include <titans/memory/backward.hpp>
+#include <titans/memory/kernel.hpp>
 
 #include <gtest/gtest.h>
 

@@ -4,9 +4,9 @@
 // against per-sequence calls, streaming decode against prefill, generation against teacher forcing,
 // sampling (reproducibility, top-k, frequencies), cross-entropy against a hand-written formula,
 // bad input and the config's metadata round trip.
-#include <titans/gradcheck.hpp>
+#include <titans/train/gradcheck.hpp>
 #include <titans/model.hpp>
-#include <titans/optimizer.hpp>
+#include <titans/train/optimizer.hpp>
 #include <titans/parameters.hpp>
 #include "support/sampling.hpp"
 

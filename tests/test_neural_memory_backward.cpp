@@ -2,7 +2,7 @@
 // The layer's backward through the test-time updates: finite-difference gradient checks of every
 // parameter tensor and the input, streaming training (state gradient carried back between
 // calls), recomputation (checkpoint_every) and the accumulation contract.
-#include <titans/gradcheck.hpp>
+#include <titans/train/gradcheck.hpp>
 #include <titans/neural_memory.hpp>
 
 #include <gtest/gtest.h>

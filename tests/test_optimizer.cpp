@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Tests for optimizer.hpp: AdamW against an element-by-element reference, convergence on a
+// Tests for train/optimizer.hpp: AdamW against an element-by-element reference, convergence on a
 // quadratic, state enumeration and checkpoint round trip, gradient clipping, the cosine schedule,
 // and the errors raised for bad input.
 
-#include <titans/optimizer.hpp>
+#include <titans/train/optimizer.hpp>
 #include <titans/detail/random.hpp>
 
 #include <gtest/gtest.h>

@@ -31,7 +31,7 @@
 #include "detail/gemm.hpp"
 #include "detail/norms.hpp"
 #include "detail/random.hpp"
-#include "memory_model.hpp"
+#include "memory/model.hpp"
 #include "neural_memory.hpp"
 #include "parameters.hpp"
 

@@ -22,9 +22,9 @@
 #include "detail/norms.hpp"
 #include "detail/parallel.hpp"
 #include "detail/random.hpp"
-#include "memory_backward.hpp"
-#include "memory_kernel.hpp"
-#include "memory_model.hpp"
+#include "memory/backward.hpp"
+#include "memory/kernel.hpp"
+#include "memory/model.hpp"
 #include "parameters.hpp"
 
 #include <cmath>

@@ -6,15 +6,15 @@
 
 #include "common.hpp"
 #include "parameters.hpp"
-#include "memory_model.hpp"
-#include "memory_kernel.hpp"
+#include "memory/model.hpp"
+#include "memory/kernel.hpp"
 #include "neural_memory.hpp"
 #include "attention.hpp"
 #include "blocks.hpp"
 #include "model.hpp"
-#include "optimizer.hpp"
-#include "gradcheck.hpp"
-#include "memory_backward.hpp"
+#include "train/optimizer.hpp"
+#include "train/gradcheck.hpp"
+#include "memory/backward.hpp"
 
 // Checkpoints need nlohmann-json (an optional dependency); define TITANS_NO_CHECKPOINT to leave
 // them out even when it is installed.

@@ -5,7 +5,7 @@
 #pragma once
 
 #include <titans/detail/random.hpp>
-#include <titans/memory_kernel.hpp>
+#include <titans/memory/kernel.hpp>
 
 namespace titans_test {
 

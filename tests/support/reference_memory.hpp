@@ -13,7 +13,7 @@
 // backward tests). Nothing here shares code with the library; only its config type is used.
 #pragma once
 
-#include <titans/memory_kernel.hpp>
+#include <titans/memory/kernel.hpp>
 
 #include <cmath>
 #include <vector>

@@ -8,7 +8,7 @@
 // entry.
 #pragma once
 
-#include <titans/gradcheck.hpp>
+#include <titans/train/gradcheck.hpp>
 #include <titans/parameters.hpp>
 
 #include <algorithm>

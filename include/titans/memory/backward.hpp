@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// \file memory_backward.hpp
+// \file memory/backward.hpp
 // \brief Backward pass of the memory kernel (memory_forward, docs/MATH.md §2–3) *through* the
 // test-time updates: the inner gradient's dependence on the keys, values, gates and chunk-start
 // weights is differentiated (second order), so outer parameters can be trained by backprop.
@@ -45,10 +45,10 @@
 // dfinal.chunk_start.
 #pragma once
 
-#include "common.hpp"
-#include "detail/gemm.hpp"
-#include "memory_kernel.hpp"
-#include "memory_model.hpp"
+#include "../common.hpp"
+#include "../detail/gemm.hpp"
+#include "kernel.hpp"
+#include "model.hpp"
 
 #include <algorithm>
 #include <cstddef>

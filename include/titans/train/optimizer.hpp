@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// \file optimizer.hpp
+// \file train/optimizer.hpp
 // \brief Outer-loop training tools over any parameter set (parameters.hpp): the AdamW optimizer
 // with its state enumerable by name, global gradient-norm clipping and a warmup + cosine learning
 // rate schedule.
@@ -21,8 +21,8 @@
 //     }
 #pragma once
 
-#include "common.hpp"
-#include "parameters.hpp"
+#include "../common.hpp"
+#include "../parameters.hpp"
 
 #include <algorithm>
 #include <cmath>

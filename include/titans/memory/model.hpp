@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// \file memory_model.hpp
+// \file memory/model.hpp
 // \brief The memory model M_Θ (docs/MATH.md §1): an MLP of depth L whose weights are the long-term
 // memory, its associative inner loss ||M(k) - v||^2 and the loss's analytic gradient.
 #pragma once
 
-#include "common.hpp"
-#include "detail/gemm.hpp"
-#include "detail/random.hpp"
+#include "../common.hpp"
+#include "../detail/gemm.hpp"
+#include "../detail/random.hpp"
 
 #include <unsupported/Eigen/SpecialFunctions>  // vectorised erf for the exact GELU
 

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// \file gradcheck.hpp
+// \file train/gradcheck.hpp
 // \brief A gradient checker for any module: one random projection of the output, central finite
 // differences in double for every parameter tensor and the input, gradients pre-filled with junk
 // to prove that backward accumulates (+=), failures named by tensor and index. A tensor whose
@@ -15,9 +15,9 @@
 //     EXPECT_TRUE(result.ok) << result.report();
 #pragma once
 
-#include "common.hpp"
-#include "detail/random.hpp"
-#include "parameters.hpp"
+#include "../common.hpp"
+#include "../detail/random.hpp"
+#include "../parameters.hpp"
 
 #include <algorithm>
 #include <cmath>

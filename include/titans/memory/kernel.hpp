@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// \file memory_kernel.hpp
+// \file memory/kernel.hpp
 // \brief The test-time update rule of the long-term memory (docs/MATH.md §2–3): surprise with
 // momentum, forgetting, chunked (mini-batch) gradient steps, and the fast dual form that
 // computes every token's output without materialising per-token weights.
@@ -14,10 +14,10 @@
 //                                                       alpha, eta, theta, state);
 #pragma once
 
-#include "common.hpp"
-#include "detail/gemm.hpp"
-#include "detail/state_passes.hpp"
-#include "memory_model.hpp"
+#include "../common.hpp"
+#include "../detail/gemm.hpp"
+#include "../detail/state_passes.hpp"
+#include "model.hpp"
 
 #include <algorithm>
 #include <limits>
@@ -265,7 +265,7 @@ void chunk_coefficients(const Eigen::MatrixBase<DA>& alpha, const Eigen::MatrixB
 
 namespace detail {
 
-/// Forward intermediates of one sub-chunk that the backward pass (memory_backward.hpp) keeps
+/// Forward intermediates of one sub-chunk that the backward pass (memory/backward.hpp) keeps
 /// instead of recomputing; memory_subchunk records them when given a tape. Layers are 0-based.
 template <class Scalar>
 struct SubchunkTape {
